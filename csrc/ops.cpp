@@ -1,0 +1,32 @@
+// Every native schema, declared once. Kernels: cpu/<op>.cpp (CPU), cuda/<op>_glue.cpp (CUDA).
+// The Python package wraps these native ops in the public torch.ops.lowrank_kernels ops,
+// which add the reference and Triton backends and choose among them.
+#include <Python.h>
+#include <torch/library.h>
+
+#define LOWRANK_STRINGIFY_(x) #x
+#define LOWRANK_STRINGIFY(x) LOWRANK_STRINGIFY_(x)
+
+TORCH_LIBRARY(lowrank_native, m) {
+  // K = (A A^T + bias) ⊙ (E E^T): A (B x d_in), E (B x d_out) -> K (B x B) float32.
+  m.def("gram_linear(Tensor A, Tensor E, bool bias) -> Tensor");
+}
+
+namespace {
+// _C.build_info(): how this extension was built, "cpu" or "cpu+cuda:<archs>".
+PyObject* build_info(PyObject*, PyObject*) {
+#ifdef LOWRANK_WITH_CUDA
+  return PyUnicode_FromString("cpu+cuda:" LOWRANK_STRINGIFY(LOWRANK_CUDA_ARCHS));
+#else
+  return PyUnicode_FromString("cpu");
+#endif
+}
+PyMethodDef methods[] = {{"build_info", build_info, METH_NOARGS, "How _C was built."},
+                         {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+// `import lowrank_kernels._C` loads this library, which runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,14 @@
+"""lowrank_kernels: fused kernels for second-order and subspace training.
+
+Ops live in torch.ops.lowrank_kernels (declared once, with fake, CPU and CUDA kernels);
+the functions below are their Python entry points. `python -m lowrank_kernels` prints the
+build and the backend each op uses on each device.
+"""
+from ._capabilities import native_build_info
+from ._registry import BACKENDS, REGISTRY, BackendUnavailableError, choose_backend
+from .ops import gram_linear
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "REGISTRY", "BackendUnavailableError", "choose_backend", "gram_linear",
+           "native_build_info"]

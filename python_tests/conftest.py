@@ -1,0 +1,40 @@
+"""Test set-up: without a GPU, Triton kernels run under the interpreter on CPU tensors.
+
+GPU-only tests carry the `cuda` marker and are skipped, with the reason, where no GPU is.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before the first Triton kernel is imported (lowrank_kernels imports them
+    # lazily, on first use).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import lowrank_kernels  # noqa: E402,F401  (registers the ops)
+from lowrank_kernels._registry import REGISTRY, unavailable_reason  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def backends_for(op, device, dtype=torch.float32):
+    """The backends of `op` that can run on (device, dtype) here."""
+    spec = REGISTRY[op]
+    return [b for b in spec.backends if unavailable_reason(spec, b, device, dtype) is None]
+
+
+def device_backend_params(op):
+    """pytest params (device, backend) for every backend of op that runs here."""
+    return [pytest.param(d, b, id=f"{d}-{b}", marks=[pytest.mark.cuda] if d == "cuda" else [])
+            for d in DEVICES for b in backends_for(op, d)]

@@ -1,0 +1,178 @@
+"""gram_linear: K = (A Aᵀ + b) ⊙ (E Eᵀ) against float64 and torch.func per-sample gradients."""
+import pytest
+import torch
+from conftest import DEVICES, backends_for, device_backend_params
+from numerics import U32, assert_within, gamma
+
+import lowrank_kernels as lk
+from lowrank_kernels._registry import BackendUnavailableError
+
+SHAPES = [(1, 1, 1), (1, 7, 3), (2, 3, 5), (13, 17, 11), (67, 31, 29), (131, 5, 257)]
+
+
+def _inputs(B, d_in, d_out, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, d_in, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    E = torch.randn(B, d_out, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return A, E
+
+
+def _exact_and_bound(A, E, bias):
+    """float64 K of the (already rounded) inputs and the a priori bound of an fp32 kernel:
+    (γ_{d_in+1} + γ_{d_out} + u) (|A||A|ᵀ + b) ⊙ (|E||E|ᵀ)."""
+    A64, E64 = A.double(), E.double()
+    b = 1.0 if bias else 0.0
+    exact = (A64 @ A64.T + b) * (E64 @ E64.T)
+    magnitude = (A64.abs() @ A64.abs().T + b) * (E64.abs() @ E64.abs().T)
+    coeff = gamma(A.shape[1] + 1) + gamma(E.shape[1]) + U32
+    return exact, coeff * magnitude + 1e-30
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("gram_linear"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_matches_float64(device, backend, dtype, shape, bias):
+    A, E = _inputs(*shape, dtype, device)
+    K = lk.gram_linear(A, E, bias, backend=backend)
+    assert K.dtype == torch.float32 and K.shape == (shape[0], shape[0])
+    exact, bound = _exact_and_bound(A, E, bias)
+    assert_within(K.cpu(), exact.cpu(), bound.cpu(), f"{backend} {dtype} {shape}")
+    assert torch.equal(K, K.T), "K must be exactly symmetric (upper triangle mirrored)"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_bf16_on_gpu(backend):
+    A, E = _inputs(129, 65, 33, torch.bfloat16, "cuda")
+    K = lk.gram_linear(A, E, True, backend=backend)
+    exact, bound = _exact_and_bound(A, E, True)
+    assert_within(K.cpu(), exact.cpu(), bound.cpu(), f"{backend} bf16")
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("gram_linear"))
+def test_noncontiguous_inputs(device, backend):
+    big, E_t = _inputs(37, 46, 37, torch.float32, device, seed=3)
+    A = big[:, ::2]  # stride 2 along d_in
+    E = E_t.T.contiguous().T[:, :19]  # column-major view
+    assert not A.is_contiguous() and not E.is_contiguous()
+    K = lk.gram_linear(A, E, True, backend=backend)
+    exact, bound = _exact_and_bound(A, E, True)
+    assert_within(K.cpu(), exact.cpu(), bound.cpu(), f"{backend} non-contiguous")
+
+
+def test_float64_reference_is_the_oracle():
+    A, E = _inputs(9, 4, 6, torch.float64, "cpu")
+    K = lk.gram_linear(A, E, True, backend="reference")
+    assert K.dtype == torch.float64
+    G = torch.einsum("bo,bi->boi", E, torch.cat([A, torch.ones(9, 1, dtype=A.dtype)], 1))
+    torch.testing.assert_close(K, G.flatten(1) @ G.flatten(1).T, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_equals_per_sample_gradients_of_nn_linear(device, bias):
+    """K_ij = ⟨∇_θ ℓ_i, ∇_θ ℓ_j⟩ for a real nn.Linear, per-sample grads from torch.func."""
+    torch.manual_seed(0)
+    B, d_in, d_out = 11, 7, 5
+    layer = torch.nn.Linear(d_in, d_out, bias=bias, dtype=torch.float64, device=device)
+    x = torch.randn(B, d_in, dtype=torch.float64, device=device)
+    target = torch.randn(B, d_out, dtype=torch.float64, device=device)
+    params = dict(layer.named_parameters())
+
+    def sample_loss(p, xi, ti):
+        y = torch.func.functional_call(layer, p, (xi[None],))
+        return torch.sum(torch.tanh(y[0]) * ti)
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, x, target)
+    U = torch.cat([g.flatten(1) for g in grads.values()], dim=1)  # B × D
+    K_exact = U @ U.T
+
+    y = layer(x)
+    E, = torch.autograd.grad(torch.sum(torch.tanh(y) * target), y)
+    for backend in backends_for("gram_linear", device, torch.float32):
+        K = lk.gram_linear(x.float(), E.float(), bias, backend=backend)
+        torch.testing.assert_close(K.double(), K_exact, rtol=1e-5, atol=1e-6 * float(K_exact.abs().max()))
+    torch.testing.assert_close(lk.gram_linear(x, E, bias, backend="reference"), K_exact,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck_public_and_native():
+    A, E = _inputs(5, 3, 4, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.lowrank_kernels.gram_linear.default, (A, E, True, None))
+    torch.library.opcheck(torch.ops.lowrank_kernels.gram_linear.default,
+                          (A, E, False, "reference"))
+    if lk.native_build_info() != "not built":
+        torch.library.opcheck(torch.ops.lowrank_native.gram_linear.default, (A, E, True))
+
+
+def test_torch_compile_fullgraph_traces():
+    A, E = _inputs(6, 3, 4, torch.float32, "cpu")
+
+    def f(a, e):
+        return lk.gram_linear(a, e, True).sum(dim=1) * 2.0
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(A, E), f(A, E))
+
+
+# ---- bad input: every error names the argument ----------------------------------------
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_bad_input_errors_name_the_argument(backend):
+    A, E = _inputs(4, 3, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"A must be a 2-D tensor"):
+        lk.gram_linear(A[None], E, backend=backend)
+    with pytest.raises(ValueError, match=r"E must be a 2-D tensor"):
+        lk.gram_linear(A, E[:, 0], backend=backend)
+    with pytest.raises(ValueError, match=r"A and E must have the same batch size"):
+        lk.gram_linear(A, E[:3], backend=backend)
+    with pytest.raises(TypeError, match=r"A must have a floating dtype"):
+        lk.gram_linear(A.long(), E, backend=backend)
+    with pytest.raises(ValueError, match=r"A and E must have the same dtype"):
+        lk.gram_linear(A, E.half(), backend=backend)
+    bad = A.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"A contains non-finite values"):
+        lk.gram_linear(bad, E, backend=backend)
+    bad = E.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"E contains non-finite values"):
+        lk.gram_linear(A, bad, backend=backend)
+
+
+@pytest.mark.cuda
+def test_mismatched_devices():
+    A, E = _inputs(4, 3, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"A and E must have the same device"):
+        lk.gram_linear(A, E.cuda())
+
+
+def test_native_kernel_checks_its_arguments():
+    if lk.native_build_info() == "not built":
+        pytest.skip("native extension not built (LOWRANK_BUILD_CPP=0)")
+    A, E = _inputs(4, 3, 2, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"A must be a 2-D tensor"):
+        torch.ops.lowrank_native.gram_linear(A[None], E, False)
+    with pytest.raises(RuntimeError, match=r"A and E must have the same batch size"):
+        torch.ops.lowrank_native.gram_linear(A, E[:2], False)
+    with pytest.raises(RuntimeError, match=r"A must be float32 or float16"):
+        torch.ops.lowrank_native.gram_linear(A.double(), E.double(), False)
+
+
+def test_backend_selection(monkeypatch):
+    A, E = _inputs(4, 3, 2, torch.float32, "cpu")
+    spec = lk.REGISTRY["gram_linear"]
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        lk.gram_linear(A, E, backend="cublas")
+    monkeypatch.setenv("LOWRANK_BACKEND", "reference")
+    assert lk.choose_backend(spec, "cpu", torch.float32) == "reference"
+    assert lk.choose_backend(spec, "cpu", torch.float32, "auto") != "reference" or \
+        lk.native_build_info() == "not built"
+    monkeypatch.delenv("LOWRANK_BACKEND")
+    with pytest.raises(BackendUnavailableError, match=r"native.*float64"):
+        lk.gram_linear(A.double(), E.double(), backend="native")
+    assert lk.choose_backend(spec, "cpu", torch.float64) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match=r"TRITON_INTERPRET=1"):
+        lk.gram_linear(A, E, backend="triton")
