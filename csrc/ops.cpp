@@ -8,8 +8,12 @@
 #define LOWRANK_STRINGIFY(x) LOWRANK_STRINGIFY_(x)
 
 TORCH_LIBRARY(lowrank_native, m) {
+  // ---- Gram family ----
   // K = (A A^T + bias) ⊙ (E E^T): A (B x d_in), E (B x d_out) -> K (B x B) float32.
   m.def("gram_linear(Tensor A, Tensor E, bool bias) -> Tensor");
+  // ---- weighted sums and projections ----
+  // ---- Woodbury solves ----
+  // ---- sketches ----
 }
 
 namespace {

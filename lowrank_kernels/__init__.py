@@ -6,9 +6,10 @@ build and the backend each op uses on each device.
 """
 from ._capabilities import native_build_info
 from ._registry import BACKENDS, REGISTRY, BackendUnavailableError, choose_backend
-from .ops import gram_linear
+from .ops import *  # noqa: F401,F403  (every public op)
+from .ops import __all__ as _ops_all
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "REGISTRY", "BackendUnavailableError", "choose_backend", "gram_linear",
-           "native_build_info"]
+__all__ = ["BACKENDS", "REGISTRY", "BackendUnavailableError", "choose_backend",
+           "native_build_info", *_ops_all]

@@ -1,4 +1,11 @@
 """The public ops (torch.ops.lowrank_kernels.*) and their Python entry points."""
+# ---- Gram family ----
 from .gram_linear import gram_linear
 
-__all__ = ["gram_linear"]
+# ---- weighted sums and projections ----
+
+# ---- Woodbury solves ----
+
+# ---- sketches ----
+
+__all__ = [name for name in dir() if not name.startswith("_")]

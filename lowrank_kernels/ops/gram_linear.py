@@ -12,7 +12,7 @@ import torch
 from .. import _capabilities as caps
 from .. import _checks
 from .._registry import Backend, OpSpec, register
-from ..reference import gram_linear as reference_gram_linear
+from ..reference.gram_linear import gram_linear as reference_gram_linear
 
 OP = "gram_linear"
 

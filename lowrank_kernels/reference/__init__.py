@@ -1,4 +1,4 @@
-"""Pure-PyTorch kernels: float64-capable, any device. The test oracle and the fallback."""
-from .gram_linear import gram_linear
+"""Pure-PyTorch kernels: float64-capable, any device. The test oracle and the fallback.
 
-__all__ = ["gram_linear"]
+One module per op; import from the module (lowrank_kernels.reference.gram_linear).
+"""
