@@ -28,6 +28,9 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     run: Callable
     dtypes: dict  # device type ("cpu"/"cuda") -> tuple of supported input dtypes
+    # supports(*args) -> None, or why this backend cannot take these arguments (a shape,
+    # an option it lacks); 'auto' then moves on to the next backend.
+    supports: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +56,10 @@ def requested_backend(backend):
     return name
 
 
-def unavailable_reason(spec: OpSpec, backend: str, device_type: str, dtype) -> str | None:
-    """Why `backend` cannot run `spec` on (device_type, dtype); None when it can."""
+def unavailable_reason(spec: OpSpec, backend: str, device_type: str, dtype,
+                       args=None) -> str | None:
+    """Why `backend` cannot run `spec` on (device_type, dtype) [with these args]; None when
+    it can."""
     if backend not in spec.backends:
         return f"{spec.name} has no {backend} backend"
     dtypes = spec.backends[backend].dtypes.get(device_type)
@@ -75,19 +80,25 @@ def unavailable_reason(spec: OpSpec, backend: str, device_type: str, dtype) -> s
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         return (f"the {backend} backend of {spec.name} on {device_type} takes {names}, "
                 f"got {dtype}")
+    supports = spec.backends[backend].supports
+    if args is not None and supports is not None:
+        return supports(*args)
     return None
 
 
-def choose_backend(spec: OpSpec, device_type: str, dtype, backend=None) -> str:
+def choose_backend(spec: OpSpec, device_type: str, dtype, backend=None, args=None) -> str:
+    """The backend that runs spec: `backend` if it can (else an error saying why not), or
+    for 'auto' the first of spec.auto[device_type] that can. args: the op's arguments
+    (without backend), for the backends' `supports` predicates."""
     name = requested_backend(backend)
     if name != "auto":
-        reason = unavailable_reason(spec, name, device_type, dtype)
+        reason = unavailable_reason(spec, name, device_type, dtype, args)
         if reason is not None:
             raise BackendUnavailableError(f"{spec.name}: backend {name!r} cannot run: {reason}")
         return name
     reasons = []
     for candidate in spec.auto.get(device_type, ()):
-        reason = unavailable_reason(spec, candidate, device_type, dtype)
+        reason = unavailable_reason(spec, candidate, device_type, dtype, args)
         if reason is None:
             return candidate
         reasons.append(reason)
@@ -113,7 +124,7 @@ def register(spec: OpSpec) -> OpSpec:
     def kernel(*args, **kwargs):
         args = complete(args, kwargs)
         lead = spec.check(*args[:-1])
-        chosen = choose_backend(spec, lead.device.type, lead.dtype, args[-1])
+        chosen = choose_backend(spec, lead.device.type, lead.dtype, args[-1], args[:-1])
         result = spec.backends[chosen].run(*args[:-1])
         if spec.finite_inputs:
             named = dict(zip(names, args))
