@@ -1,8 +1,11 @@
 """The public ops (torch.ops.lowrank_kernels.*) and their Python entry points."""
 # ---- Gram family ----
 from .gram_linear import gram_linear
+from .gram_embedding import gram_embedding
 
 # ---- weighted sums and projections ----
+from .weighted_sum_embedding import weighted_sum_embedding
+from .project_embedding import project_embedding
 
 # ---- Woodbury solves ----
 

@@ -1,0 +1,78 @@
+"""lowrank_kernels::weighted_sum_embedding — the weighted sum of the per-sample gradients of an
+nn.Embedding weight, U c = Σ_i c_i g_i with g_i = Σ_t onehot(idx_it) e_itᵀ:
+
+    (U c)[r] = Σ_{i,t: idx_it = r ≠ padding_idx} c_i e_it      (a scatter-add),
+
+c (B,) -> (num_embeddings, d); c (B, m) -> (m, num_embeddings, d) (U C, m directions).
+Output float32 (float64 for float64 E on the reference backend).
+"""
+import torch
+
+from .. import _checks
+from .._registry import Backend, OpSpec, register
+from ..reference.weighted_sum_embedding import (
+    weighted_sum_embedding as reference_weighted_sum_embedding)
+from .gram_embedding import (ALL_FLOAT, AUTO, TRITON_DTYPES, check_idx_E, check_index_range,
+                             check_num_embeddings, normalized_padding)
+
+OP = "weighted_sum_embedding"
+
+
+def check(idx, E, c, num_embeddings, padding_idx):
+    check_idx_E(OP, "idx", idx, "E", E)
+    _checks.check_tensor(OP, "c", c, (1, 2), "B or B x m: sample weights")
+    _checks.check_float(OP, "c", c)
+    _checks.check_same(OP, ("E", "c"), (E, c), "device")
+    _checks.check_dim_match(OP, "idx", idx.shape[0], "c", c.shape[0], "batch size B (dim 0)")
+    check_num_embeddings(OP, num_embeddings, padding_idx)
+    return E
+
+
+def fake(idx, E, c, num_embeddings, padding_idx):
+    dtype = torch.float64 if E.dtype == torch.float64 else torch.float32
+    shape = (num_embeddings, E.shape[2])
+    return E.new_empty(shape if c.dim() == 1 else (c.shape[1], *shape), dtype=dtype)
+
+
+def _prepared(run):
+    def backend(idx, E, c, num_embeddings, padding_idx):
+        check_index_range(OP, "idx", idx, num_embeddings)
+        return run(idx, E, c, num_embeddings, normalized_padding(padding_idx, num_embeddings))
+    return backend
+
+
+def _triton(*args):
+    from ..triton.weighted_sum_embedding import (
+        weighted_sum_embedding as triton_weighted_sum_embedding)
+
+    return triton_weighted_sum_embedding(*args)
+
+
+SPEC = register(OpSpec(
+    name=OP,
+    schema="(Tensor idx, Tensor E, Tensor c, int num_embeddings, int? padding_idx=None, "
+           "*, str? backend=None) -> Tensor",
+    check=check,
+    fake=fake,
+    backends={
+        "reference": Backend(_prepared(reference_weighted_sum_embedding),
+                             {"cpu": ALL_FLOAT, "cuda": ALL_FLOAT}),
+        "triton": Backend(_prepared(_triton), TRITON_DTYPES),
+    },
+    auto=AUTO,
+    finite_inputs=("E", "c"),
+    doc="(U c)[r] = Σ_{idx_it = r} c_i e_it",
+))
+
+
+def weighted_sum_embedding(idx: torch.Tensor, E: torch.Tensor, c: torch.Tensor,
+                           num_embeddings: int, padding_idx: int | None = None, *,
+                           backend: str | None = None):
+    """Weighted sum of the per-sample gradients of an nn.Embedding weight,
+    (U c)[r] = Σ_{i,t: idx_it = r ≠ padding_idx} c_i e_it.
+
+    idx: (B, T) int64, E: (B, T, d), c: (B,) -> (num_embeddings, d) or (B, m) ->
+    (m, num_embeddings, d). backend: 'auto', 'reference' or 'triton'.
+    Returns float32 (float64 for float64 E on the reference backend)."""
+    return torch.ops.lowrank_kernels.weighted_sum_embedding(
+        idx, E, c, num_embeddings, padding_idx, backend=backend)
