@@ -29,7 +29,7 @@ def _case(B, d_in, d_out, dtype):
 def test_gram_linear_ours(benchmark, B, d_in, d_out, dtype):
     A, E, shape, flops, nbytes = _case(B, d_in, d_out, dtype)
     measure(benchmark, lambda: lk.gram_linear(A, E, backend=OURS), op="gram_linear",
-            shape=shape, provider=f"ours ({OURS})", flops=flops, bytes_moved=nbytes)
+            shape=shape, provider=f"ours ({OURS})", flops=flops, bytes_moved=nbytes, dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -38,4 +38,5 @@ def test_gram_linear_blas(benchmark, B, d_in, d_out, dtype):
     A, E, shape, flops, nbytes = _case(B, d_in, d_out, dtype)
     name = "cublas" if DEVICE == "cuda" else "torch-cpu-blas"
     measure(benchmark, lambda: (A @ A.T).float() * (E @ E.T).float(), op="gram_linear",
-            shape=shape, provider=name, flops=flops, bytes_moved=nbytes, baseline=True)
+            shape=shape, provider=name, flops=flops, bytes_moved=nbytes, baseline=True,
+            dtype=dtype)

@@ -20,8 +20,11 @@ def sync():
 
 
 def measure(benchmark, fn, *, op, shape, provider, flops=0.0, bytes_moved=0.0,
-            baseline=False, peak_extra_bytes=None, **extra):
-    """Time fn() (synchronized) under pytest-benchmark, labelled for the runner."""
+            baseline=False, peak_extra_bytes=None, dtype="float32", **extra):
+    """Time fn() (synchronized) under pytest-benchmark, labelled for the runner.
+    dtype picks the peak the runner's roofline uses for the flops (float32, float64,
+    bfloat16/float16); extra (e.g. error=...) is shown in the table."""
+    dtype = str(dtype).replace("torch.", "")
     def run():
         out = fn()
         sync()
@@ -36,6 +39,7 @@ def measure(benchmark, fn, *, op, shape, provider, flops=0.0, bytes_moved=0.0,
     benchmark.group = f"{op} {shape}"
     benchmark.extra_info.update(op=op, shape=shape, provider=provider, flops=float(flops),
                                 bytes=float(bytes_moved), baseline=bool(baseline),
-                                device=DEVICE, peak_extra_bytes=peak_extra_bytes, **extra)
+                                device=DEVICE, peak_extra_bytes=peak_extra_bytes, dtype=dtype,
+                                **extra)
     rounds = 20 if DEVICE == "cuda" else 3
     return benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)

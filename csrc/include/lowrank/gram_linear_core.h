@@ -1,6 +1,7 @@
 // Per-tile arithmetic of the linear-layer Gram K = (A A^T + b) ⊙ (E E^T), b = 1 with a bias
-// column, else 0. Torch-free and __host__ __device__: the CUDA kernel runs it per thread on
-// shared-memory panels, the CPU kernel per tile on cache-resident panels, ctest checks it.
+// column, else 0. Torch-free and __host__ __device__: the CUDA kernel runs the micro-kernel
+// per thread on shared-memory panels and the combine per entry; the CPU kernel (whose inner
+// products come from the CPU BLAS) runs the same combine; ctest checks every function.
 #pragma once
 #include "lowrank/hd.h"
 
