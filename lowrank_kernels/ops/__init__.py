@@ -11,4 +11,8 @@ from .project_embedding import project_embedding
 
 # ---- sketches ----
 
+# ---- subspace ----
+from .fwht import fwht
+from .subspace_project import subspace_expand, subspace_project
+
 __all__ = [name for name in dir() if not name.startswith("_")]
