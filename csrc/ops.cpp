@@ -14,6 +14,8 @@ TORCH_LIBRARY(lowrank_native, m) {
   // ---- weighted sums and projections ----
   // ---- Woodbury solves ----
   // ---- sketches ----
+  // Ω[rows, 0:k] (len(rows) x k float32) of the counter-based sketch (lowrank/philox.h).
+  m.def("sketch_omega(Tensor rows, int k, int seed, bool rademacher) -> Tensor");
 }
 
 namespace {

@@ -10,6 +10,8 @@ from .project_embedding import project_embedding
 # ---- Woodbury solves ----
 
 # ---- sketches ----
+from .sketch_matmul import sketch_matmul
+from .sketch_omega import sketch_omega
 
 # ---- subspace ----
 from .fwht import fwht

@@ -1,0 +1,51 @@
+// CPU kernel of lowrank_native::sketch_omega: Ω[rows, 0:k] (float32) from the counter-based
+// definition in lowrank/philox.h, one Philox call per 4 columns, rows in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "lowrank/hd.h"
+#include "lowrank/philox.h"
+
+namespace lowrank {
+namespace {
+
+at::Tensor sketch_omega_cpu(const at::Tensor& rows, int64_t k, int64_t seed, bool rademacher) {
+  constexpr const char* op = "lowrank_native::sketch_omega";
+  TORCH_CHECK(rows.dim() == 1, op, ": rows must be a 1-D tensor of row indices, got shape ",
+              rows.sizes());
+  TORCH_CHECK(rows.scalar_type() == at::kLong, op, ": rows must be int64, got ",
+              rows.scalar_type());
+  TORCH_CHECK(rows.device().is_cpu(), op, ": rows must be a CPU tensor, got ", rows.device());
+  TORCH_CHECK(k >= 0, op, ": k must be >= 0, got ", k);
+  TORCH_CHECK(seed >= 0, op, ": seed must be >= 0, got ", seed);
+  const at::Tensor r = rows.contiguous();
+  const index_t n = r.size(0);
+  TORCH_CHECK(n == 0 || r.min().item<int64_t>() >= 0, op, ": rows must be >= 0");
+  at::Tensor out = at::empty({n, k}, rows.options().dtype(at::kFloat));
+  if (n == 0 || k == 0) return out;
+  const int64_t* idx = r.const_data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  const index_t groups = (k + 3) / 4;
+  at::parallel_for(0, n, 64, [&](index_t begin, index_t end) {
+    float group[4];
+    for (index_t a = begin; a < end; ++a) {
+      const auto i = static_cast<std::uint64_t>(idx[a]);
+      for (index_t g = 0; g < groups; ++g) {
+        philox::omega_group(static_cast<std::uint64_t>(seed), i, static_cast<std::uint64_t>(g),
+                            rademacher, group);
+        const index_t j0 = 4 * g, width = std::min<index_t>(4, k - j0);
+        for (index_t q = 0; q < width; ++q) o[a * k + j0 + q] = group[q];
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_native, CPU, m) { m.impl("sketch_omega", &sketch_omega_cpu); }
+
+}  // namespace lowrank

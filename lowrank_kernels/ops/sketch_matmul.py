@@ -1,0 +1,85 @@
+"""lowrank_kernels::sketch_matmul — the product of a matrix with the sketch matrix Ω, with Ω
+generated from (seed, row, column) by a counter-based RNG (Philox; see sketch_omega), never
+stored as a whole:
+
+    transpose=False:  Y = M Ω,   M m×n, Ω_ij = f(seed, row_offset + i, j) (n × k)  → Y m×k
+    transpose=True:   Y = Ωᵀ M,  M m×n, Ω_ij = f(seed, row_offset + i, j) (m × k)  → Y k×n
+
+Triton: Ω tiles generated in registers inside the GEMM (no memory for Ω). Native (CPU): Ω
+generated in row blocks of ≤ 2²⁰ entries by the C++ Philox (lowrank/philox.h), then
+torch.mm. Reference: the same blocks from the PyTorch Philox. Output float32 (float64 for
+float64 M, reference backend).
+"""
+import torch
+
+from .. import _checks
+from .._registry import Backend, OpSpec, register
+from ..reference.sketch_matmul import sketch_matmul as reference_sketch_matmul
+from .sketch_omega import check_dist, check_seed
+
+OP = "sketch_matmul"
+
+
+def check(M, k, seed, dist, transpose, row_offset):
+    _checks.check_tensor(OP, "M", M, 2, "m x n matrix")
+    _checks.check_float(OP, "M", M)
+    if k < 1:
+        raise ValueError(f"{OP}: k (columns of Ω) must be >= 1, got {k}")
+    check_seed(OP, seed)
+    check_dist(OP, dist)
+    if row_offset < 0:
+        raise ValueError(f"{OP}: row_offset must be >= 0, got {row_offset}")
+    return M
+
+
+def fake(M, k, seed, dist, transpose, row_offset):
+    dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    shape = (k, M.shape[1]) if transpose else (M.shape[0], k)
+    return M.new_empty(shape, dtype=dtype)
+
+
+def _reference(M, k, seed, dist, transpose, row_offset):
+    return reference_sketch_matmul(M, k, seed, dist == "rademacher", transpose, row_offset)
+
+
+def _native(M, k, seed, dist, transpose, row_offset):
+    return reference_sketch_matmul(M, k, seed, dist == "rademacher", transpose, row_offset,
+                                   omega=torch.ops.lowrank_native.sketch_omega)
+
+
+def _triton(M, k, seed, dist, transpose, row_offset):
+    from ..triton.sketch_matmul import sketch_matmul as triton_sketch_matmul
+
+    return triton_sketch_matmul(M, k, seed, dist == "rademacher", transpose, row_offset)
+
+
+_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+SPEC = register(OpSpec(
+    name=OP,
+    schema=("(Tensor M, int k, int seed=0, str dist='gaussian', bool transpose=False, "
+            "int row_offset=0, str? backend=None) -> Tensor"),
+    check=check,
+    fake=fake,
+    backends={
+        "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
+        # The interpreter computes bf16 wrongly (see DESIGN §4): bf16 Triton is GPU-only.
+        "triton": Backend(_triton, {"cpu": (torch.float32, torch.float16), "cuda": _LOW}),
+        "native": Backend(_native, {"cpu": _LOW}),
+    },
+    auto={"cpu": ("native", "reference"), "cuda": ("triton", "reference")},
+    finite_inputs=("M",),
+    doc="Y = M Ω or Ωᵀ M, Ω generated from (seed, row, column)",
+))
+
+
+def sketch_matmul(M: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussian",
+                  transpose: bool = False, row_offset: int = 0,
+                  backend: str | None = None) -> torch.Tensor:
+    """Y = M Ω (m × k) or, transpose=True, Y = Ωᵀ M (k × n), Ω_ij = f(seed, row_offset + i, j)
+    the counter-based sketch matrix (see sketch_omega; 'gaussian' N(0,1) or 'rademacher' ±1
+    entries, unscaled: E[Ω Ωᵀ] = k·I). Ω is generated, never stored (Triton: in registers;
+    native/reference: in row blocks of ≤ 2²⁰ entries). M: 2-D, any strides.
+    Returns float32 (float64 for float64 M)."""
+    return torch.ops.lowrank_kernels.sketch_matmul(M, k, seed, dist, transpose, row_offset,
+                                                   backend)

@@ -1,0 +1,90 @@
+"""lowrank_kernels::sketch_omega — the sketch matrix Ω itself, Ω[rows, 0:k] (float32), from
+the counter-based definition Ω_ij = f(seed, i, j) (Philox4x32-10 + Box–Muller in float64, or
+Rademacher signs; see lowrank_kernels/reference/sketch_omega.py). The fused sketch kernels
+never store Ω; this op materializes rows of it for tests, debugging and operator inputs."""
+import torch
+
+from .. import _capabilities as caps
+from .. import _checks
+from .._registry import Backend, OpSpec, register
+from ..reference.sketch_omega import sketch_omega as reference_sketch_omega
+
+OP = "sketch_omega"
+DISTS = ("gaussian", "rademacher")
+
+
+def check_dist(op, dist):
+    if dist not in DISTS:
+        raise ValueError(f"{op}: dist must be 'gaussian' or 'rademacher', got {dist!r}")
+
+
+def check_seed(op, seed):
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
+
+
+def check(rows, k, seed, dist):
+    _checks.check_tensor(OP, "rows", rows, 1, "row indices i of Ω")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"{OP}: rows must be int64, got {rows.dtype}")
+    if k < 0:
+        raise ValueError(f"{OP}: k must be >= 0, got {k}")
+    check_seed(OP, seed)
+    check_dist(OP, dist)
+    if rows.numel() and not rows.is_meta and int(rows.min()) < 0:
+        raise ValueError(f"{OP}: rows must be >= 0")
+    return rows
+
+
+def fake(rows, k, seed, dist):
+    return rows.new_empty((rows.shape[0], k), dtype=torch.float32)
+
+
+def _reference(rows, k, seed, dist):
+    return reference_sketch_omega(rows, k, seed, dist == "rademacher")
+
+
+def _triton(rows, k, seed, dist):
+    from ..triton.sketch_omega import sketch_omega as triton_sketch_omega
+
+    return triton_sketch_omega(rows, k, seed, dist == "rademacher")
+
+
+def _native(rows, k, seed, dist):
+    return torch.ops.lowrank_native.sketch_omega(rows, k, seed, dist == "rademacher")
+
+
+if caps.native_built():
+    @torch.library.register_fake("lowrank_native::sketch_omega")
+    def _native_fake(rows, k, seed, rademacher):
+        return rows.new_empty((rows.shape[0], k), dtype=torch.float32)
+
+
+_INDEX = (torch.int64,)
+SPEC = register(OpSpec(
+    name=OP,
+    schema="(Tensor rows, int k, int seed=0, str dist='gaussian', str? backend=None) -> Tensor",
+    check=check,
+    fake=fake,
+    backends={
+        "reference": Backend(_reference, {"cpu": _INDEX, "cuda": _INDEX}),
+        "triton": Backend(_triton, {"cpu": _INDEX, "cuda": _INDEX}),
+        "native": Backend(_native, {"cpu": _INDEX}),
+    },
+    auto={"cpu": ("native", "reference"), "cuda": ("triton", "reference")},
+    doc="Ω[rows, 0:k], Ω_ij = f(seed, i, j)",
+))
+
+
+def sketch_omega(rows: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussian",
+                 backend: str | None = None) -> torch.Tensor:
+    """Ω[rows, 0:k] (len(rows) × k float32) of the sketch matrix Ω_ij = f(seed, i, j):
+
+        (x0..x3) = Philox4x32-10(key = (lo32 seed, hi32 seed), counter = (⌊j/4⌋, lo32 i, hi32 i, 0))
+        gaussian:   Box–Muller in float64 of (x0, x1) for j mod 4 ∈ {0,1} (cos, sin) and of
+                    (x2, x3) for j mod 4 ∈ {2,3}, u = (x + ½)2⁻³²; rounded to float32
+        rademacher: 1 − 2·(x_{j mod 4} >> 31)
+
+    The same Ω on every device and backend (bit for bit up to a rare 1-ulp double rounding).
+    rows: 1-D int64 indices ≥ 0; 0 ≤ seed < 2⁶³."""
+    return torch.ops.lowrank_kernels.sketch_omega(rows, k, seed, dist, backend)

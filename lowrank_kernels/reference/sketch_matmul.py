@@ -1,0 +1,28 @@
+import torch
+
+from .sketch_omega import sketch_omega as reference_sketch_omega
+
+_BLOCK_ELEMENTS = 1 << 20  # entries of Ω materialized at a time
+
+
+def sketch_matmul(M: torch.Tensor, k: int, seed: int = 0, rademacher: bool = False,
+                  transpose: bool = False, row_offset: int = 0,
+                  omega=reference_sketch_omega) -> torch.Tensor:
+    """Y = M Ω (m × k; Ω_ij = f(seed, row_offset + i, j), i < n) or, transpose=True,
+    Y = Ωᵀ M (k × n; i < m), with Ω materialized in row blocks of ≤ 2²⁰ entries by
+    `omega(rows, k, seed, rademacher)` (this module's Philox by default) and multiplied with
+    torch.mm. float64 M gives float64 Y; anything else is computed and returned in float32."""
+    dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    inner = M.shape[0] if transpose else M.shape[1]
+    out = M.shape[1] if transpose else M.shape[0]
+    Y = torch.zeros((k, out) if transpose else (out, k), device=M.device, dtype=dtype)
+    block = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    for r0 in range(0, inner, block):
+        nb = min(block, inner - r0)
+        rows = torch.arange(row_offset + r0, row_offset + r0 + nb, device=M.device)
+        Om = omega(rows, k, seed, rademacher).to(dtype)  # nb × k
+        if transpose:
+            Y.addmm_(Om.T, M[r0:r0 + nb].to(dtype))
+        else:
+            Y.addmm_(M[:, r0:r0 + nb].to(dtype), Om)
+    return Y

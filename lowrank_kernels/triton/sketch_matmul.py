@@ -1,0 +1,55 @@
+"""Triton kernel of Y = M Ω with Ω generated in registers (never stored): one program per
+BLOCK_M × BLOCK_N tile of Y, looping over the inner dimension in BLOCK_K steps; each step
+loads a tile of M (any strides, widened to fp32) and generates the matching BLOCK_K × BLOCK_N
+tile of Ω from (seed, row_offset + inner index, column) with Philox, then accumulates with
+tl.dot in fp32. Ωᵀ M is computed as (Mᵀ Ω)ᵀ, Mᵀ being a strided view: the same kernel.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .philox import omega_tile
+
+
+@triton.jit
+def _sketch_matmul_kernel(M, sm0, sm1, m, n, Y, k, seed, row_offset,
+                          RADEMACHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    groups = tl.program_id(1) * (BLOCK_N // 4) + tl.arange(0, BLOCK_N // 4)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        inner = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        a = tl.load(M + rows[:, None] * sm0 + inner[None, :] * sm1,
+                    mask=(rows[:, None] < m) & (inner[None, :] < n), other=0.0)
+        # Rows of Ω past n meet zero columns of M: no mask needed on the generated tile.
+        omega = omega_tile(seed, row_offset + inner, groups, RADEMACHER)
+        acc = tl.dot(a.to(tl.float32), omega, acc, input_precision=PRECISION)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(Y + rows[:, None] * k + cols[None, :], acc,
+             mask=(rows[:, None] < m) & (cols[None, :] < k))
+
+
+def _input_precision():
+    # fp32 products unless the user allowed TF32 for matmuls, as torch does.
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def sketch_matmul(M: torch.Tensor, k: int, seed: int, rademacher: bool, transpose: bool,
+                  row_offset: int) -> torch.Tensor:
+    """M Ω (m × k; Ω rows row_offset .. row_offset+n) or, transpose=True, Ωᵀ M (k × n; Ω rows
+    row_offset .. row_offset+m), fp32, M: 2-D fp32/fp16 (bf16 on GPU), any strides."""
+    A = M.T if transpose else M
+    rows, inner = A.shape
+    if rows == 0 or k == 0 or inner == 0:
+        Y = torch.zeros((rows, k), device=M.device, dtype=torch.float32)
+        return Y.T.contiguous() if transpose else Y
+    Y = torch.empty((rows, k), device=M.device, dtype=torch.float32)
+    block_m = 128 if rows >= 128 else max(16, triton.next_power_of_2(rows))
+    block_n = 64 if k > 32 else (32 if k > 16 else 16)
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(k, block_n))
+    _sketch_matmul_kernel[grid](A, A.stride(0), A.stride(1), rows, inner, Y, k, seed, row_offset,
+                                RADEMACHER=rademacher, BLOCK_M=block_m, BLOCK_N=block_n,
+                                BLOCK_K=32, PRECISION=_input_precision())
+    return Y.T.contiguous() if transpose else Y
