@@ -1,0 +1,4 @@
+"""Optimizers built on the package's ops."""
+from .twa import TWA
+
+__all__ = ["TWA"]
