@@ -1,0 +1,378 @@
+"""The Capture context manager: module forward hooks save each supported layer call's inputs,
+tensor hooks on the outputs save their gradients, and the per-sample-gradient Gram, weighted
+sums and projections of the whole model or of each layer come from those, through the ops."""
+import contextlib
+
+import torch
+from torch import nn
+
+from ._fallback import FallbackHandler
+from ._kinds import cross_gram
+from ._layers import HANDLERS as LAYER_HANDLERS
+from ._norms import HANDLERS as NORM_HANDLERS
+
+HANDLERS = {**LAYER_HANDLERS, **NORM_HANDLERS}
+SUPPORTED = ", ".join(f"nn.{t.__name__}" for t in HANDLERS)
+
+
+def _handler_class(module):
+    """The handler of module's type, or None. A subclass counts only if it keeps the base
+    forward (a subclass with its own forward may use its weights differently)."""
+    for base, handler in HANDLERS.items():
+        if type(module) is base or (isinstance(module, base)
+                                    and type(module).forward is base.forward):
+            return handler
+    return None
+
+
+class _Call:
+    """One call of a captured module: what its handler saved and its output gradient(s)."""
+
+    def __init__(self, handler, saved, n_outputs):
+        self.handler, self.saved = handler, saved
+        self.grads = [None] * n_outputs
+
+    def receiver(self, k):
+        def receive(grad):
+            self.grads[k] = grad.detach() if self.grads[k] is None else self.grads[k] + grad
+        return receive
+
+
+class Capture:
+    """Capture(model, *, loss_reduction="mean", fallback=False, keep=False, backend=None)
+
+    Inside `with Capture(model) as cap:`, run a normal forward and backward of one batch; the
+    capture records the inputs and output gradients of every layer with trainable parameters
+    and gives the per-sample gradients g_i = ∇_θ ℓ_i (only trainable parameters: those with
+    requires_grad=False are excluded) in factored form:
+
+      cap.gram()                      K = UᵀU = Σ_layers K_layer (B × B), K_ij = ⟨g_i, g_j⟩
+      cap.gram(by="module")           {module name: K}; by="parameter": {parameter name: K}
+      cap.gram(diagonal=True)         diag K = (‖g_i‖²)
+      cap.gram(other_cap)             the cross-Gram Uᵀ U' with a second captured batch
+      cap.weighted_sum(c)             {param: U c}, c (B,) or (B, m) -> (m, *param.shape)
+      cap.weighted_sum(c, write_grad=True)   also sets param.grad = U c (c (B,))
+      cap.project(V)                  Uᵀ V (B,) for V {param: tensor}; (B, m) for a list of m
+
+    loss_reduction: how the loss that is backpropagated depends on the per-sample losses ℓ_i:
+      "mean" (loss = (1/B) Σ_i ℓ_i, the default of torch losses), "sum" (loss = Σ_i ℓ_i), or
+      a number s (loss = s Σ_i ℓ_i, e.g. s = 1/(B T) for a token mean). The captured output
+      gradients are divided by it, so g_i is the unscaled ∇ℓ_i.
+    Supported layers: nn.Linear (inputs (B, *, d)), nn.Conv2d (any stride, padding, padding
+      mode, dilation, groups), nn.Embedding (padding_idx), nn.LayerNorm, nn.RMSNorm,
+      nn.GroupNorm, nn.BatchNorm1d/2d/3d (in train mode g_i is sample i's share of the batch
+      gradient: see lowrank_kernels.capture._norms). A layer called several times (weight
+      sharing) and a parameter shared by several layers (tied embedding and output weights)
+      get g_i = the sum over the calls, and their Gram includes the calls' cross terms.
+    fallback: False (default) raises for any other module with trainable parameters of its
+      own; True computes those parameters' per-sample gradients with torch.func
+      (vmap(grad) over that module alone; small modules).
+    keep: False (default) releases the captured tensors when the `with` block ends (compute
+      inside it); True keeps them until `release()` (e.g. for a cross-Gram of two batches).
+    backend: passed to the ops ('auto' by default).
+    """
+
+    def __init__(self, model: nn.Module, *, loss_reduction="mean", fallback=False, keep=False,
+                 backend=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"capture: model must be an nn.Module, got {type(model).__name__}")
+        if not (loss_reduction in ("mean", "sum") or (isinstance(loss_reduction, (int, float))
+                                                      and loss_reduction > 0)):
+            raise ValueError("capture: loss_reduction must be 'mean', 'sum' or a positive "
+                             f"number (the loss's scale of Σ_i ℓ_i), got {loss_reduction!r}")
+        self.model, self.loss_reduction, self.keep, self.backend = (
+            model, loss_reduction, keep, backend)
+        self._param_names = {}  # id -> (name, param), in model.named_parameters() order
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self._param_names[id(p)] = (name, p)
+        self._owner = {}  # id(param) -> name of the first module holding it
+        self._handlers = []
+        for module_name, module in model.named_modules():
+            params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not params:
+                continue
+            for p in params.values():
+                self._owner.setdefault(id(p), module_name)
+            cls = _handler_class(module)
+            if cls is not None:
+                self._handlers.append((module, cls(module_name, module, params), False))
+            elif fallback:
+                handler = FallbackHandler(module_name, module, params, self)
+                self._handlers.append((module, handler, True))
+            else:
+                raise TypeError(
+                    f"capture: module '{module_name}' ({type(module).__name__}) has trainable "
+                    f"parameters ({', '.join(params)}) but is not a supported layer ({SUPPORTED}"
+                    "); pass fallback=True to get its per-sample gradients with torch.func "
+                    "(small modules), or freeze them (requires_grad=False)")
+        self._hooks = []
+        self._calls = []
+        self._seen = set()  # ids of parameters that received a gradient while capturing
+        self._active = False
+        self._cache = None
+
+    # ---- recording ---------------------------------------------------------------------
+    def __enter__(self):
+        if self._hooks:
+            raise RuntimeError("capture: this Capture is already active")
+        self.release()
+        for module, handler, is_fallback in self._handlers:
+            self._hooks.append(module.register_forward_hook(
+                self._forward_hook(handler, is_fallback), with_kwargs=True))
+        for _, p in self._param_names.values():
+            self._hooks.append(p.register_hook(self._param_hook(id(p))))
+        self._active = True
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._active = False
+        if not self.keep:
+            self.release()
+        return False
+
+    def release(self):
+        """Drop every captured tensor (the hooks stay while the `with` block runs)."""
+        self._calls = []
+        self._seen = set()
+        self._cache = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No recording inside (the fallback re-runs modules under torch.func)."""
+        active, self._active = self._active, False
+        try:
+            yield
+        finally:
+            self._active = active
+
+    def _forward_hook(self, handler, is_fallback):
+        def hook(module, args, kwargs, output):
+            if not self._active or not torch.is_grad_enabled():
+                return
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            if not is_fallback and (len(outputs) != 1 or not isinstance(output, torch.Tensor)):
+                raise TypeError(f"capture: module '{handler.name}' returned "
+                                f"{type(output).__name__}, expected a tensor")
+            hooked = [(k, o) for k, o in enumerate(outputs)
+                      if isinstance(o, torch.Tensor) and o.requires_grad]
+            if not hooked:
+                return
+            saved = handler.save(args, kwargs) if is_fallback else handler.save(args, output)
+            call = _Call(handler, saved, len(outputs))
+            for k, o in hooked:
+                o.register_hook(call.receiver(k))
+            self._calls.append(call)
+            self._cache = None
+        return hook
+
+    def _param_hook(self, key):
+        def hook(grad):
+            if self._active:
+                self._seen.add(key)
+        return hook
+
+    # ---- the per-sample gradients, per parameter -----------------------------------------
+    def _scale(self, B):
+        if self.loss_reduction == "mean":
+            return 1.0 / B
+        if self.loss_reduction == "sum":
+            return 1.0
+        return float(self.loss_reduction)
+
+    def _contributions(self):
+        """{id(param): [contribution, …]}: the calls' factored per-sample gradients, with
+        calls of one kind merged where their per-sample gradients simply add."""
+        if self._cache is not None:
+            return self._cache
+        calls = [c for c in self._calls if any(g is not None for g in c.grads)]
+        if not calls:
+            raise RuntimeError("capture: nothing captured — run the forward and backward of a "
+                               "batch inside `with Capture(model) as cap:` (with keep=True to "
+                               "use the capture after the block)")
+        per_param = {}
+        B = None
+        for call in calls:
+            b = next(g for g in call.grads if g is not None).shape[0]
+            if B is None:
+                B = b
+            elif b != B:
+                raise ValueError(f"capture: module '{call.handler.name}' saw a batch of {b} "
+                                 f"samples, earlier calls saw {B}; capture one batch at a time")
+            scale = self._scale(B)
+            grads = [None if g is None else g / scale for g in call.grads]
+            E = grads if isinstance(call.handler, FallbackHandler) else grads[0]
+            for p, contribution in call.handler.contributions(call.saved, E, self.backend):
+                bucket = per_param.setdefault(id(p), [])
+                for k, existing in enumerate(bucket):
+                    if (type(existing) is type(contribution) and existing.mergeable
+                            and existing.can_cross(contribution)):
+                        bucket[k] = existing.merge(contribution)
+                        break
+                else:
+                    bucket.append(contribution)
+        missing = [self._param_names[k][0] for k in self._seen
+                   if k not in per_param and k in self._param_names]
+        if missing:
+            raise RuntimeError(
+                f"capture: parameter(s) {', '.join(sorted(missing))} received gradients but "
+                "their module's forward was never called with them (used outside their module, "
+                "e.g. F.linear(x, layer.weight) or nn.MultiheadAttention's out_proj): their "
+                "per-sample gradients cannot be captured")
+        self._batch_size = B
+        self._cache = per_param
+        return per_param
+
+    @property
+    def batch_size(self) -> int:
+        self._contributions()
+        return self._batch_size
+
+    def parameters(self):
+        """[(name, param)] of the captured (trainable) parameters, in model order."""
+        return list(self._param_names.values())
+
+    # ---- Gram ----------------------------------------------------------------------------
+    def gram(self, other=None, *, diagonal=False, by="model"):
+        """K_ij = ⟨g_i, g'_j⟩ summed over the captured parameters (B × B2; with diagonal=True
+        the vector diag K, which needs B2 = B). other: a second Capture of the same model
+        (keep=True) for the cross-Gram, else the Gram of this batch. by: "model" (one
+        tensor), "module" ({module name: K}; a shared parameter counts in the first module
+        that holds it) or "parameter" ({parameter name: K})."""
+        if by not in ("model", "module", "parameter"):
+            raise ValueError(f"capture.gram: by must be 'model', 'module' or 'parameter', "
+                             f"got {by!r}")
+        mine = self._contributions()
+        theirs = None
+        if other is not None:
+            if not isinstance(other, Capture):
+                raise TypeError(f"capture.gram: other must be a Capture, got "
+                                f"{type(other).__name__}")
+            theirs = other._contributions()
+            if diagonal and other.batch_size != self.batch_size:
+                raise ValueError(f"capture.gram: diagonal=True needs other's batch size "
+                                 f"{other.batch_size} to equal this batch size "
+                                 f"{self.batch_size}")
+        B = self.batch_size
+        B2 = B if other is None else other.batch_size
+        shape = (B,) if diagonal else (B, B2)
+        results = {}
+        for key, (name, p) in self._param_names.items():
+            K = _param_gram(mine.get(key, []), None if theirs is None else theirs.get(key, []),
+                            diagonal)
+            label = {"model": None, "module": self._owner.get(key), "parameter": name}[by]
+            if K is not None:
+                results[label] = K if label not in results else results[label] + K.to(
+                    results[label].dtype)
+            elif label not in results:
+                results[label] = None
+        dtype = self._result_dtype()
+        device = p.device
+        out = {k: torch.zeros(shape, dtype=dtype, device=device) if v is None else v.to(dtype)
+               for k, v in results.items()}
+        return out[None] if by == "model" else out
+
+    def _result_dtype(self):
+        for contributions in self._contributions().values():
+            for c in contributions:
+                if _contribution_dtype(c) == torch.float64:
+                    return torch.float64
+        return torch.float32
+
+    # ---- weighted sums and projections ---------------------------------------------------
+    def weighted_sum(self, c, *, write_grad=False):
+        """{param: U c} with U c = Σ_i c_i g_i: c (B,) gives param-shaped tensors, c (B, m) gives
+        (m, *param.shape). write_grad=True (c (B,) only) also sets each param.grad to U c (in
+        the param's dtype), replacing what backward left there."""
+        contributions = self._contributions()
+        B = self.batch_size
+        if not isinstance(c, torch.Tensor) or not c.is_floating_point():
+            raise TypeError("capture.weighted_sum: c must be a floating tensor of shape (B,) or "
+                            f"(B, m), got {type(c).__name__ if not isinstance(c, torch.Tensor) else c.dtype}")
+        if c.dim() not in (1, 2) or c.shape[0] != B:
+            raise ValueError(f"capture.weighted_sum: c must have shape ({B},) or ({B}, m), got "
+                             f"{tuple(c.shape)}")
+        if write_grad and c.dim() != 1:
+            raise ValueError("capture.weighted_sum: write_grad=True needs c of shape (B,), got "
+                             f"{tuple(c.shape)}")
+        dtype = self._result_dtype()
+        out = {}
+        for key, (name, p) in self._param_names.items():
+            total = torch.zeros((*c.shape[1:], *p.shape), dtype=dtype, device=p.device)
+            for contribution in contributions.get(key, []):
+                weights = c.to(device=p.device, dtype=_operand_dtype(contribution))
+                total += contribution.weighted_sum(weights).to(dtype)
+            out[p] = total
+            if write_grad:
+                p.grad = total.to(p.dtype)
+        return out
+
+    def project(self, V):
+        """Uᵀ V: (Uᵀ V)_i = Σ_params ⟨g_i, V[param]⟩. V: {param: tensor of param.shape} -> (B,),
+        or a list of m such dicts -> (B, m). Every captured parameter needs an entry."""
+        single = isinstance(V, dict)
+        directions = [V] if single else list(V)
+        if not directions or not all(isinstance(v, dict) for v in directions):
+            raise TypeError("capture.project: V must be a dict {param: tensor} or a non-empty "
+                            "list of such dicts")
+        contributions = self._contributions()
+        B = self.batch_size
+        captured = set(self._param_names)
+        for k, v in enumerate(directions):
+            where = "V" if single else f"V[{k}]"
+            for p in v:
+                if id(p) not in captured:
+                    raise ValueError(f"capture.project: {where} has a tensor for a parameter "
+                                     "that is not captured (frozen, or not in the model)")
+            for name, p in self._param_names.values():
+                if p not in v:
+                    raise ValueError(f"capture.project: {where} has no tensor for parameter "
+                                     f"'{name}'")
+                if tuple(v[p].shape) != tuple(p.shape):
+                    raise ValueError(f"capture.project: {where}['{name}'] must have shape "
+                                     f"{tuple(p.shape)}, got {tuple(v[p].shape)}")
+        dtype = self._result_dtype()
+        out = torch.zeros((B, len(directions)), dtype=dtype,
+                          device=next(iter(self._param_names.values()))[1].device)
+        for key, (name, p) in self._param_names.items():
+            stacked = None
+            for contribution in contributions.get(key, []):
+                if stacked is None:
+                    stacked = torch.stack([v[p] for v in directions])
+                Vp = stacked.to(dtype=_operand_dtype(contribution))
+                out += contribution.project(Vp).to(dtype).reshape(B, -1)
+        return out[:, 0] if single else out
+
+
+def _contribution_dtype(c):
+    return c.G.dtype if hasattr(c, "G") else c.E.dtype
+
+
+def _operand_dtype(c):
+    """The dtype in which weights c and directions V enter an op for this contribution."""
+    return torch.float64 if _contribution_dtype(c) == torch.float64 else torch.float32
+
+
+def _param_gram(mine, theirs, diagonal):
+    """Σ over the pairs of contributions to one parameter: K = Σ_{a,b} Uₐᵀ U_b (with itself:
+    the diagonal blocks plus each off-diagonal pair and its transpose). None when empty."""
+    total = None
+
+    def add(K):
+        nonlocal total
+        total = K if total is None else total + K.to(total.dtype)
+
+    if theirs is None:
+        for a_index, a in enumerate(mine):
+            add(a.gram(None, diagonal=diagonal))
+            for b in mine[a_index + 1:]:
+                K = cross_gram(a, b, diagonal)
+                add(2 * K if diagonal else K + K.T)
+    else:
+        for a in mine:
+            for b in theirs:
+                add(cross_gram(a, b, diagonal))
+    return total

@@ -1,0 +1,196 @@
+"""The per-sample gradients of one parameter from one layer call, kept in factored form.
+
+Each kind answers, for the per-sample gradients g_1 … g_B that it stands for (U = [g_i]):
+    gram(other, diagonal)  UᵀU, or the cross-Gram Uᵀ U' with `other` of the same kind
+    weighted_sum(c)        U c, c (B,) -> param shape, c (B, m) -> (m, *param shape)
+    project(V)             Uᵀ V, V (m, *param shape) -> (B, m)
+through the public ops, never materializing U unless the kind is `Dense` (small parameters:
+norm-layer affine parameters, biases, the torch.func fallback). Two contributions of
+different kinds meet through `cross_gram`, which projects one on the other's columns.
+"""
+import torch
+
+from .. import ops
+
+
+def _common_dtype(*tensors):
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+class Linear:
+    """g_i = Σ_t e_it a_itᵀ (d_out × d_in): A (B, T, d_in) inputs, E (B, T, d_out) output grads."""
+    mergeable = True
+
+    def __init__(self, A, E, backend):
+        dtype = _common_dtype(A, E)
+        self.A, self.E, self.backend = A.to(dtype), E.to(dtype), backend
+
+    @property
+    def batch_size(self):
+        return self.A.shape[0]
+
+    def merge(self, other):
+        """The calls' per-sample gradients add up: concatenate their tokens."""
+        A = torch.cat([self.A, other.A.to(self.A.dtype)], dim=1)
+        return Linear(A, torch.cat([self.E, other.E.to(self.E.dtype)], dim=1), self.backend)
+
+    def _args(self):
+        # T = 1 goes to the plain (B, d) form.
+        if self.A.shape[1] == 1:
+            return self.A[:, 0], self.E[:, 0]
+        return self.A, self.E
+
+    def can_cross(self, other):
+        return isinstance(other, Linear)
+
+    def gram(self, other=None, diagonal=False):
+        A, E = self._args()
+        A2, E2 = other._args() if other is not None else (None, None)
+        if other is not None and A.dim() != A2.dim():
+            A, E, A2, E2 = self.A, self.E, other.A, other.E
+        return ops.gram_linear(A, E, False, A2=A2, E2=E2, diagonal=diagonal,
+                               backend=self.backend)
+
+    def weighted_sum(self, c):
+        A, E = self._args()
+        return ops.weighted_sum_linear(A, E, c, False, backend=self.backend)[0]
+
+    def project(self, V):
+        A, E = self._args()
+        return ops.project_linear(A, E, V, None, backend=self.backend)
+
+
+class Conv2d:
+    """g_i = Σ_p e_ip patch_ip ᵀ of a 2-D convolution: X (B, C_in, H, W) inputs (already padded
+    when the layer pads asymmetrically or not with zeros), E (B, C_out, H_out, W_out)."""
+    mergeable = False
+
+    def __init__(self, X, E, geometry, backend):
+        dtype = _common_dtype(X, E)
+        self.X, self.E, self.geometry, self.backend = X.to(dtype), E.to(dtype), geometry, backend
+
+    @property
+    def batch_size(self):
+        return self.X.shape[0]
+
+    def can_cross(self, other):
+        return isinstance(other, Conv2d) and other.geometry == self.geometry
+
+    def gram(self, other=None, diagonal=False):
+        kw = {} if other is None else {"X2": other.X, "E2": other.E}
+        return ops.gram_conv2d(self.X, self.E, *self.geometry, False, diagonal=diagonal,
+                               backend=self.backend, **kw)
+
+    def weighted_sum(self, c):
+        return ops.weighted_sum_conv2d(self.X, self.E, c, *self.geometry, False,
+                                       backend=self.backend)[0]
+
+    def project(self, V):
+        kernel_size, stride, padding, dilation, groups = self.geometry
+        return ops.project_conv2d(self.X, self.E, V, None, kernel_size, stride, padding,
+                                  dilation, groups, backend=self.backend)
+
+
+class Embedding:
+    """g_i = Σ_t onehot(idx_it) e_itᵀ (num_embeddings × d): idx (B, T) int64, E (B, T, d)."""
+    mergeable = True
+
+    def __init__(self, idx, E, num_embeddings, padding_idx, backend):
+        self.idx, self.E, self.backend = idx, E, backend
+        self.num_embeddings, self.padding_idx = num_embeddings, padding_idx
+
+    @property
+    def batch_size(self):
+        return self.idx.shape[0]
+
+    def merge(self, other):
+        return Embedding(torch.cat([self.idx, other.idx], dim=1),
+                         torch.cat([self.E, other.E.to(self.E.dtype)], dim=1),
+                         self.num_embeddings, self.padding_idx, self.backend)
+
+    def can_cross(self, other):
+        return isinstance(other, Embedding) and other.padding_idx == self.padding_idx
+
+    def gram(self, other=None, diagonal=False):
+        kw = {} if other is None else {"idx2": other.idx, "E2": other.E.to(self.E.dtype)}
+        return ops.gram_embedding(self.idx, self.E, self.num_embeddings, self.padding_idx,
+                                  diagonal=diagonal, backend=self.backend, **kw)
+
+    def weighted_sum(self, c):
+        return ops.weighted_sum_embedding(self.idx, self.E, c, self.num_embeddings,
+                                          self.padding_idx, backend=self.backend)
+
+    def project(self, V):
+        return ops.project_embedding(self.idx, self.E, V, self.padding_idx, backend=self.backend)
+
+
+class Dense:
+    """Materialized per-sample gradients G (B, *param shape), for small parameters."""
+    mergeable = True
+
+    def __init__(self, G):
+        self.G = G
+
+    @property
+    def batch_size(self):
+        return self.G.shape[0]
+
+    def merge(self, other):
+        return Dense(self.G + other.G)
+
+    def can_cross(self, other):
+        return isinstance(other, Dense)
+
+    def gram(self, other=None, diagonal=False):
+        G = self.G.flatten(1)
+        G2 = G if other is None else other.G.flatten(1).to(G.dtype)
+        return (G * G2).sum(1) if diagonal else G @ G2.T
+
+    def weighted_sum(self, c):
+        C = c.to(self.G.dtype)
+        G = self.G.flatten(1)
+        out = (G.T @ C).T if C.dim() == 2 else G.T @ C
+        return out.reshape(*C.shape[1:], *self.G.shape[1:])
+
+    def project(self, V):
+        return self.G.flatten(1) @ V.to(self.G.dtype).flatten(1).T
+
+
+def materialize(contribution):
+    """The per-sample gradients U as a (B, *param shape) tensor: U I (identity weights)."""
+    if isinstance(contribution, Dense):
+        return contribution.G
+    B = contribution.batch_size
+    eye = torch.eye(B, dtype=torch.float64 if _dtype_of(contribution) == torch.float64
+                    else torch.float32, device=_device_of(contribution))
+    return contribution.weighted_sum(eye)
+
+
+def _dtype_of(contribution):
+    return {Linear: lambda c: c.E.dtype, Conv2d: lambda c: c.E.dtype,
+            Embedding: lambda c: c.E.dtype, Dense: lambda c: c.G.dtype}[type(contribution)](
+                contribution)
+
+
+def _device_of(contribution):
+    return (contribution.G if isinstance(contribution, Dense) else contribution.E).device
+
+
+def cross_gram(a, b, diagonal=False):
+    """Uₐᵀ U_b (B_a × B_b) for two contributions to one parameter (or its diagonal): the
+    kinds' own cross-Gram when they share a kind, else one side projected on the other's
+    materialized per-sample gradients (the dense side when there is one)."""
+    if a.can_cross(b):
+        if diagonal and isinstance(a, (Linear, Conv2d)):
+            # diag of a cross-Gram from the full B × B block: the linear/conv ops' diagonal
+            # option is relied on only for a batch with itself.
+            return a.gram(b).diagonal()
+        return a.gram(b, diagonal=diagonal)
+    if isinstance(a, Dense) and not isinstance(b, Dense):
+        K = b.project(a.G).T
+    else:
+        K = a.project(materialize(b))
+    return K.diagonal() if diagonal else K
