@@ -1,0 +1,94 @@
+// CPU kernel of lowrank_native::woodbury_solve: X = (K + λ'I)⁻¹ R per batch member (λ' = λ or
+// the first rung of the jitter ladder that factors), in parallel over the members. Each member
+// runs the shared core (lowrank/woodbury_core.h) with SerialExec — the same schedule, tile by
+// tile and item by item, that every thread of the CUDA kernel follows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "lowrank/woodbury_core.h"
+
+namespace lowrank {
+namespace {
+
+constexpr const char* kOp = "lowrank_native::woodbury_solve";
+
+void check_woodbury_args(const at::Tensor& K, const at::Tensor& damping, const at::Tensor& R,
+                         int64_t max_tries, double jitter) {
+  TORCH_CHECK(K.dim() == 3 && K.size(1) == K.size(2), kOp,
+              ": K must be a 3-D tensor (b x n x n), got shape ", K.sizes());
+  TORCH_CHECK(R.dim() == 3 && R.size(0) == K.size(0) && R.size(1) == K.size(1), kOp,
+              ": R must be a 3-D tensor (b x n x r) matching K ", K.sizes(), ", got shape ",
+              R.sizes());
+  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == K.size(0), kOp,
+              ": damping must be a 1-D tensor of b = ", K.size(0), " values, got shape ",
+              damping.sizes());
+  TORCH_CHECK(K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble, kOp,
+              ": K must be float32 or float64, got ", K.scalar_type());
+  TORCH_CHECK(R.scalar_type() == K.scalar_type() && damping.scalar_type() == K.scalar_type(),
+              kOp, ": K, damping and R must have the same dtype, got ", K.scalar_type(), ", ",
+              damping.scalar_type(), " and ", R.scalar_type());
+  TORCH_CHECK(R.device() == K.device() && damping.device() == K.device(), kOp,
+              ": K, damping and R must be on the same device, got ", K.device(), ", ",
+              damping.device(), " and ", R.device());
+  TORCH_CHECK(max_tries >= 0 && max_tries <= 64, kOp,
+              ": max_tries must be in [0, 64], got ", max_tries);
+  TORCH_CHECK(jitter >= 0.0 && jitter < 1e300, kOp,
+              ": jitter must be finite and >= 0, got ", jitter);
+}
+
+template <typename T>
+void woodbury_solve_cpu_impl(const at::Tensor& K, const at::Tensor& damping, const at::Tensor& R,
+                             double jitter, int max_tries, at::Tensor& X, at::Tensor& info,
+                             at::Tensor& used) {
+  const index_t b = K.size(0), n = K.size(1), r = R.size(2);
+  const T* k = K.const_data_ptr<T>();
+  const T* rhs = R.const_data_ptr<T>();
+  const T* lam = damping.const_data_ptr<T>();
+  T* x = X.data_ptr<T>();
+  int* inf = info.data_ptr<int>();
+  T* du = used.data_ptr<T>();
+  at::parallel_for(0, b, 1, [&](index_t begin, index_t end) {
+    std::vector<T> tiles(core::wb_storage_elems(n)), ldiag(core::kWbTile), linv(core::kWbTile);
+    core::SerialExec ex;
+    for (index_t i = begin; i < end; ++i) {
+      const core::WbMember<T> m{k + i * K.stride(0), K.stride(1), K.stride(2),
+                                rhs + i * R.stride(0), R.stride(1), R.stride(2),
+                                x + i * n * r, n, r, lam[i * damping.stride(0)], jitter,
+                                max_tries};
+      core::woodbury_solve_member(ex, m, core::WbScratch<T>{tiles.data(), ldiag.data(),
+                                                            linv.data()},
+                                  inf + i, du + i);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> woodbury_solve_cpu(const at::Tensor& K,
+                                                                  const at::Tensor& damping,
+                                                                  const at::Tensor& R,
+                                                                  double jitter,
+                                                                  int64_t max_tries) {
+  check_woodbury_args(K, damping, R, max_tries, jitter);
+  TORCH_CHECK(K.device().is_cpu(), kOp, ": K must be a CPU tensor for the CPU kernel, got ",
+              K.device());
+  at::Tensor X = at::empty({R.size(0), R.size(1), R.size(2)}, R.options());
+  at::Tensor info = at::empty({K.size(0)}, K.options().dtype(at::kInt));
+  at::Tensor used = at::empty({K.size(0)}, K.options());
+  if (K.scalar_type() == at::kDouble) {
+    woodbury_solve_cpu_impl<double>(K, damping, R, jitter, static_cast<int>(max_tries), X, info,
+                                    used);
+  } else {
+    woodbury_solve_cpu_impl<float>(K, damping, R, jitter, static_cast<int>(max_tries), X, info,
+                                   used);
+  }
+  return {X, info, used};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_native, CPU, m) { m.impl("woodbury_solve", &woodbury_solve_cpu); }
+
+}  // namespace lowrank

@@ -1,0 +1,67 @@
+// CUDA registration of lowrank_native::woodbury_solve: checks, outputs and workspace, and the
+// launch of the torch-free fused kernel in woodbury_solve.cu on the current stream.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "woodbury_solve.cuh"
+
+namespace lowrank {
+namespace {
+
+constexpr const char* kOp = "lowrank_native::woodbury_solve";
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> woodbury_solve_cuda(const at::Tensor& K,
+                                                                   const at::Tensor& damping,
+                                                                   const at::Tensor& R,
+                                                                   double jitter,
+                                                                   int64_t max_tries) {
+  TORCH_CHECK(K.dim() == 3 && K.size(1) == K.size(2), kOp,
+              ": K must be a 3-D tensor (b x n x n), got shape ", K.sizes());
+  TORCH_CHECK(R.dim() == 3 && R.size(0) == K.size(0) && R.size(1) == K.size(1), kOp,
+              ": R must be a 3-D tensor (b x n x r) matching K ", K.sizes(), ", got shape ",
+              R.sizes());
+  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == K.size(0), kOp,
+              ": damping must be a 1-D tensor of b = ", K.size(0), " values, got shape ",
+              damping.sizes());
+  TORCH_CHECK(K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble, kOp,
+              ": K must be float32 or float64, got ", K.scalar_type());
+  TORCH_CHECK(R.scalar_type() == K.scalar_type() && damping.scalar_type() == K.scalar_type(),
+              kOp, ": K, damping and R must have the same dtype, got ", K.scalar_type(), ", ",
+              damping.scalar_type(), " and ", R.scalar_type());
+  TORCH_CHECK(K.is_cuda() && R.device() == K.device() && damping.device() == K.device(), kOp,
+              ": K, damping and R must be on the same CUDA device, got ", K.device(), ", ",
+              damping.device(), " and ", R.device());
+  TORCH_CHECK(max_tries >= 0 && max_tries <= 64, kOp,
+              ": max_tries must be in [0, 64], got ", max_tries);
+  TORCH_CHECK(jitter >= 0.0 && jitter < 1e300, kOp,
+              ": jitter must be finite and >= 0, got ", jitter);
+  const c10::cuda::CUDAGuard guard(K.device());
+  at::Tensor X = at::empty({R.size(0), R.size(1), R.size(2)}, R.options());
+  at::Tensor info = at::empty({K.size(0)}, K.options().dtype(at::kInt));
+  at::Tensor used = at::empty({K.size(0)}, K.options());
+  const bool fp64 = K.scalar_type() == at::kDouble;
+  index_t bytes = 0;
+  cudaError_t err = woodbury_workspace_bytes(K.size(0), K.size(1), fp64, &bytes);
+  TORCH_CHECK(err == cudaSuccess, kOp, ": ", cudaGetErrorString(err));
+  at::Tensor workspace;
+  if (bytes > 0) workspace = at::empty({bytes}, K.options().dtype(at::kByte));
+  WoodburyLaunch args{K.const_data_ptr(), K.stride(0), K.stride(1), K.stride(2),
+                      damping.const_data_ptr(), damping.stride(0),
+                      R.const_data_ptr(), R.stride(0), R.stride(1), R.stride(2),
+                      K.size(0), K.size(1), R.size(2), jitter, static_cast<int>(max_tries), fp64,
+                      X.data_ptr(), info.data_ptr<int>(), used.data_ptr(),
+                      bytes > 0 ? workspace.data_ptr() : nullptr};
+  err = launch_woodbury_solve(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA launch failed: ", cudaGetErrorString(err));
+  return {X, info, used};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_native, CUDA, m) { m.impl("woodbury_solve", &woodbury_solve_cuda); }
+
+}  // namespace lowrank

@@ -1,0 +1,142 @@
+"""lowrank_kernels::woodbury_solve — the batched damped solve of sample-space natural gradient:
+
+    X = (K + λ'I)⁻¹ R,   λ' = λ, or λ + (jitter·s)·10^p (s = mean_i |K_ii|) when K + λI is not
+                         numerically positive definite,
+
+per batch member (a layer's Gram K = UᵀU, a damping λ, several right-hand sides R). Only the
+lower triangle of K (K[i, k], k ≤ i) is read. Returns X, a LAPACK-like int32 `info` per member
+and the damping actually used.
+"""
+from typing import NamedTuple
+
+import torch
+
+from .. import _capabilities as caps
+from .. import _checks
+from .._registry import Backend, OpSpec, register
+from ..reference import woodbury_solve as ref
+
+OP = "woodbury_solve"
+INFO_NONFINITE = ref.INFO_NONFINITE
+INFO_OVERFLOW = ref.INFO_OVERFLOW
+_DTYPES = (torch.float32, torch.float64)
+
+
+class WoodburySolveResult(NamedTuple):
+    X: torch.Tensor
+    info: torch.Tensor
+    damping_used: torch.Tensor
+
+
+def _is_fake(t):
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t) or t.device.type == "meta"
+
+
+def check(K, damping, R, jitter, max_tries):
+    _checks.check_tensor(OP, "K", K, (2, 3), "b x n x n or n x n: the symmetric matrices")
+    _checks.check_float(OP, "K", K, _DTYPES)
+    if K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"{OP}: K must be square in its last two dims, got shape "
+                         f"{tuple(K.shape)}")
+    batched = K.dim() == 3
+    shapes = "b x n x r or b x n" if batched else "n x r or n"
+    _checks.check_tensor(OP, "R", R, (K.dim(), K.dim() - 1), f"{shapes}: the right-hand sides")
+    _checks.check_float(OP, "R", R, _DTYPES)
+    _checks.check_same(OP, ("K", "R"), (K, R), "device")
+    _checks.check_same(OP, ("K", "R"), (K, R), "dtype")
+    if batched:
+        _checks.check_dim_match(OP, "K", K.shape[0], "R", R.shape[0], "batch size b (dim 0)")
+    rows = R.shape[1] if batched else R.shape[0]
+    _checks.check_dim_match(OP, "K", K.shape[-1], "R", rows, "size n (K's last dim, R's rows)")
+    _checks.check_tensor(OP, "damping", damping, (0, 1), "a float, 0-d or (b,) tensor")
+    _checks.check_float(OP, "damping", damping)
+    _checks.check_same(OP, ("K", "damping"), (K, damping), "device")
+    if damping.dim() == 1 and damping.shape[0] != (K.shape[0] if batched else 1):
+        raise ValueError(f"{OP}: damping must have one value per batch member "
+                         f"({K.shape[0] if batched else 1}), got shape {tuple(damping.shape)}")
+    if not _is_fake(damping) and damping.numel() > 0:
+        if not bool(torch.isfinite(damping).all()) or bool((damping < 0).any()):
+            raise ValueError(f"{OP}: damping must be finite and >= 0, got "
+                             f"{damping.detach().cpu().flatten()[:8].tolist()}")
+    if jitter is not None and not (0.0 <= jitter < float("inf")):
+        raise ValueError(f"{OP}: jitter must be finite and >= 0, got {jitter}")
+    if not 0 <= max_tries <= 64:
+        raise ValueError(f"{OP}: max_tries must be in [0, 64], got {max_tries}")
+    return K
+
+
+def fake(K, damping, R, jitter, max_tries):
+    stats = (K.shape[0],) if K.dim() == 3 else ()
+    return (R.new_empty(R.shape), K.new_empty(stats, dtype=torch.int32), K.new_empty(stats))
+
+
+def _reference(K, damping, R, jitter, max_tries):
+    return ref.woodbury_solve(K, damping, R, jitter, max_tries)
+
+
+def _native(K, damping, R, jitter, max_tries):
+    Kb, lam, Rb, unbatch = ref.batched(K, damping, R)
+    jitter = ref.default_jitter(K.dtype) if jitter is None else float(jitter)
+    return unbatch(*torch.ops.lowrank_native.woodbury_solve(Kb, lam, Rb, jitter, max_tries))
+
+
+if caps.native_built():
+    @torch.library.register_fake("lowrank_native::woodbury_solve")
+    def _native_fake(K, damping, R, jitter, max_tries):
+        return (R.new_empty(R.shape), K.new_empty((K.shape[0],), dtype=torch.int32),
+                K.new_empty((K.shape[0],)))
+
+
+SPEC = register(OpSpec(
+    name=OP,
+    schema="(Tensor K, Tensor damping, Tensor R, float? jitter=None, int max_tries=4, "
+           "str? backend=None) -> (Tensor, Tensor, Tensor)",
+    check=check,
+    fake=fake,
+    backends={
+        "reference": Backend(_reference, {"cpu": _DTYPES, "cuda": _DTYPES}),
+        "native": Backend(_native, {"cpu": _DTYPES, "cuda": _DTYPES}),
+    },
+    auto={"cpu": ("native", "reference"), "cuda": ("native", "reference")},
+    doc="X = (K + λ'I)⁻¹ R",
+))
+
+
+def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float | None = None,
+                   max_tries: int = ref.DEFAULT_MAX_TRIES, backend: str | None = None):
+    """Batched damped solve X = (K + λ'I)⁻¹ R by Cholesky, reading only the lower triangle of K.
+
+    K: (b, n, n) or (n, n), float32 or float64, symmetric; only K[..., i, k] with k ≤ i is read
+       (the upper triangle may hold anything, NaN included).
+    damping: λ ≥ 0, a float, a 0-d tensor or a (b,) tensor (one per member).
+    R: (b, n, r) or (b, n) for a batched K, (n, r) or (n,) otherwise; same dtype and device as K.
+    jitter, max_tries: the jitter ladder for members whose K + λI is not numerically positive
+       definite: λ_p = λ + (jitter·s)·10^p for p = 0, …, max_tries − 1, s = mean_i |K_ii| (1 when
+       that is 0), tried in turn until the Cholesky factorization succeeds; only failing members
+       are retried, the others are bit-for-bit what they would be alone. jitter defaults to 1e-6
+       (float32) / 1e-12 (float64), max_tries to 4; jitter=0 or max_tries=0 turns it off.
+    backend: 'auto' (native: one fused CUDA kernel per call on GPU, C++ on CPU), 'reference'
+       (torch.linalg.cholesky_ex + torch.cholesky_solve) or 'native'.
+
+    Returns WoodburySolveResult(X, info, damping_used), a named tuple:
+      X: R's shape and dtype. Never NaN: it is zero for every member whose info ≠ 0.
+      info: int32, shape (b,) (or () for a 2-D K), LAPACK/cuSOLVER-like:
+        0   solved, with damping_used (= λ unless the ladder was needed);
+        k   (1 ≤ k ≤ n) not solved: the leading minor of order k of K + damping_used·I is not
+            positive definite (damping_used is the last rung tried);
+        -1  (INFO_NONFINITE) the lower triangle of K or R has NaN/Inf; damping_used = λ;
+        -2  (INFO_OVERFLOW) factored, but the solution overflowed the dtype.
+      damping_used: K's dtype, info's shape: the λ' that X solves with.
+    Cost per member: n³/3 + 2n²r flops. Bad arguments raise errors naming the argument.
+    """
+    if not isinstance(damping, torch.Tensor):
+        if not isinstance(damping, (int, float)):
+            raise TypeError(f"{OP}: damping must be a float or a tensor, got "
+                            f"{type(damping).__name__}")
+        dtype = K.dtype if isinstance(K, torch.Tensor) and K.is_floating_point() else None
+        device = K.device if isinstance(K, torch.Tensor) else None
+        damping = torch.tensor(float(damping), dtype=dtype, device=device)
+    return WoodburySolveResult(
+        *torch.ops.lowrank_kernels.woodbury_solve(K, damping, R, jitter, max_tries, backend))
