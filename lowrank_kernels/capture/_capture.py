@@ -189,7 +189,7 @@ class Capture:
         if self._cache is not None:
             return self._cache
         calls = [c for c in self._calls if any(g is not None for g in c.grads)]
-        if not calls:
+        if not calls and not self._seen:
             raise RuntimeError("capture: nothing captured — run the forward and backward of a "
                                "batch inside `with Capture(model) as cap:` (with keep=True to "
                                "use the capture after the block)")
@@ -222,6 +222,9 @@ class Capture:
                 "their module's forward was never called with them (used outside their module, "
                 "e.g. F.linear(x, layer.weight) or nn.MultiheadAttention's out_proj): their "
                 "per-sample gradients cannot be captured")
+        if B is None:
+            raise RuntimeError("capture: nothing captured — no captured layer output received "
+                               "a gradient")
         self._batch_size = B
         self._cache = per_param
         return per_param

@@ -21,6 +21,7 @@ class FallbackHandler:
 
     def contributions(self, saved, grads, backend):
         (args, kwargs), B = saved, grads_batch_size(grads)
+        grads = tuple(grads)
         in_dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B
                         else None for a in args)
         module = self.module
