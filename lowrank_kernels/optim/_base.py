@@ -1,0 +1,94 @@
+"""The part FNGD, SENG and KFAC share: building from a model or (params, capture), the
+per-layer blocks, the batched damped solve, and the guarded (momentum-)SGD update
+
+    dir = d + wd·θ,   buf ← μ·buf + dir,   θ ← θ − lr·buf      (μ = 0: θ ← θ − lr·dir)
+
+with d the method's preconditioned direction for θ. Safety: where d is not finite or its
+layer's solve failed (woodbury_solve info ≠ 0), d is replaced by the mean gradient ḡ (the
+plain (momentum-)SGD direction) and state["fallbacks"] counts the parameter; where ḡ is not
+finite either, θ and its momentum buffer are left unchanged and state["skipped"] counts it.
+The checks run on the device without synchronizing (torch.where), so nothing non-finite is
+ever written into the weights.
+"""
+import torch
+
+import lowrank_kernels
+
+from . import _captured
+
+
+class GuardedOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses set self.blocks and implement _directions(...)."""
+
+    def __init__(self, model_or_params, capture, defaults, *, loss_reduction, by_layer):
+        params, self.capture, model = _captured.start(model_or_params, capture, loss_reduction)
+        super().__init__(params, defaults)
+        mine = [p for g in self.param_groups for p in g["params"]]
+        self.blocks = _captured.layer_blocks(model, mine, by_layer)
+        self._group = {id(p): g for g in self.param_groups for p in g["params"]}
+        device = mine[0].device
+        self.state["step"] = 0
+        self.state["fallbacks"] = torch.zeros((), dtype=torch.int64, device=device)
+        self.state["skipped"] = torch.zeros((), dtype=torch.int64, device=device)
+
+    def close(self):
+        """Remove the capture's hooks (the optimizer cannot step afterwards)."""
+        self.capture.__exit__(None, None, None)
+        self.capture.release()
+
+    def group_of(self, p):
+        return self._group[id(p)]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step from the batch captured by the last forward and backward."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        per_param, B = _captured.contributions(self.capture)
+        directions = self._directions(per_param, B)
+        self._update(directions, B)
+        self.state["step"] += 1
+        self.capture.release()
+        return loss
+
+    def _update(self, directions, B):
+        """directions: {id(p): (d, ok)} with ok a 0-dim bool tensor (missing: plain ḡ)."""
+        fallbacks, skipped = self.state["fallbacks"], self.state["skipped"]
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = _captured.mean_grad(self.capture, p, B)
+                grad_ok = torch.isfinite(g).all()
+                if id(p) in directions:
+                    d, ok = directions[id(p)]
+                    ok = ok & torch.isfinite(d).all()
+                    d = torch.where(ok, d.to(p.dtype), torch.where(grad_ok, g, 0))
+                    fallbacks = fallbacks + (~ok).long()
+                    skip = ~ok & ~grad_ok
+                else:
+                    d = torch.where(grad_ok, g, 0)
+                    skip = ~grad_ok
+                skipped = skipped + skip.long()
+                if wd != 0:
+                    d = d + wd * p
+                if mu != 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    buf.copy_(torch.where(skip, buf, mu * buf + d))
+                    d = buf
+                p.sub_(torch.where(skip, 0, lr * d))
+        self.state["fallbacks"], self.state["skipped"] = fallbacks, skipped
+
+    @staticmethod
+    def solve(Ks, dampings, R):
+        """X_l = (K_l + λ_l I)⁻¹ R_l for the stacked blocks, and ok_l (solved and finite).
+        Ks (L, B, B), dampings (L,), R (L, B, r)."""
+        X, info, _ = lowrank_kernels.woodbury_solve(Ks, dampings.to(Ks.dtype), R.to(Ks.dtype))
+        ok = (info == 0) & torch.isfinite(X).flatten(1).all(1)
+        return X, ok

@@ -1,0 +1,164 @@
+"""FNGD — Fast Natural Gradient Descent (arXiv 2403.03473)."""
+import torch
+
+from . import _captured
+from ._base import GuardedOptimizer
+
+
+class FNGD(GuardedOptimizer):
+    """FNGD(model, lr, damping=1e-3, *, steps_per_epoch, momentum=0, weight_decay=0,
+            blocks="layer", reuse="mean", refresh_every=None, loss_reduction="mean")
+    FNGD(params, lr, ..., capture=Capture(model))
+
+    Natural gradient as a weighted sum of the per-sample gradients g_i = ∇ℓ_i (U = [g_i]):
+
+        d = (F + λI)⁻¹ ḡ = U c,   c = (K + λB·I)⁻¹ 1,   K = UᵀU,  F = UUᵀ/B,  ḡ = U1/B
+
+    (Sherman–Morrison–Woodbury), per layer (blocks="layer": F block-diagonal over modules,
+    each module's weight and bias form one block with its own c) or for the whole model
+    (blocks="model": one K summed over all parameters, one c). The update is the
+    (momentum-)SGD update of d: θ ← θ − lr·buf, buf ← μ·buf + d + wd·θ (see _base).
+
+    Coefficients. During the first epoch (`steps_per_epoch` steps) c is computed from each
+    batch's Gram K with `woodbury_solve`. Afterwards the coefficients are reused, so a step
+    costs one weighted sum U c per parameter and no Gram and no solve — about a first-order
+    step. The paper's argument (FNGD, §3): c = (K + λB)⁻¹1 only weighs the samples of a
+    batch against each other, it changes slowly during training, and "sharing the weighted
+    coefficients across epochs" did not change the empirical results while removing every
+    inverse after epoch one. What is reused is the normalized weight w = B·c (w ≡ 1/λ when
+    K = 0: the mean gradient scaled by 1/λ), so batches of different sizes are comparable:
+      reuse="mean" (default): w̄_k = the mean of w_k over the first-epoch batches that have
+        a k-th sample (a smaller last batch contributes to its first positions only); a batch
+        of size b gets c = w̄[:b] / b (positions never seen get the mean of all w̄). With a
+        shuffling loader position k is a random sample, so w̄ is close to a constant: the
+        reused direction is then close to the mean gradient scaled by mean(w) — the
+        curvature information that survives is its overall scale (a per-layer step size
+        per block when blocks="layer").
+      reuse="per_step": keep the w of every first-epoch step and give step t of a later
+        epoch the w of step t mod steps_per_epoch — the paper's sharing when the loader does
+        not shuffle (then the same samples meet the same coefficients); positions beyond a
+        stored batch's size get that batch's mean weight.
+    refresh_every=N recomputes (and re-averages) the coefficients during epochs 0, N, 2N, …;
+    None (default) computes them in the first epoch only.
+
+    A failed solve (indefinite or non-finite K) or a non-finite direction falls back to the
+    mean gradient for that layer's parameters (state["fallbacks"]); a failed batch does not
+    enter the average. The capture records every forward run with gradients enabled; step()
+    consumes the batch and releases it (evaluate under torch.no_grad()).
+    """
+
+    def __init__(self, model_or_params, lr, damping=1e-3, *, steps_per_epoch, momentum=0.0,
+                 weight_decay=0.0, blocks="layer", reuse="mean", refresh_every=None,
+                 loss_reduction="mean", capture=None):
+        if not lr > 0:
+            raise ValueError(f"FNGD: lr must be > 0, got {lr}")
+        if not damping > 0:
+            raise ValueError(f"FNGD: damping must be > 0, got {damping}")
+        if not (isinstance(steps_per_epoch, int) and steps_per_epoch >= 1):
+            raise ValueError(f"FNGD: steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
+        if blocks not in ("layer", "model"):
+            raise ValueError(f"FNGD: blocks must be 'layer' or 'model', got {blocks!r}")
+        if reuse not in ("mean", "per_step"):
+            raise ValueError(f"FNGD: reuse must be 'mean' or 'per_step', got {reuse!r}")
+        if refresh_every is not None and not (isinstance(refresh_every, int) and refresh_every >= 1):
+            raise ValueError(f"FNGD: refresh_every must be None or an int >= 1, got "
+                             f"{refresh_every!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"FNGD: momentum must be in [0, 1), got {momentum}")
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
+                         by_layer=blocks == "layer")
+        self.steps_per_epoch, self.reuse, self.refresh_every = steps_per_epoch, reuse, refresh_every
+        self.state["coefficients"] = {}
+
+    def computing(self, step=None):
+        """Whether this step computes c from its batch's Gram (else it reuses them)."""
+        step = self.state["step"] if step is None else step
+        epoch = step // self.steps_per_epoch
+        return epoch == 0 or (self.refresh_every is not None and epoch % self.refresh_every == 0)
+
+    def _directions(self, per_param, B):
+        step = self.state["step"]
+        if self.computing(step):
+            if step % self.steps_per_epoch == 0:
+                self.state["coefficients"] = {}
+            coefficients, oks = self._solve_batch(per_param, B, step % self.steps_per_epoch)
+        else:
+            coefficients, oks = self._reused(B, step % self.steps_per_epoch)
+        out = {}
+        for (name, params), c, ok in zip(self.blocks, coefficients, oks):
+            for p in params:
+                contribution_list = per_param.get(id(p), [])
+                if p.grad is not None and contribution_list:
+                    out[id(p)] = (_captured.weighted_sum(contribution_list, c), ok)
+        return out
+
+    def _solve_batch(self, per_param, B, position):
+        Ks = []
+        for name, params in self.blocks:
+            grams = [_captured.gram(per_param.get(id(p), [])) for p in params]
+            grams = [K for K in grams if K is not None]
+            Ks.append(sum(grams[1:], grams[0]) if grams else None)
+        template = next(K for K in Ks if K is not None)
+        Ks = torch.stack([template.new_zeros(B, B) if K is None else K.to(template.dtype)
+                          for K in Ks])
+        dampings = torch.tensor([self.group_of(params[0])["damping"] * B
+                                 for _, params in self.blocks], dtype=Ks.dtype, device=Ks.device)
+        X, ok = self.solve(Ks, dampings, torch.ones(len(self.blocks), B, 1, dtype=Ks.dtype,
+                                                    device=Ks.device))
+        coefficients = X[:, :, 0]
+        for l, (name, _) in enumerate(self.blocks):
+            self._record(name, coefficients[l], ok[l], B, position)
+        return list(coefficients), list(ok)
+
+    def _record(self, name, c, ok, B, position):
+        """Add w = B·c of a solved batch to the block's statistics."""
+        w = torch.where(ok, B * c, 0)
+        stats = self.state["coefficients"].get(name)
+        if self.reuse == "mean":
+            if stats is None:
+                stats = {"sum": w.new_zeros(B), "count": w.new_zeros(B)}
+            size = max(B, stats["sum"].shape[0])
+            total, count = _grow(stats["sum"], size), _grow(stats["count"], size)
+            total = torch.cat([total[:B] + w, total[B:]])
+            count = torch.cat([count[:B] + ok.to(w.dtype), count[B:]])
+            stats = {"sum": total, "count": count}
+        else:
+            if stats is None:
+                stats = {"w": w.new_zeros(self.steps_per_epoch, B),
+                         "size": torch.zeros(self.steps_per_epoch, dtype=torch.int64),
+                         "ok": torch.zeros(self.steps_per_epoch, dtype=torch.bool,
+                                           device=w.device)}
+            W = _grow(stats["w"].T, max(B, stats["w"].shape[1])).T.clone()
+            W[position] = torch.cat([w, w.new_full((W.shape[1] - B,), 0.0)])
+            size, okrow = stats["size"].clone(), stats["ok"].clone()
+            size[position], okrow[position] = B, ok
+            stats = {"w": W, "size": size, "ok": okrow}
+        self.state["coefficients"][name] = stats
+
+    def _reused(self, B, position):
+        coefficients, oks = [], []
+        for name, _ in self.blocks:
+            stats = self.state["coefficients"][name]
+            if self.reuse == "mean":
+                total, count = stats["sum"], stats["count"]
+                overall = total.sum() / count.sum().clamp(min=1)
+                mean = torch.where(count > 0, total / count.clamp(min=1), overall)
+                w = torch.cat([mean, overall.expand(max(0, B - mean.shape[0]))])[:B]
+                ok = count.sum() > 0
+            else:
+                size = int(stats["size"][position])
+                row = stats["w"][position, :size]
+                fill = row.mean() if size > 0 else row.new_zeros(())
+                w = torch.cat([row, fill.expand(max(0, B - size))])[:B]
+                ok = stats["ok"][position]
+            coefficients.append(w / B)
+            oks.append(ok)
+        return coefficients, oks
+
+
+def _grow(t, size):
+    """t (n, ...) zero-padded to (size, ...)."""
+    if t.shape[0] >= size:
+        return t
+    return torch.cat([t, t.new_zeros(size - t.shape[0], *t.shape[1:])])

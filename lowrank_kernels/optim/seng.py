@@ -1,0 +1,146 @@
+"""SENG — Sketchy Empirical Natural Gradient (arXiv 2006.05924)."""
+import torch
+
+from . import _captured
+from ._base import GuardedOptimizer
+from ._sketch import sketched_gram
+
+
+class SENG(GuardedOptimizer):
+    """SENG(model, lr, damping=1e-2, *, update_freq=1, momentum=0.9, weight_decay=0,
+            damping_schedule=None, sketch_threshold=2**20, sketch_size=128, seed=0,
+            loss_reduction="mean")
+    SENG(params, lr, ..., capture=Capture(model))
+
+    Per-layer empirical-Fisher natural gradient in sample space. For each layer (a module's
+    weight and bias), with the per-sample gradients U = [g_1 … g_B] of a batch,
+
+        (F + λI)⁻¹ v = (v − U (K + λB·I)⁻¹ Uᵀ v) / λ,   F = UUᵀ/B,  K = UᵀU.
+
+    Curvature refresh (every `update_freq` steps, step 0 included): the layer's K of the
+    current batch is computed, c = (K + λB·I)⁻¹ 1 is solved (`woodbury_solve`, all layers in
+    one batched call) and the direction is the exact weighted sum d = U c = (F + λI)⁻¹ ḡ (the
+    weighted-sum op, not the √|c| approximation of the public code). Any batch size works.
+    The batch's factors (the captured layer inputs and output gradients, not U itself), K, λ
+    and B are kept. Steps in between precondition the new mean gradient ḡ with that kept
+    curvature: d = (ḡ − U_r (K_r + λ_r B_r·I)⁻¹ U_rᵀ ḡ) / λ_r (one projection, one batched
+    solve, one weighted sum per layer).
+
+    Sketching: a parameter with more than `sketch_threshold` entries gets its Gram from a
+    Kronecker sketch of its two factors with `sketch_size` columns per side (see _sketch:
+    E[K̃] = K); the weighted sums and projections stay exact. Ω is regenerated from
+    (seed, step, parameter) so a resumed run draws the same sketches.
+
+    damping: λ, or damping_schedule(step) -> λ (e.g. a decay) evaluated at each refresh.
+    Update: θ ← θ − lr·buf, buf ← μ·buf + d + wd·θ. A failed solve or a non-finite direction
+    falls back to ḡ for that layer (state["fallbacks"]); a non-finite ḡ skips the parameter
+    (state["skipped"]). Memory: the refresh batch's layer inputs and output gradients are
+    kept until the next refresh.
+    """
+
+    def __init__(self, model_or_params, lr, damping=1e-2, *, update_freq=1, momentum=0.9,
+                 weight_decay=0.0, damping_schedule=None, sketch_threshold=2 ** 20,
+                 sketch_size=128, seed=0, loss_reduction="mean", capture=None):
+        if not lr > 0:
+            raise ValueError(f"SENG: lr must be > 0, got {lr}")
+        if not damping > 0:
+            raise ValueError(f"SENG: damping must be > 0, got {damping}")
+        if not (isinstance(update_freq, int) and update_freq >= 1):
+            raise ValueError(f"SENG: update_freq must be an int >= 1, got {update_freq!r}")
+        if damping_schedule is not None and not callable(damping_schedule):
+            raise TypeError("SENG: damping_schedule must be a callable step -> damping")
+        if not (isinstance(sketch_size, int) and sketch_size >= 1):
+            raise ValueError(f"SENG: sketch_size must be an int >= 1, got {sketch_size!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"SENG: momentum must be in [0, 1), got {momentum}")
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
+                         by_layer=True)
+        self.update_freq, self.damping_schedule = update_freq, damping_schedule
+        self.sketch_threshold, self.sketch_size, self.seed = sketch_threshold, sketch_size, seed
+        self.state["curvature"] = None
+
+    def damping(self, params, step):
+        if self.damping_schedule is not None:
+            value = float(self.damping_schedule(step))
+            if not value > 0:
+                raise ValueError(f"SENG: damping_schedule({step}) must be > 0, got {value}")
+            return value
+        return self.group_of(params[0])["damping"]
+
+    def _directions(self, per_param, B):
+        step = self.state["step"]
+        if step % self.update_freq == 0 or self.state["curvature"] is None:
+            return self._refresh(per_param, B, step)
+        return self._precondition(per_param, B)
+
+    def _refresh(self, per_param, B, step):
+        Ks, finite, index = [], [], 0
+        for name, params in self.blocks:
+            K, ok = None, None
+            for p in params:
+                contribution_list = per_param.get(id(p), [])
+                index += 1
+                if not contribution_list:
+                    continue
+                if p.numel() > self.sketch_threshold:
+                    seed = (self.seed * 1_000_003 + step * 4099 + index * 64) % 2 ** 62
+                    Kp, okp = sketched_gram(contribution_list, self.sketch_size, seed)
+                    ok = okp if ok is None else ok & okp
+                else:
+                    Kp = _captured.gram(contribution_list)
+                K = Kp if K is None else K + Kp.to(K.dtype)
+            Ks.append(K)
+            finite.append(ok)
+        template = next(K for K in Ks if K is not None)
+        Ks = torch.stack([template.new_zeros(B, B) if K is None else K.to(template.dtype)
+                          for K in Ks])
+        lams = [self.damping(params, step) for _, params in self.blocks]
+        dampings = torch.tensor(lams, dtype=Ks.dtype, device=Ks.device) * B
+        X, ok = self.solve(Ks, dampings, torch.ones(len(self.blocks), B, 1, dtype=Ks.dtype,
+                                                    device=Ks.device))
+        out = {}
+        for l, (name, params) in enumerate(self.blocks):
+            ok_l = ok[l] if finite[l] is None else ok[l] & finite[l]
+            for p in params:
+                contribution_list = per_param.get(id(p), [])
+                if p.grad is not None and contribution_list:
+                    out[id(p)] = (_captured.weighted_sum(contribution_list, X[l, :, 0]), ok_l)
+        self.state["curvature"] = {
+            "K": Ks, "damping": torch.tensor(lams, dtype=Ks.dtype), "batch_size": B,
+            "ok": ok & torch.stack([torch.ones_like(ok[0]) if f is None else f for f in finite]),
+            "factors": [[_captured.pack(per_param.get(id(p), [])) for p in params]
+                        for _, params in self.blocks]}
+        return out
+
+    def _precondition(self, per_param, B):
+        curvature = self.state["curvature"]
+        Ks, lams, Br = curvature["K"], curvature["damping"].to(curvature["K"].device), \
+            curvature["batch_size"]
+        backend = self.capture.backend
+        factors = [[_captured.unpack(f, backend) for f in block] for block in curvature["factors"]]
+        projections, grads = [], []
+        for (name, params), block_factors in zip(self.blocks, factors):
+            r = Ks.new_zeros(Br)
+            block_grads = {}
+            for p, old in zip(params, block_factors):
+                if p.grad is None:
+                    continue
+                g = _captured.mean_grad(self.capture, p, B)
+                block_grads[id(p)] = g
+                if old:
+                    r = r + _captured.project(old, torch.nan_to_num(g, 0.0, 0.0, 0.0)).to(r.dtype)
+            projections.append(r)
+            grads.append(block_grads)
+        Y, ok = self.solve(Ks, lams * Br, torch.stack(projections)[:, :, None])
+        ok = ok & curvature["ok"]
+        out = {}
+        for l, ((name, params), block_factors) in enumerate(zip(self.blocks, factors)):
+            lam = lams[l]
+            for p, old in zip(params, block_factors):
+                g = grads[l].get(id(p))
+                if g is None:
+                    continue
+                correction = _captured.weighted_sum(old, Y[l, :, 0]) if old else 0
+                out[id(p)] = ((g.to(Ks.dtype) - correction) / lam, ok[l])
+        return out
