@@ -100,8 +100,8 @@ def test_equals_per_sample_gradients_of_nn_linear(device, bias):
 def test_opcheck_public_and_native():
     A, E = _inputs(5, 3, 4, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.lowrank_kernels.gram_linear.default, (A, E, True, None))
-    torch.library.opcheck(torch.ops.lowrank_kernels.gram_linear.default,
-                          (A, E, False, "reference"))
+    torch.library.opcheck(torch.ops.lowrank_kernels.gram_linear.default, (A, E, False),
+                          {"backend": "reference"})
     if lk.native_build_info() != "not built":
         torch.library.opcheck(torch.ops.lowrank_native.gram_linear.default, (A, E, True))
 
@@ -121,9 +121,9 @@ def test_torch_compile_fullgraph_traces():
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_bad_input_errors_name_the_argument(backend):
     A, E = _inputs(4, 3, 2, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"A must be a 2-D tensor"):
-        lk.gram_linear(A[None], E, backend=backend)
-    with pytest.raises(ValueError, match=r"E must be a 2-D tensor"):
+    with pytest.raises(ValueError, match=r"A must be a 2 or 3-D tensor"):
+        lk.gram_linear(A[None, None], E, backend=backend)
+    with pytest.raises(ValueError, match=r"E must be a 2 or 3-D tensor"):
         lk.gram_linear(A, E[:, 0], backend=backend)
     with pytest.raises(ValueError, match=r"A and E must have the same batch size"):
         lk.gram_linear(A, E[:3], backend=backend)

@@ -1,6 +1,7 @@
 """The public ops (torch.ops.lowrank_kernels.*) and their Python entry points."""
 # ---- Gram family ----
 from .gram_linear import gram_linear
+from .gram_conv2d import gram_conv2d
 from .gram_embedding import gram_embedding
 
 # ---- weighted sums and projections ----

@@ -1,0 +1,90 @@
+"""lowrank_kernels::gram_conv2d — the per-sample-gradient Gram of a Conv2d layer:
+
+    K_ij = ⟨g_i, g_j⟩ = Σ_groups Σ_{t,s} (ã_it·ã_js)(e_it·e_js),
+
+with ã_it the receptive field of output pixel t in sample i (im2col of X, one group's channels,
+plus a 1 with bias) and e_it the output gradient there: a linear layer over T = H_out·W_out
+tokens, one per group (the weight is block diagonal). With X2/E2 the cross-Gram (B × B2);
+diagonal=True the per-sample squared gradient norms. Output float32 (float64 for float64
+inputs on the reference backend). The Triton kernels read X by implicit im2col; the route
+(token pair or per sample) is chosen by ops.gram_linear.choose_route.
+"""
+import torch
+
+from .. import _checks
+from .._registry import Backend, OpSpec, register
+from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
+from ._conv2d import check_conv2d, pair
+from .gram_linear import TRITON_DTYPES, check_cross, choose_route
+
+OP = "gram_conv2d"
+
+
+def check(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
+    check_conv2d(OP, X, E, kernel_size, stride, padding, dilation, groups)
+    check_cross(OP, ("X2", "E2"), (X, E), (X2, E2), diagonal)
+    return X
+
+
+def fake(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
+    dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
+    B2 = (X2 if X2 is not None else X).shape[0]
+    return X.new_empty((X.shape[0],) if diagonal else (X.shape[0], B2), dtype=dtype)
+
+
+def _route(X, E, kernel_size, groups, bias, X2, diagonal):
+    kh, kw = kernel_size
+    B2 = (X2 if X2 is not None else X).shape[0]
+    return choose_route(X.shape[0], B2, E.shape[2] * E.shape[3],
+                        X.shape[1] // groups * kh * kw, E.shape[1] // groups, groups, bias,
+                        X2 is not None, diagonal)
+
+
+def _reference(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
+    return reference_gram_conv2d(X, E, kernel_size, stride, padding, dilation, groups, bias,
+                                 X2, E2, diagonal,
+                                 _route(X, E, kernel_size, groups, bias, X2, diagonal))
+
+
+def _triton(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
+    from ..triton.gram_conv2d import gram_conv2d as triton_gram_conv2d
+
+    return triton_gram_conv2d(X, E, kernel_size, stride, padding, dilation, groups, bias,
+                              X2, E2, diagonal,
+                              _route(X, E, kernel_size, groups, bias, X2, diagonal))
+
+
+_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SPEC = register(OpSpec(
+    name=OP,
+    schema="(Tensor X, Tensor E, int[2] kernel_size, int[2] stride=1, int[2] padding=0, "
+           "int[2] dilation=1, int groups=1, bool bias=False, Tensor? X2=None, "
+           "Tensor? E2=None, bool diagonal=False, str? backend=None) -> Tensor",
+    check=check,
+    fake=fake,
+    backends={
+        "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
+        "triton": Backend(_triton, TRITON_DTYPES),
+    },
+    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    finite_inputs=("X", "E", "X2", "E2"),
+    doc="K_ij = Σ_g Σ_{t,s} (ã_it·ã_js)(e_it·e_js), ã = im2col(X)",
+))
+
+
+def gram_conv2d(X: torch.Tensor, E: torch.Tensor, kernel_size, stride=1, padding=0,
+                dilation=1, groups: int = 1, bias: bool = False, *, X2=None, E2=None,
+                diagonal: bool = False, backend: str | None = None):
+    """Per-sample-gradient Gram of a Conv2d, K_ij = ⟨g_i, g_j⟩ = Σ_g Σ_{t,s} (ã_it·ã_js)(e_it·e_js)
+    (ã: im2col of X per group, with a 1 appended when bias).
+
+    X: (B, C_in, H, W) layer input, E: (B, C_out, H_out, W_out) output gradient; kernel_size,
+    stride, padding, dilation: ints or pairs (zero padding, as nn.Conv2d's numeric padding).
+    X2/E2: a second batch, for the cross-Gram (B × B2). diagonal: return diag(K) (B).
+    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'.
+    Returns float32 (float64 for float64 inputs)."""
+    kernel_size = pair(OP, "kernel_size", kernel_size, 1)
+    stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
+    dilation = pair(OP, "dilation", dilation, 1)
+    return torch.ops.lowrank_kernels.gram_conv2d(X, E, kernel_size, stride, padding, dilation,
+                                                 groups, bias, X2, E2, diagonal, backend)
