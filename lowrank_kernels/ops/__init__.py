@@ -9,6 +9,7 @@ from .weighted_sum_embedding import weighted_sum_embedding
 from .project_embedding import project_embedding
 
 # ---- Woodbury solves ----
+from .woodbury_solve import woodbury_solve
 
 # ---- sketches ----
 from .sketch_matmul import sketch_matmul
@@ -16,6 +17,7 @@ from .sketch_omega import sketch_omega
 
 # ---- subspace ----
 from .fwht import fwht
+from .random_subspace import random_subspace_expand, random_subspace_project
 from .subspace_project import subspace_expand, subspace_project
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,71 @@
+"""The intrinsic dimension of an objective landscape (Li et al., ICLR 2018): train the model in
+random subspaces of growing dimension d; d_int90 is the smallest d whose accuracy reaches 90%
+of the full model's."""
+import dataclasses
+import json
+
+from .model import SubspaceModel
+
+
+@dataclasses.dataclass
+class IntrinsicDimension:
+    dims: list
+    accuracies: list
+    full_accuracy: float
+    threshold: float
+    d_int: int | None  # smallest d with accuracy ≥ threshold · full_accuracy (None: none did)
+    projection: str
+    num_parameters: int
+
+    def to_json(self, path):
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+    def plot(self, path, title=None):
+        """Accuracy against d (log axis) with the full model's accuracy, the threshold and
+        d_int marked; written to `path` (PNG). Needs matplotlib."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.semilogx(self.dims, self.accuracies, "o-", label=f"subspace ({self.projection})")
+        ax.axhline(self.full_accuracy, color="k", ls="--",
+                   label=f"full model, D = {self.num_parameters:,}")
+        ax.axhline(self.threshold * self.full_accuracy, color="gray", ls=":",
+                   label=f"{self.threshold:.0%} of full")
+        if self.d_int is not None:
+            ax.axvline(self.d_int, color="tab:red", ls="-.",
+                       label=f"d_int{round(100 * self.threshold)} = {self.d_int}")
+        ax.set_xlabel("subspace dimension d")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title or "intrinsic dimension")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def intrinsic_dimension(build_model, train_and_evaluate, dims, projection="fastfood",
+                        threshold=0.9, seed=0, **projection_kwargs) -> IntrinsicDimension:
+    """Sweep d over `dims`: accuracy of SubspaceModel(build_model(), d, projection) trained by
+    train_and_evaluate(model, trainable_parameters) → accuracy, against the full model
+    (train_and_evaluate(build_model(), its parameters)). d_int = min{d : acc(d) ≥ threshold ·
+    acc_full}. build_model() must return a freshly initialized model each call."""
+    dims = sorted(int(d) for d in dims)
+    if not dims or dims[0] < 1:
+        raise ValueError(f"intrinsic_dimension: dims must be positive integers, got {dims}")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"intrinsic_dimension: threshold must be in (0, 1], got {threshold}")
+    full_model = build_model()
+    num_parameters = sum(p.numel() for p in full_model.parameters())
+    full = float(train_and_evaluate(full_model, list(full_model.parameters())))
+    accuracies = []
+    for d in dims:
+        model = SubspaceModel(build_model(), d, projection, seed=seed, **projection_kwargs)
+        accuracies.append(float(train_and_evaluate(model, [model.coords])))
+    d_int = next((d for d, a in zip(dims, accuracies) if a >= threshold * full), None)
+    return IntrinsicDimension(dims=dims, accuracies=accuracies, full_accuracy=full,
+                              threshold=threshold, d_int=d_int, projection=str(projection),
+                              num_parameters=num_parameters)

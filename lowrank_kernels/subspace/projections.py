@@ -1,0 +1,113 @@
+"""Random projections P (D×d) for random-subspace training θ = θ₀ + P d. Each is a module
+whose forward(coords, base) returns base + P·coords with autograd to coords (Pᵀ ∇θ):
+
+    DenseProjection     P stored (D×d), Gaussian with unit columns (subspace_expand op)
+    SparseProjection    P stored sparse (COO), ±1 entries with density ρ (default 1/√D, the
+                        "very sparse" projection of Li, Hastie & Church), unit columns
+    FastfoodProjection  P = [V₁; …; V_m] / √m truncated to D rows (m = ⌈D/n⌉ blocks),
+                        V_j = H G_j Π_j H B_j / (‖G_j‖√n), n = 2^⌈log₂ d⌉, H the Walsh–Hadamard
+                        matrix (fwht op), B_j random signs, Π_j a random permutation, G_j
+                        Gaussian: O(D) memory, O(D log n) work; each V_j has unit columns, so P
+                        has unit columns before the truncation
+    OnTheFlyProjection  P = Ω/√D with Ω_ij = f(seed, i, j) generated inside the kernels
+                        (random_subspace_expand / _project ops): no memory for P, D·d work
+"""
+import math
+
+import torch
+
+from ..ops.fwht import fwht
+from ..ops.random_subspace import random_subspace_expand
+from ..ops.subspace_project import subspace_expand
+
+
+def _generator(seed, device):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class DenseProjection(torch.nn.Module):
+    """Stored Gaussian P (D×d) with unit columns."""
+
+    def __init__(self, D, d, seed=0, dtype=torch.float32, device=None, backend=None):
+        super().__init__()
+        P = torch.randn(D, d, generator=_generator(seed, "cpu"), dtype=torch.float64)
+        P /= P.norm(dim=0, keepdim=True)
+        self.register_buffer("P", P.to(device=device, dtype=dtype))
+        self.backend = backend
+
+    def forward(self, coords, base):
+        return subspace_expand(self.P, coords, base, backend=self.backend)
+
+
+class SparseProjection(torch.nn.Module):
+    """Stored sparse P (COO): each column has ⌈ρD⌉ entries ±1/√(⌈ρD⌉) at random rows."""
+
+    def __init__(self, D, d, seed=0, density=None, dtype=torch.float32, device=None):
+        super().__init__()
+        density = 1.0 / math.sqrt(D) if density is None else density
+        if not 0 < density <= 1:
+            raise ValueError(f"SparseProjection: density must be in (0, 1], got {density}")
+        per_col = max(1, math.ceil(density * D))
+        g = _generator(seed, "cpu")
+        rows = torch.stack([torch.randperm(D, generator=g)[:per_col] for _ in range(d)], 1)
+        cols = torch.arange(d).expand(per_col, d)
+        signs = torch.randint(0, 2, (per_col, d), generator=g) * 2.0 - 1.0
+        P = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), cols.reshape(-1)]),
+                                    (signs / math.sqrt(per_col)).reshape(-1), (D, d),
+                                    check_invariants=True)
+        self.register_buffer("P", P.coalesce().to(device=device, dtype=dtype))
+
+    def forward(self, coords, base):
+        return base + torch.sparse.mm(self.P, coords.to(self.P.dtype)[:, None])[:, 0]
+
+
+class FastfoodProjection(torch.nn.Module):
+    """Fastfood P = [V₁; …; V_m]/√m, V_j = H G_j Π_j H B_j / (‖G_j‖√n), first D rows."""
+
+    def __init__(self, D, d, seed=0, dtype=torch.float32, device=None, backend=None):
+        super().__init__()
+        n = 1 << max(d - 1, 0).bit_length()
+        blocks = -(-D // n)
+        g = _generator(seed, "cpu")
+        signs = torch.randint(0, 2, (blocks, n), generator=g).to(dtype) * 2 - 1
+        perm = torch.argsort(torch.rand(blocks, n, generator=g), dim=1)
+        gauss = torch.randn(blocks, n, generator=g, dtype=torch.float64)
+        scale = 1.0 / (gauss.norm(dim=1, keepdim=True) * math.sqrt(n * blocks))
+        for name, t in (("signs", signs), ("perm", perm), ("gauss", gauss.to(dtype)),
+                        ("scale", scale.to(dtype))):
+            self.register_buffer(name, t.to(device))
+        self.D, self.d, self.n, self.backend = D, d, n, backend
+
+    def forward(self, coords, base):
+        x = torch.nn.functional.pad(coords.to(self.signs.dtype), (0, self.n - self.d))
+        x = fwht(self.signs * x, backend=self.backend)                  # H B_j x
+        x = torch.gather(x, 1, self.perm) * self.gauss                   # G_j Π_j
+        x = fwht(x, backend=self.backend) * self.scale                   # H … / (‖G_j‖√n)
+        return base + x.reshape(-1)[: self.D].to(base.dtype)
+
+
+class OnTheFlyProjection(torch.nn.Module):
+    """P = Ω/√D generated from (seed, i, j) inside the kernels; nothing stored."""
+
+    def __init__(self, D, d, seed=0, dist="gaussian", backend=None):
+        super().__init__()
+        self.D, self.d, self.seed, self.dist, self.backend = D, d, seed, dist, backend
+        self.scale = 1.0 / math.sqrt(max(D, 1))
+
+    def forward(self, coords, base):
+        return random_subspace_expand(coords, self.seed, self.D, self.scale, self.dist, base,
+                                      backend=self.backend)
+
+
+PROJECTIONS = {"dense": DenseProjection, "sparse": SparseProjection,
+               "fastfood": FastfoodProjection, "onthefly": OnTheFlyProjection}
+
+
+def make_projection(kind, D, d, seed=0, dtype=torch.float32, device=None, **kwargs):
+    """The projection `kind` ('dense', 'sparse', 'fastfood' or 'onthefly') for D×d."""
+    if kind not in PROJECTIONS:
+        raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}, "
+                         f"got {kind!r}")
+    if kind == "onthefly":
+        return OnTheFlyProjection(D, d, seed, **kwargs)
+    return PROJECTIONS[kind](D, d, seed, dtype=dtype, device=device, **kwargs)
