@@ -13,9 +13,13 @@ TORCH_LIBRARY(lowrank_native, m) {
   m.def("gram_linear(Tensor A, Tensor E, bool bias) -> Tensor");
   // ---- weighted sums and projections ----
   // ---- Woodbury solves ----
+  // X = (K + λ'I)⁻¹ R, λ' = damping or a rung of the jitter ladder; K (b x n x n, lower triangle
+  // read), damping (b), R (b x n x r) -> X (b x n x r), info (b) int32, damping_used (b).
+  m.def("woodbury_solve(Tensor K, Tensor damping, Tensor R, float jitter, int max_tries) -> "
+        "(Tensor, Tensor, Tensor)");
   // ---- sketches ----
-  // Ω[rows, 0:k] (len(rows) x k float32) of the counter-based sketch (lowrank/philox.h).
-  m.def("sketch_omega(Tensor rows, int k, int seed, bool rademacher) -> Tensor");
+  // Ω[rows, c0:c0+k] (len(rows) x k float32) of the counter-based sketch (lowrank/philox.h).
+  m.def("sketch_omega(Tensor rows, int k, int seed, bool rademacher, int col_offset) -> Tensor");
 }
 
 namespace {

@@ -8,6 +8,7 @@ from ._capabilities import native_build_info
 from ._registry import BACKENDS, REGISTRY, BackendUnavailableError, choose_backend
 from .ops import *  # noqa: F401,F403  (every public op)
 from .ops import __all__ as _ops_all
+from .sketch import *  # noqa: F401,F403  (range finder, randomized SVD/eigh, per-sample sketches)
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-// CPU kernel of lowrank_native::sketch_omega: Ω[rows, 0:k] (float32) from the counter-based
+// CPU kernel of lowrank_native::sketch_omega: Ω[rows, col_offset + 0:k] (float32) from the counter-based
 // definition in lowrank/philox.h, one Philox call per 4 columns, rows in parallel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,7 +12,8 @@
 namespace lowrank {
 namespace {
 
-at::Tensor sketch_omega_cpu(const at::Tensor& rows, int64_t k, int64_t seed, bool rademacher) {
+at::Tensor sketch_omega_cpu(const at::Tensor& rows, int64_t k, int64_t seed, bool rademacher,
+                            int64_t col_offset) {
   constexpr const char* op = "lowrank_native::sketch_omega";
   TORCH_CHECK(rows.dim() == 1, op, ": rows must be a 1-D tensor of row indices, got shape ",
               rows.sizes());
@@ -21,6 +22,8 @@ at::Tensor sketch_omega_cpu(const at::Tensor& rows, int64_t k, int64_t seed, boo
   TORCH_CHECK(rows.device().is_cpu(), op, ": rows must be a CPU tensor, got ", rows.device());
   TORCH_CHECK(k >= 0, op, ": k must be >= 0, got ", k);
   TORCH_CHECK(seed >= 0, op, ": seed must be >= 0, got ", seed);
+  TORCH_CHECK(col_offset >= 0 && col_offset % 4 == 0, op,
+              ": col_offset must be a multiple of 4 and >= 0, got ", col_offset);
   const at::Tensor r = rows.contiguous();
   const index_t n = r.size(0);
   TORCH_CHECK(n == 0 || r.min().item<int64_t>() >= 0, op, ": rows must be >= 0");
@@ -34,8 +37,8 @@ at::Tensor sketch_omega_cpu(const at::Tensor& rows, int64_t k, int64_t seed, boo
     for (index_t a = begin; a < end; ++a) {
       const auto i = static_cast<std::uint64_t>(idx[a]);
       for (index_t g = 0; g < groups; ++g) {
-        philox::omega_group(static_cast<std::uint64_t>(seed), i, static_cast<std::uint64_t>(g),
-                            rademacher, group);
+        philox::omega_group(static_cast<std::uint64_t>(seed), i,
+                            static_cast<std::uint64_t>(col_offset / 4 + g), rademacher, group);
         const index_t j0 = 4 * g, width = std::min<index_t>(4, k - j0);
         for (index_t q = 0; q < width; ++q) o[a * k + j0 + q] = group[q];
       }

@@ -1,4 +1,4 @@
-"""lowrank_kernels::sketch_omega — the sketch matrix Ω itself, Ω[rows, 0:k] (float32), from
+"""lowrank_kernels::sketch_omega — the sketch matrix Ω itself, Ω[rows, c0:c0+k] (float32), from
 the counter-based definition Ω_ij = f(seed, i, j) (Philox4x32-10 + Box–Muller in float64, or
 Rademacher signs; see lowrank_kernels/reference/sketch_omega.py). The fused sketch kernels
 never store Ω; this op materializes rows of it for tests, debugging and operator inputs."""
@@ -23,7 +23,7 @@ def check_seed(op, seed):
         raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
 
 
-def check(rows, k, seed, dist):
+def check(rows, k, seed, dist, col_offset):
     _checks.check_tensor(OP, "rows", rows, 1, "row indices i of Ω")
     if rows.dtype != torch.int64:
         raise TypeError(f"{OP}: rows must be int64, got {rows.dtype}")
@@ -31,39 +31,42 @@ def check(rows, k, seed, dist):
         raise ValueError(f"{OP}: k must be >= 0, got {k}")
     check_seed(OP, seed)
     check_dist(OP, dist)
+    if col_offset < 0 or col_offset % 4:
+        raise ValueError(f"{OP}: col_offset must be a multiple of 4 and >= 0, got {col_offset}")
     if rows.numel() and not rows.is_meta and int(rows.min()) < 0:
         raise ValueError(f"{OP}: rows must be >= 0")
     return rows
 
 
-def fake(rows, k, seed, dist):
+def fake(rows, k, seed, dist, col_offset):
     return rows.new_empty((rows.shape[0], k), dtype=torch.float32)
 
 
-def _reference(rows, k, seed, dist):
-    return reference_sketch_omega(rows, k, seed, dist == "rademacher")
+def _reference(rows, k, seed, dist, col_offset):
+    return reference_sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
 
 
-def _triton(rows, k, seed, dist):
+def _triton(rows, k, seed, dist, col_offset):
     from ..triton.sketch_omega import sketch_omega as triton_sketch_omega
 
-    return triton_sketch_omega(rows, k, seed, dist == "rademacher")
+    return triton_sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
 
 
-def _native(rows, k, seed, dist):
-    return torch.ops.lowrank_native.sketch_omega(rows, k, seed, dist == "rademacher")
+def _native(rows, k, seed, dist, col_offset):
+    return torch.ops.lowrank_native.sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
 
 
 if caps.native_built():
     @torch.library.register_fake("lowrank_native::sketch_omega")
-    def _native_fake(rows, k, seed, rademacher):
+    def _native_fake(rows, k, seed, rademacher, col_offset):
         return rows.new_empty((rows.shape[0], k), dtype=torch.float32)
 
 
 _INDEX = (torch.int64,)
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor rows, int k, int seed=0, str dist='gaussian', str? backend=None) -> Tensor",
+    schema=("(Tensor rows, int k, int seed=0, str dist='gaussian', int col_offset=0, "
+            "str? backend=None) -> Tensor"),
     check=check,
     fake=fake,
     backends={
@@ -77,8 +80,9 @@ SPEC = register(OpSpec(
 
 
 def sketch_omega(rows: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussian",
-                 backend: str | None = None) -> torch.Tensor:
-    """Ω[rows, 0:k] (len(rows) × k float32) of the sketch matrix Ω_ij = f(seed, i, j):
+                 col_offset: int = 0, backend: str | None = None) -> torch.Tensor:
+    """Ω[rows, col_offset : col_offset + k] (len(rows) × k float32) of the sketch matrix
+    Ω_ij = f(seed, i, j):
 
         (x0..x3) = Philox4x32-10(key = (lo32 seed, hi32 seed), counter = (⌊j/4⌋, lo32 i, hi32 i, 0))
         gaussian:   Box–Muller in float64 of (x0, x1) for j mod 4 ∈ {0,1} (cos, sin) and of
@@ -86,5 +90,6 @@ def sketch_omega(rows: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussia
         rademacher: 1 − 2·(x_{j mod 4} >> 31)
 
     The same Ω on every device and backend (bit for bit up to a rare 1-ulp double rounding).
-    rows: 1-D int64 indices ≥ 0; 0 ≤ seed < 2⁶³."""
-    return torch.ops.lowrank_kernels.sketch_omega(rows, k, seed, dist, backend)
+    rows: 1-D int64 indices ≥ 0; 0 ≤ seed < 2⁶³; col_offset a multiple of 4 (one Philox call
+    covers columns 4g .. 4g+3)."""
+    return torch.ops.lowrank_kernels.sketch_omega(rows, k, seed, dist, col_offset, backend)

@@ -39,10 +39,12 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
-def omega_words(rows: torch.Tensor, groups: int, seed: int):
-    """The four uint32 words (as int64, shape len(rows) × groups) behind Ω[rows, 4g..4g+3]."""
+def omega_words(rows: torch.Tensor, groups: int, seed: int, first_group: int = 0):
+    """The four uint32 words (as int64, shape len(rows) × groups) behind Ω[rows, 4g..4g+3],
+    g = first_group .. first_group + groups − 1."""
     rows = rows.to(torch.int64)[:, None]
-    g = torch.arange(groups, dtype=torch.int64, device=rows.device)[None, :]
+    g = torch.arange(first_group, first_group + groups, dtype=torch.int64,
+                     device=rows.device)[None, :]
     shape = (rows.shape[0], groups)
     c0 = g.expand(shape)
     c1 = (rows & _MASK32).expand(shape)
@@ -59,10 +61,12 @@ def _box_muller(a, b):
     return (r * torch.cos(theta)).float(), (r * torch.sin(theta)).float()
 
 
-def sketch_omega(rows: torch.Tensor, k: int, seed: int, rademacher: bool = False) -> torch.Tensor:
-    """Ω[rows, 0:k] as float32 (len(rows) × k); rows: 1-D int64 row indices ≥ 0."""
+def sketch_omega(rows: torch.Tensor, k: int, seed: int, rademacher: bool = False,
+                 col_offset: int = 0) -> torch.Tensor:
+    """Ω[rows, col_offset : col_offset + k] as float32 (len(rows) × k); rows: 1-D int64 row
+    indices ≥ 0; col_offset a multiple of 4."""
     groups = (k + 3) // 4
-    x = omega_words(rows, groups, seed)
+    x = omega_words(rows, groups, seed, col_offset // 4)
     if rademacher:
         z = [1.0 - 2.0 * (w >> 31).float() for w in x]
     else:

@@ -1,0 +1,79 @@
+"""Orthonormalization of a tall m × l block: Cholesky-QR2 with a Householder fallback."""
+import dataclasses
+
+import torch
+
+METHODS = ("cholqr2", "householder")
+
+
+@dataclasses.dataclass
+class OrthoInfo:
+    """What orthonormalize did: `method` is the one that produced Q ('cholqr2' or
+    'householder'); `fallback` is True when Cholesky-QR2 was asked for and Householder QR
+    was taken instead, with `reason`; `orthogonality_loss` = ‖Q₁ᵀQ₁ − I‖_F after the first
+    Cholesky-QR pass (NaN when that pass failed or was not run)."""
+    method: str
+    fallback: bool = False
+    reason: str = ""
+    orthogonality_loss: float = float("nan")
+
+
+def _cholqr_pass(Y):
+    """Q = Y R⁻¹ with R = chol(G), G = YᵀY (upper); info ≠ 0 when the Cholesky broke down."""
+    G = Y.mT @ Y
+    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    Q = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+    return Q, R, G, info
+
+
+def orthonormalize(Y: torch.Tensor, *, method: str = "cholqr2", return_r: bool = False,
+                   return_info: bool = False, max_loss: float = 0.5):
+    """Q with orthonormal columns and R upper triangular such that Y = Q R (Y: m × l, m ≥ l,
+    float32 or float64).
+
+    method='cholqr2' (Cholesky-QR2, Yamamoto et al. 2015): two passes of
+        G = YᵀY,  R₁ = chol(G),  Q₁ = Y R₁⁻¹;   then the same on Q₁: Q = Q₁ R₂⁻¹,  R = R₂ R₁.
+    It costs two Gram GEMMs and two triangular solves (no Householder panel factorization) and
+    gives ‖QᵀQ − I‖ = O(u) when κ(Y) ≲ u^(-1/2). It falls back to Householder QR
+    (torch.linalg.qr) when a Cholesky breaks down (cholesky_ex info ≠ 0: Y numerically rank
+    deficient) or when the condition estimate of the first pass is too large: the Gram of Q₁,
+    computed by the second pass anyway, gives η = ‖Q₁ᵀQ₁ − I‖_F ≥ ‖Q₁ᵀQ₁ − I‖₂, hence
+    κ(Q₁)² ≤ (1 + η)/(1 − η); η > max_loss (default ½, κ(Q₁) ≤ √3) means the first pass lost
+    too much orthogonality (κ(Y)² u ≳ 1) for the second one to repair. The decision costs one
+    device→host sync. method='householder': torch.linalg.qr only.
+
+    Returns Q [, R] [, OrthoInfo] (R when return_r, the info when return_info)."""
+    if method not in METHODS:
+        raise ValueError(f"orthonormalize: method must be one of {METHODS}, got {method!r}")
+    if not isinstance(Y, torch.Tensor) or Y.dim() != 2:
+        raise ValueError("orthonormalize: Y must be a 2-D tensor (m x l)")
+    if Y.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"orthonormalize: Y must be float32 or float64, got {Y.dtype}")
+    if Y.shape[0] < Y.shape[1]:
+        raise ValueError(f"orthonormalize: Y must be tall (m >= l), got shape {tuple(Y.shape)}")
+    info = OrthoInfo(method=method)
+    Q = R = None
+    if method == "cholqr2":
+        Q1, R1, _, info1 = _cholqr_pass(Y)
+        Q, R2, G2, info2 = _cholqr_pass(Q1)  # G2 = Q₁ᵀQ₁
+        eye = torch.eye(Y.shape[1], dtype=Y.dtype, device=Y.device)
+        loss = torch.linalg.matrix_norm(G2 - eye)
+        flags = torch.stack([info1.to(loss.dtype), info2.to(loss.dtype), loss]).tolist()
+        info.orthogonality_loss = flags[2] if flags[0] == 0 else float("nan")
+        if flags[0] != 0 or flags[1] != 0:
+            info.fallback, info.reason = True, "Cholesky of the Gram matrix broke down"
+        elif not flags[2] <= max_loss:
+            info.fallback = True
+            info.reason = (f"first pass lost orthogonality: ‖Q₁ᵀQ₁ − I‖_F = {flags[2]:.3g} "
+                           f"> {max_loss}")
+        else:
+            R = R2 @ R1
+    if method == "householder" or info.fallback:
+        info.method = "householder"
+        Q, R = torch.linalg.qr(Y, mode="reduced")
+    out = (Q,)
+    if return_r:
+        out += (R,)
+    if return_info:
+        out += (info,)
+    return out[0] if len(out) == 1 else out

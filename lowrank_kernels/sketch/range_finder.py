@@ -1,0 +1,146 @@
+"""Randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4): an orthonormal basis of
+the dominant range of a matrix or operator, from a sketch Y = M Ω with Ω generated inside
+the kernel from a counter-based RNG (never stored for a dense M)."""
+import dataclasses
+from typing import Callable
+
+import torch
+
+from ..ops.sketch_matmul import sketch_matmul
+from ..ops.sketch_omega import DISTS, sketch_omega
+from .orthonormalize import METHODS, OrthoInfo, orthonormalize
+
+OP = "range_finder"
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOperator:
+    """A matrix M (shape m × n) known through its products: matmul(X) = M X for X n × l and
+    rmatmul(Y) = Mᵀ Y for Y m × l (rmatmul may be left out for a symmetric M, then matmul is
+    used). dtype and device are those of the products (and of the X, Y passed in)."""
+    shape: tuple
+    matmul: Callable
+    rmatmul: Callable | None = None
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self):
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"LinearOperator: shape must be (m, n) with m, n >= 1, got "
+                             f"{self.shape}")
+        if not callable(self.matmul):
+            raise TypeError("LinearOperator: matmul must be callable (X -> M X)")
+        if self.rmatmul is None and self.shape[0] != self.shape[1]:
+            raise ValueError("LinearOperator: rmatmul (Y -> Mᵀ Y) is required for a "
+                             "non-square M")
+
+    @property
+    def T(self):
+        """Mᵀ as an operator."""
+        return LinearOperator((self.shape[1], self.shape[0]), self.rmatmul or self.matmul,
+                              self.matmul, self.dtype, self.device)
+
+
+@dataclasses.dataclass
+class SketchStats:
+    """What a randomized routine did: one OrthoInfo per orthonormalization (1 + 2·power_iters
+    for range_finder), and how many of them fell back to Householder QR."""
+    sketch_size: int = 0
+    orthonormalizations: list = dataclasses.field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> int:
+        return sum(info.fallback for info in self.orthonormalizations)
+
+
+def check_matrix(op, M, name="M"):
+    """(m, n, dtype, device) of a dense M or a LinearOperator; errors name the argument."""
+    if isinstance(M, LinearOperator):
+        return M.shape[0], M.shape[1], M.dtype, torch.device(M.device)
+    if not isinstance(M, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or a LinearOperator, got "
+                        f"{type(M).__name__}")
+    if M.dim() != 2:
+        raise ValueError(f"{op}: {name} must be a 2-D tensor (m x n), got shape "
+                         f"{tuple(M.shape)}")
+    if M.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: {name} must be float32 or float64, got {M.dtype}")
+    if min(M.shape) < 1:
+        raise ValueError(f"{op}: {name} must be non-empty, got shape {tuple(M.shape)}")
+    return M.shape[0], M.shape[1], M.dtype, M.device
+
+
+def check_options(op, k, oversample, power_iters, dist, seed, ortho):
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be a positive int, got {k!r}")
+    if not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"{op}: oversample must be an int >= 0, got {oversample!r}")
+    if not isinstance(power_iters, int) or power_iters < 0:
+        raise ValueError(f"{op}: power_iters must be an int >= 0, got {power_iters!r}")
+    if dist not in DISTS:
+        raise ValueError(f"{op}: dist must be 'gaussian' or 'rademacher', got {dist!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
+    if ortho not in METHODS:
+        raise ValueError(f"{op}: ortho must be one of {METHODS}, got {ortho!r}")
+
+
+def _orth(Y, ortho, stats):
+    Q, info = orthonormalize(Y, method=ortho, return_info=True)
+    stats.orthonormalizations.append(info)
+    return Q
+
+
+def _operator_sketch(M: LinearOperator, l, seed, dist, block_cols, dtype):
+    """Y = M Ω for an operator: Ω (n × l) is materialized, block_cols columns at a time."""
+    n = M.shape[1]
+    rows = torch.arange(n, device=M.device)
+    blocks = []
+    for c0 in range(0, l, block_cols):
+        omega = sketch_omega(rows, min(block_cols, l - c0), seed, dist, c0).to(dtype)
+        blocks.append(M.matmul(omega))
+    return torch.cat(blocks, dim=1).to(dtype)
+
+
+def range_finder(M, k: int, *, oversample: int = 10, power_iters: int = 0,
+                 dist: str = "gaussian", seed: int = 0, ortho: str = "cholqr2",
+                 block_cols: int | None = None, backend: str | None = None,
+                 return_stats: bool = False):
+    """Q (m × l, orthonormal columns, l = min(k + oversample, m, n)) with range(Q) ≈ the
+    dominant l-dimensional range of M:
+
+        Y = M Ω,  Q = orth(Y);   power_iters times:  Q = orth(M orth(Mᵀ Q))
+
+    Ω (n × l) has entries Ω_ij = f(seed, i, j) (see lowrank_kernels.sketch_omega: Philox4x32-10
+    + Box–Muller, or Rademacher ±1), the same on every device and backend. Halko–Martinsson–
+    Tropp (Thm 10.6, power_iters=0, p = oversample ≥ 2):
+        E‖M − QQᵀM‖ ≤ (1 + √(k/(p−1))) σ_{k+1} + e√(k+p)/p · (Σ_{j>k} σ_j²)^½,
+    and each power iteration raises the singular values to the (2q+1)-th power in that bound.
+
+    M: a dense float32/float64 matrix (any strides) — Y = M Ω by lowrank_kernels.sketch_matmul,
+    Ω generated inside the GEMM (Triton) or in row blocks (native/reference), never n × l in
+    memory; or a LinearOperator (callbacks M X and Mᵀ Y) — a callback needs Ω as a tensor, so
+    Ω is materialized in column blocks of block_cols columns (default all l: n × l memory),
+    one matmul call per block. Power iterations use M's products (torch.matmul for a dense M).
+    ortho: 'cholqr2' (Cholesky-QR2, Householder fallback when it breaks down) or
+    'householder'. backend: the sketch_matmul backend. Returns Q, or (Q, SketchStats) with
+    return_stats (stats.fallbacks counts the Householder fallbacks taken)."""
+    m, n, dtype, device = check_matrix(OP, M)
+    check_options(OP, k, oversample, power_iters, dist, seed, ortho)
+    l = min(k + oversample, m, n)
+    if block_cols is not None and (not isinstance(block_cols, int) or block_cols < 4
+                                   or block_cols % 4):
+        raise ValueError(f"{OP}: block_cols must be a positive multiple of 4, got "
+                         f"{block_cols!r}")
+    stats = SketchStats(sketch_size=l)
+    if isinstance(M, LinearOperator):
+        op = M
+        Y = _operator_sketch(M, l, seed, dist, block_cols or l, dtype)
+    else:
+        op = LinearOperator(tuple(M.shape), M.__matmul__, lambda Z: M.mT @ Z, dtype, device)
+        Y = sketch_matmul(M, l, seed, dist, backend=backend).to(dtype)
+    Q = _orth(Y, ortho, stats)
+    for _ in range(power_iters):
+        Z = _orth(op.rmatmul(Q) if op.rmatmul is not None else op.matmul(Q), ortho, stats)
+        Q = _orth(op.matmul(Z), ortho, stats)
+    return (Q, stats) if return_stats else Q
