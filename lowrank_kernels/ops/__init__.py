@@ -5,6 +5,10 @@ from .gram_conv2d import gram_conv2d
 from .gram_embedding import gram_embedding
 
 # ---- weighted sums and projections ----
+from .weighted_sum_linear import weighted_sum_linear
+from .weighted_sum_conv2d import weighted_sum_conv2d
+from .project_linear import project_linear
+from .project_conv2d import project_conv2d
 from .weighted_sum_embedding import weighted_sum_embedding
 from .project_embedding import project_embedding
 

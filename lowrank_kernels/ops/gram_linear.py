@@ -67,18 +67,23 @@ def check_cross(op, names, first, second, diagonal):
                          f"(dim 0), got {second[0].shape[0]} and {second[1].shape[0]}")
 
 
-def check(A, E, bias, A2, E2, diagonal, route):
-    _checks.check_tensor(OP, "A", A, (2, 3), "B x d_in or B x T x d_in: layer inputs")
-    _checks.check_tensor(OP, "E", E, (2, 3),
+def check_linear_layer(op, A, E):
+    """A (B[, T], d_in) and E (B[, T], d_out) of one linear layer: same dtype, device, B, T."""
+    _checks.check_tensor(op, "A", A, (2, 3), "B x d_in or B x T x d_in: layer inputs")
+    _checks.check_tensor(op, "E", E, (2, 3),
                          "B x d_out or B x T x d_out: gradients of the layer outputs")
-    _checks.check_float(OP, "A", A)
-    _checks.check_float(OP, "E", E)
-    _checks.check_same(OP, ("A", "E"), (A, E), "device")
-    _checks.check_same(OP, ("A", "E"), (A, E), "dtype")
-    _checks.check_dim_match(OP, "A", A.shape[0], "E", E.shape[0], "batch size B (dim 0)")
-    _checks.check_dim_match(OP, "A", A.dim(), "E", E.dim(), "number of dims")
+    _checks.check_float(op, "A", A)
+    _checks.check_float(op, "E", E)
+    _checks.check_same(op, ("A", "E"), (A, E), "device")
+    _checks.check_same(op, ("A", "E"), (A, E), "dtype")
+    _checks.check_dim_match(op, "A", A.shape[0], "E", E.shape[0], "batch size B (dim 0)")
+    _checks.check_dim_match(op, "A", A.dim(), "E", E.dim(), "number of dims")
     if A.dim() == 3:
-        _checks.check_dim_match(OP, "A", A.shape[1], "E", E.shape[1], "token count T (dim 1)")
+        _checks.check_dim_match(op, "A", A.shape[1], "E", E.shape[1], "token count T (dim 1)")
+
+
+def check(A, E, bias, A2, E2, diagonal, route):
+    check_linear_layer(OP, A, E)
     check_cross(OP, ("A2", "E2"), (A, E), (A2, E2), diagonal)
     check_route(OP, route)
     return A

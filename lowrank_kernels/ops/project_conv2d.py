@@ -1,0 +1,74 @@
+"""lowrank_kernels::project_conv2d — the per-sample projections of a Conv2d layer,
+(Uᵀ V)_i = ⟨g_i, V⟩ = Σ_groups Σ_t e_itᵀ V_g ã_it (+ Σ_t e_it·v_b), ã_it the receptive field of
+output pixel t (im2col of X), for a weight-shaped direction V (C_out, C_in/groups, kh, kw)
+-> (B,) or m of them (m, C_out, C_in/groups, kh, kw) -> (B, m); the kernel size is V's.
+The Triton kernel reads X by implicit im2col. Output float32 (float64 for float64 inputs on the
+reference backend).
+"""
+import torch
+
+from .. import _checks
+from .._registry import Backend, OpSpec, register
+from ..reference.project_conv2d import project_conv2d as reference_project
+from ._conv2d import check_conv2d, pair
+from .gram_linear import TRITON_DTYPES
+from .project_linear import check_directions, fake_projection
+
+OP = "project_conv2d"
+
+
+def check(X, E, V, V_bias, stride, padding, dilation, groups):
+    _checks.check_tensor(OP, "V", V, (4, 5), "C_out x C_in/groups x kh x kw or m x that: "
+                                             "weight-shaped directions")
+    kernel_size = tuple(V.shape[-2:])
+    check_conv2d(OP, X, E, kernel_size, stride, padding, dilation, groups)
+    check_directions(OP, V, V_bias, (E.shape[1], X.shape[1] // groups, *kernel_size), E)
+    return X
+
+
+def fake(X, E, V, V_bias, stride, padding, dilation, groups):
+    return fake_projection(X, V, 4)
+
+
+def _triton(X, E, V, V_bias, stride, padding, dilation, groups):
+    from ..triton.project_conv2d import project_conv2d as triton_project
+
+    return triton_project(X, E, V, V_bias, stride, padding, dilation, groups)
+
+
+_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SPEC = register(OpSpec(
+    name=OP,
+    schema="(Tensor X, Tensor E, Tensor V, Tensor? V_bias=None, int[2] stride=1, "
+           "int[2] padding=0, int[2] dilation=1, int groups=1, str? backend=None) -> Tensor",
+    check=check,
+    fake=fake,
+    backends={
+        "reference": Backend(reference_project, {"cpu": _ALL, "cuda": _ALL}),
+        "triton": Backend(_triton, TRITON_DTYPES),
+    },
+    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    finite_inputs=("X", "E", "V", "V_bias"),
+    doc="(Uᵀ V)_i = Σ_g Σ_t e_itᵀ V_g im2col(X)_it",
+))
+
+
+def project_conv2d(X: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=None,
+                   kernel_size=None, stride=1, padding=0, dilation=1, groups: int = 1, *,
+                   backend: str | None = None):
+    """Per-sample projections of a Conv2d, (Uᵀ V)_i = ⟨g_i, V⟩ (+ the bias part with V_bias).
+
+    X: (B, C_in, H, W) layer input, E: (B, C_out, H_out, W_out) output gradient;
+    V: (C_out, C_in/groups, kh, kw) -> (B,), or (m, C_out, C_in/groups, kh, kw) -> (B, m);
+    V_bias: (C_out,) or (m, C_out). kernel_size: optional, must equal V's (kh, kw).
+    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'.
+    Returns float32 (float64 for float64 inputs)."""
+    if kernel_size is not None:
+        kernel_size = pair(OP, "kernel_size", kernel_size, 1)
+        if V.dim() < 2 or list(V.shape[-2:]) != kernel_size:
+            raise ValueError(f"{OP}: kernel_size {kernel_size} must equal V's last two dims "
+                             f"(kh, kw), got V of shape {tuple(V.shape)}")
+    stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
+    dilation = pair(OP, "dilation", dilation, 1)
+    return torch.ops.lowrank_kernels.project_conv2d(X, E, V, V_bias, stride, padding, dilation,
+                                                    groups, backend)

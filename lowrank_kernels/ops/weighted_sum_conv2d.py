@@ -1,0 +1,74 @@
+"""lowrank_kernels::weighted_sum_conv2d — the weighted sum of the per-sample gradients of a
+Conv2d layer, U c = Σ_i c_i g_i: per group, (c ⊙ E)ᵀ im2col(X) over all (i, output pixel)
+rows, as a weight ([m,] C_out, C_in/groups, kh, kw) and, with bias, the bias part
+Σ_{i,t} c_i e_it ([m,] C_out). The Triton kernel reads X by implicit im2col. Output float32
+(float64 for float64 inputs on the reference backend).
+"""
+import torch
+
+from .._registry import Backend, OpSpec, register
+from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
+from ._conv2d import check_conv2d, pair
+from .gram_linear import TRITON_DTYPES
+from .weighted_sum_linear import as_outputs, check_coefficients, fake_outputs
+
+OP = "weighted_sum_conv2d"
+
+
+def check(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
+    check_conv2d(OP, X, E, kernel_size, stride, padding, dilation, groups)
+    check_coefficients(OP, c, E)
+    return X
+
+
+def fake(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
+    weight_shape = (E.shape[1], X.shape[1] // groups, *kernel_size)
+    return fake_outputs(X, c, weight_shape, E.shape[1], bias)
+
+
+def _reference(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
+    return as_outputs(*reference_weighted_sum(X, E, c, kernel_size, stride, padding, dilation,
+                                              groups, bias))
+
+
+def _triton(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
+    from ..triton.weighted_sum_conv2d import weighted_sum_conv2d as triton_weighted_sum
+
+    return as_outputs(*triton_weighted_sum(X, E, c, kernel_size, stride, padding, dilation,
+                                           groups, bias))
+
+
+_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SPEC = register(OpSpec(
+    name=OP,
+    schema="(Tensor X, Tensor E, Tensor c, int[2] kernel_size, int[2] stride=1, "
+           "int[2] padding=0, int[2] dilation=1, int groups=1, bool bias=False, "
+           "str? backend=None) -> (Tensor, Tensor)",
+    check=check,
+    fake=fake,
+    backends={
+        "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
+        "triton": Backend(_triton, TRITON_DTYPES),
+    },
+    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    finite_inputs=("X", "E", "c"),
+    doc="U c = (c ⊙ E)ᵀ im2col(X) per group",
+))
+
+
+def weighted_sum_conv2d(X: torch.Tensor, E: torch.Tensor, c: torch.Tensor, kernel_size,
+                        stride=1, padding=0, dilation=1, groups: int = 1, bias: bool = False,
+                        *, backend: str | None = None):
+    """Weighted sum of a Conv2d's per-sample gradients, U c = Σ_i c_i g_i (per group
+    (c ⊙ E)ᵀ im2col(X); the bias part Σ_{i,t} c_i e_it with bias).
+
+    X: (B, C_in, H, W) layer input, E: (B, C_out, H_out, W_out) output gradient;
+    c: (B,) -> ((C_out, C_in/groups, kh, kw), (C_out,)); c: (B, m) -> ((m, …), (m, C_out)).
+    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'.
+    Returns (grad_weight, grad_bias or None), float32 (float64 for float64 inputs)."""
+    kernel_size = pair(OP, "kernel_size", kernel_size, 1)
+    stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
+    dilation = pair(OP, "dilation", dilation, 1)
+    W, b = torch.ops.lowrank_kernels.weighted_sum_conv2d(X, E, c, kernel_size, stride, padding,
+                                                         dilation, groups, bias, backend)
+    return W, (b if bias else None)

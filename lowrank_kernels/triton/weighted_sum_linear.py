@@ -1,0 +1,86 @@
+"""Triton kernel of the weighted sum of per-sample gradients of a linear layer over tokens,
+W = U c = Σ_i c_i Σ_t e_it ã_itᵀ = (c ⊙ E)ᵀ Ã over all (i, t) rows: one GEMM with the row
+scaling fused into the load of E (ã = [a, 1]: the last column is the bias part). One program
+per (output tile, input tile, column of C, split of the rows); split partials summed after.
+The input side is a token_rows.Tokens, so weighted_sum_conv2d runs the same kernel."""
+import torch
+import triton
+import triton.language as tl
+
+from .token_rows import input_precision, linear_tokens, load_input, load_rows, output_tokens
+
+
+@triton.jit
+def _weighted_sum_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, C, c_s0, c_s1,
+                                OUT, M, T, d_in, a_step, d_out, tiles_per_group, n_cols,
+                                n_out, m, rows_per_split, H, W, W_out,
+                                KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
+                                SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                                DH: tl.constexpr, DW: tl.constexpr, IM2COL: tl.constexpr,
+                                HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr,
+                                BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                                PRECISION: tl.constexpr):
+    # OUT[s, j, g·d_out + o, k] = Σ_{rows r of split s} C[i(r), j] E[r, g, o] Ã[r, g, k]
+    tile = tl.program_id(0)
+    kt = tl.program_id(1)
+    j = tl.program_id(2) % m
+    s = tl.program_id(2) // m
+    g = tile // tiles_per_group
+    os = ((tile - g * tiles_per_group) * BLOCK_O + tl.arange(0, BLOCK_O)).to(tl.int64)
+    ks = (kt * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    r_lo = s.to(tl.int64) * rows_per_split
+    r_hi = tl.minimum(r_lo + rows_per_split, M)
+    acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        e = load_rows(E, rows, os, r_hi, d_out, T, e_s0, e_s1, e_s2, g * d_out)
+        c = tl.load(C + (rows // T) * c_s0 + j * c_s1, mask=rows < r_hi, other=0.0)
+        a = load_input(A, rows, ks, r_hi, d_in, T, a_s0, a_s1, a_s2, a_s3, g * a_step,
+                       H, W, W_out, KH, KW, SH, SW, PH, PW, DH, DW, IM2COL, HAS_BIAS)
+        ce = (e.to(tl.float32) * c[:, None]).to(a.dtype)
+        acc = tl.dot(tl.trans(ce), a, acc, input_precision=PRECISION)
+    out_rows = (s * m + j).to(tl.int64) * n_out + g * d_out + os
+    mask = (os[:, None] < d_out) & (ks[None, :] < n_cols)
+    tl.store(OUT + out_rows[:, None] * n_cols + ks[None, :], acc, mask=mask)
+
+
+def weighted_sum_tokens(t, E, c, groups, bias):
+    """(W (m, groups·d_out, cols), bias part (m, groups·d_out) or None) in fp32 for a token
+    matrix t (token_rows.Tokens), E (B, T, groups·d_out) and C = c (B, m)."""
+    M, n_out = t.B * t.T, E.shape[2]
+    d_out = n_out // groups
+    n_cols = t.cols + int(bias)
+    m = c.shape[1]
+    # Scale each column of c by a power of two to |c| ≤ 1 (exact): c ⊙ E cannot overflow fp16.
+    amax = c.abs().amax(0).float()
+    scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
+    c = (c.float() / scale).contiguous()
+    block_o, block_k, block_r = 32, 32, 32
+    tiles_per_group = triton.cdiv(d_out, block_o)
+    programs = groups * tiles_per_group * triton.cdiv(n_cols, block_k) * m
+    splits = max(1, min(triton.cdiv(512, programs), triton.cdiv(M, 4 * block_r)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_r) * block_r
+    splits = triton.cdiv(M, rows_per_split) if M else 1
+    out = torch.zeros((splits, m, n_out, n_cols), device=E.device, dtype=torch.float32)
+    if M and n_out and n_cols:
+        grid = (groups * tiles_per_group, triton.cdiv(n_cols, block_k), splits * m)
+        _weighted_sum_linear_kernel[grid](
+            *t.args(), E, *E.stride(), c, *c.stride(), out, M, t.T, t.cols, t.col_step, d_out,
+            tiles_per_group, n_cols, n_out, m, rows_per_split, *t.geometry, **t.conv,
+            HAS_BIAS=bias, BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_R=block_r,
+            PRECISION=input_precision(E.dtype))
+    W = out.sum(0) if splits > 1 else out[0]
+    W *= scale[:, None, None]
+    if not bias:
+        return W, None
+    return W[..., :t.cols], W[..., t.cols].contiguous()
+
+
+def weighted_sum_linear(A, E, c, bias=False):
+    """U c for a linear layer: (W, bias part or None) in fp32; A (B[, T], d_in),
+    E (B[, T], d_out); c (B,) -> (d_out, d_in), (d_out,); c (B, m) -> (m, …)."""
+    W, b = weighted_sum_tokens(linear_tokens(A), output_tokens(E),
+                               c if c.dim() == 2 else c[:, None], 1, bias)
+    if c.dim() == 1:
+        return W[0], (b[0] if bias else None)
+    return W, b
