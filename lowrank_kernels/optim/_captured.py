@@ -77,27 +77,54 @@ def gram(contribution_list):
     """K = UᵀU (B × B) of one parameter's per-sample gradients (None when it has none)."""
     if not contribution_list:
         return None
-    return _param_gram(contribution_list, None, False).to(operand_dtype(contribution_list))
-
-
-def weighted_sum(contribution_list, c):
-    """U c (param-shaped for c (B,), (m, *shape) for c (B, m)), summed over the calls."""
     dtype = operand_dtype(contribution_list)
-    total = None
-    for contribution in contribution_list:
-        term = contribution.weighted_sum(c.to(dtype)).to(dtype)
-        total = term if total is None else total + term
-    return total
+    B = contribution_list[0].batch_size
+    return _finite_or_nan(lambda: _param_gram(contribution_list, None, False).to(dtype),
+                          (B, B), dtype, _device(contribution_list[0]))
+
+
+def _finite_or_nan(compute, shape, dtype, device):
+    """compute(), or a NaN tensor of `shape` where an op refused non-finite data (the ops
+    raise ValueError on NaN/Inf unless LOWRANK_CHECK_FINITE=0): the optimizers then see a
+    non-finite result, whichever way the ops are configured, and fall back."""
+    try:
+        return compute()
+    except ValueError as error:
+        if "finite" not in str(error):
+            raise
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def _device(c):
+    return c.G.device if isinstance(c, _kinds.Dense) else c.E.device
+
+
+def weighted_sum(contribution_list, c, shape):
+    """U c (param `shape` for c (B,), (m, *shape) for c (B, m)), summed over the calls."""
+    dtype = operand_dtype(contribution_list)
+
+    def compute():
+        total = None
+        for contribution in contribution_list:
+            term = contribution.weighted_sum(c.to(dtype)).to(dtype)
+            total = term if total is None else total + term
+        return total
+
+    return _finite_or_nan(compute, (*c.shape[1:], *shape), dtype, c.device)
 
 
 def project(contribution_list, V):
     """Uᵀ V (B,) for V of the parameter's shape, summed over the calls."""
     dtype = operand_dtype(contribution_list)
-    total = None
-    for contribution in contribution_list:
-        term = contribution.project(V.to(dtype)[None]).to(dtype).reshape(-1)
-        total = term if total is None else total + term
-    return total
+
+    def compute():
+        total = None
+        for contribution in contribution_list:
+            term = contribution.project(V.to(dtype)[None]).to(dtype).reshape(-1)
+            total = term if total is None else total + term
+        return total
+
+    return _finite_or_nan(compute, (contribution_list[0].batch_size,), dtype, V.device)
 
 
 def mean_grad(capture, p, B):

@@ -90,7 +90,7 @@ class FNGD(GuardedOptimizer):
             for p in params:
                 contribution_list = per_param.get(id(p), [])
                 if p.grad is not None and contribution_list:
-                    out[id(p)] = (_captured.weighted_sum(contribution_list, c), ok)
+                    out[id(p)] = (_captured.weighted_sum(contribution_list, c, p.shape), ok)
         return out
 
     def _solve_batch(self, per_param, B, position):

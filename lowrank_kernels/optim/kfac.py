@@ -21,9 +21,10 @@ class KFAC(GuardedOptimizer):
         A = (1/N) Σ_{i,t} ā_it ā_itᵀ   (ā = [a, 1] with a bias; a = input / unfolded patch)
         G = (1/B) Σ_{i,t} e_it e_itᵀ   (e = ∂ℓ_i/∂output, per-sample loss gradient)
 
-    (KFAC-expand for tokens). A and G are running averages (factor_decay β: X ← βX + (1−β)X_batch,
-    the first batch taken as is); every `inverse_every` steps the damped inverses are
-    recomputed with factored Tikhonov damping π = √((tr A/dim A) / (tr G/dim G)):
+    (KFAC-expand for tokens). A and G are running averages (factor_decay β:
+    X ← βX + (1−β)X_batch, the first batch taken as is; a batch with non-finite factors is
+    left out); every `inverse_every` steps the damped inverses are recomputed with factored
+    Tikhonov damping π = √((tr A/dim A) / (tr G/dim G)):
     A⁻¹ = (A + π√λ I)⁻¹, G⁻¹ = (G + √λ/π I)⁻¹ (Cholesky; a failed factorization keeps the
     previous inverses). Direction [dW, db] = G⁻¹ [∇W, ∇b] A⁻¹ with ∇ the mean gradient.
     Other parameters (norms, embeddings, grouped convolutions) take the mean gradient. Update
@@ -58,11 +59,16 @@ class KFAC(GuardedOptimizer):
             G_batch = e.T @ e / B
             layer = self.state["kfac"].get(name)
             beta = self.factor_decay
-            if layer is None:
-                layer = {"A": A_batch, "G": G_batch}
-            else:
-                layer = dict(layer, A=beta * layer["A"] + (1 - beta) * A_batch,
-                             G=beta * layer["G"] + (1 - beta) * G_batch)
+            finite = torch.isfinite(A_batch).all() & torch.isfinite(G_batch).all()
+            if layer is None:  # a non-finite first batch starts from identity factors
+                layer = {"A": torch.where(finite, A_batch, _eye(A_batch)),
+                         "G": torch.where(finite, G_batch, _eye(G_batch))}
+            else:  # a non-finite batch is not averaged in
+                layer = dict(layer,
+                             A=torch.where(finite, beta * layer["A"] + (1 - beta) * A_batch,
+                                           layer["A"]),
+                             G=torch.where(finite, beta * layer["G"] + (1 - beta) * G_batch,
+                                           layer["G"]))
             if step % self.inverse_every == 0 or "A_inv" not in layer:
                 layer = _invert(layer, self.group_of(weight)["damping"])
             self.state["kfac"][name] = layer
@@ -111,6 +117,10 @@ def _tokens(contribution_list, with_bias):
     return a, e
 
 
+def _eye(M):
+    return torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+
+
 def _invert(layer, damping):
     A, G = layer["A"], layer["G"]
     pi = torch.sqrt((torch.diagonal(A).mean() / torch.diagonal(G).mean().clamp(min=1e-30))
@@ -128,7 +138,6 @@ def _invert(layer, damping):
 
 def _damped_inverse(M, shift):
     """((M + shift·I)⁻¹, ok) through a Cholesky factorization."""
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    L, info = torch.linalg.cholesky_ex(M + shift * eye)
+    L, info = torch.linalg.cholesky_ex(M + shift * _eye(M))
     inverse = torch.cholesky_inverse(L)
     return inverse, (info == 0) & torch.isfinite(inverse).all()

@@ -105,7 +105,7 @@ class SENG(GuardedOptimizer):
             for p in params:
                 contribution_list = per_param.get(id(p), [])
                 if p.grad is not None and contribution_list:
-                    out[id(p)] = (_captured.weighted_sum(contribution_list, X[l, :, 0]), ok_l)
+                    out[id(p)] = (_captured.weighted_sum(contribution_list, X[l, :, 0], p.shape), ok_l)
         self.state["curvature"] = {
             "K": Ks, "damping": torch.tensor(lams, dtype=Ks.dtype), "batch_size": B,
             "ok": ok & torch.stack([torch.ones_like(ok[0]) if f is None else f for f in finite]),
@@ -141,6 +141,6 @@ class SENG(GuardedOptimizer):
                 g = grads[l].get(id(p))
                 if g is None:
                     continue
-                correction = _captured.weighted_sum(old, Y[l, :, 0]) if old else 0
+                correction = _captured.weighted_sum(old, Y[l, :, 0], p.shape) if old else 0
                 out[id(p)] = ((g.to(Ks.dtype) - correction) / lam, ok[l])
         return out

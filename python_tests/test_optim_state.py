@@ -1,0 +1,168 @@
+"""FNGD / SENG / KFAC: bit-for-bit resume from state_dict, safety (non-finite gradients,
+indefinite Gram), bf16 autocast, bad arguments."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowrank_kernels.capture import Capture
+from lowrank_kernels.optim import FNGD, KFAC, SENG, _captured
+
+import optim_reference as ref
+
+MAKERS = {
+    "fngd-mean": lambda m: FNGD(m, lr=0.1, damping=0.05, steps_per_epoch=3, momentum=0.9,
+                                weight_decay=1e-3),
+    "fngd-per_step-model": lambda m: FNGD(m, lr=0.1, damping=0.05, steps_per_epoch=3,
+                                          reuse="per_step", blocks="model", momentum=0.5),
+    "seng": lambda m: SENG(m, lr=0.1, damping=0.05, update_freq=3, momentum=0.9,
+                           weight_decay=1e-3, sketch_threshold=20, sketch_size=3),
+    "kfac": lambda m: KFAC(m, lr=0.1, damping=0.05, inverse_every=3, momentum=0.9),
+}
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("make", [ref.mlp, ref.cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_resume_is_bit_for_bit(name, make):
+    """N = 4 steps, save; M = 4 more vs a fresh model + optimizer loaded from the save (the
+    save falls mid-epoch / mid-curvature period; batches of varying size)."""
+    model = make(seed=0, dtype=torch.float32)
+    batches = [ref.batch(model, B, 40 + k, torch.float32) for k, B in enumerate([6, 6, 5, 6, 6, 4, 6, 6])]
+    opt = MAKERS[name](model)
+    _train(model, opt, batches[:4])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    _train(model, opt, batches[4:])
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh = make(seed=1, dtype=torch.float32)
+    fresh.load_state_dict(saved["model"])
+    opt2 = MAKERS[name](fresh)
+    opt2.load_state_dict(saved["opt"])
+    _train(fresh, opt2, batches[4:])
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), n
+    assert opt2.state["step"] == 8
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_non_finite_gradients_never_reach_the_weights(name):
+    """A NaN in one sample's input makes every captured factor, Gram and gradient NaN: all
+    parameters are skipped (weights and momentum unchanged) and counted; the next, clean
+    batch trains normally."""
+    model = ref.mlp(dtype=torch.float32)
+    opt = MAKERS[name](model)
+    _train(model, opt, [ref.batch(model, 6, 1, torch.float32)])
+    before = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p].get("momentum_buffer") for p in model.parameters()]
+    buffers = [None if b is None else b.clone() for b in buffers]
+    x, y = ref.batch(model, 6, 2, torch.float32)
+    x[2, 1] = float("nan")
+    _train(model, opt, [(x, y)])
+    n = len(before)
+    assert int(opt.state["skipped"]) == n
+    for p, b, buf in zip(model.parameters(), before, buffers):
+        assert torch.equal(p, b)
+        if buf is not None:
+            assert torch.equal(opt.state[p]["momentum_buffer"], buf)
+    _train(model, opt, [ref.batch(model, 6, 3, torch.float32)])
+    assert int(opt.state["skipped"]) == n
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("method", ["fngd", "seng"])
+def test_indefinite_gram_falls_back_to_gradient(method, monkeypatch):
+    """An indefinite K (−10·(‖K‖ + λB)·I) for the last layer: woodbury_solve fails (its jitter
+    ladder cannot rescue it), that layer takes the mean-gradient step (exactly), the first
+    layer its natural-gradient step; state["fallbacks"] counts the 2 parameters."""
+    model = ref.mlp()
+    lam = 0.05
+    opt = (FNGD(model, lr=1.0, damping=lam, steps_per_epoch=2) if method == "fngd"
+           else SENG(model, lr=1.0, damping=lam, momentum=0.0))
+    gram = _captured.gram
+    calls = []
+
+    def indefinite(contribution_list):
+        K = gram(contribution_list)
+        calls.append(K)
+        B = K.shape[0]
+        return -10 * (K.norm() + lam * B) * torch.eye(B, dtype=K.dtype)
+
+    def patched(contribution_list):
+        return indefinite(contribution_list) if any(
+            c is x for x in patched.last for c in contribution_list) else gram(contribution_list)
+
+    x, y = ref.batch(model, 6, 5)
+    with opt.capture.paused():
+        grads = ref.per_sample_grads(model, x, y)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    F.cross_entropy(model(x), y).backward()
+    per_param, _ = _captured.contributions(opt.capture)
+    patched.last = [c for p in model[2].parameters() for c in per_param[id(p)]]
+    monkeypatch.setattr(_captured, "gram", patched)
+    opt.step()
+    assert calls and int(opt.state["fallbacks"]) == 2 and int(opt.state["skipped"]) == 0
+    for n, p in model.named_parameters():
+        update = before[n] - p.detach()
+        if n.startswith("2."):
+            expect = grads[n].mean(0)
+        else:
+            names = ["0.weight", "0.bias"]
+            d = ref.natural_gradient(ref.stacked(grads, names), lam)
+            expect = ref.split(d, grads, names)[n]
+        assert ref.relative_error(update, expect) < 1e-10, n
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_bf16_autocast_trains(name):
+    """CPU autocast bf16 forward (params fp32): no fallbacks, finite weights, the loss on a
+    fixed batch goes down."""
+    model = ref.cnn(dtype=torch.float32)
+    opt = MAKERS[name](model)
+    x, y = ref.batch(model, 8, 6, torch.float32)
+    losses = []
+    for _ in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert int(opt.state["fallbacks"]) == 0 and int(opt.state["skipped"]) == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_bad_arguments_name_the_argument():
+    model = ref.mlp()
+    with pytest.raises(ValueError, match="lr"):
+        FNGD(model, lr=0.0, steps_per_epoch=2)
+    with pytest.raises(ValueError, match="damping"):
+        SENG(model, lr=0.1, damping=-1.0)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        FNGD(model, lr=0.1, steps_per_epoch=0)
+    with pytest.raises(ValueError, match="blocks"):
+        FNGD(model, lr=0.1, steps_per_epoch=2, blocks="row")
+    with pytest.raises(ValueError, match="reuse"):
+        FNGD(model, lr=0.1, steps_per_epoch=2, reuse="median")
+    with pytest.raises(ValueError, match="update_freq"):
+        SENG(model, lr=0.1, update_freq=0)
+    with pytest.raises(TypeError, match="damping_schedule"):
+        SENG(model, lr=0.1, damping_schedule=0.5)
+    with pytest.raises(ValueError, match="inverse_every"):
+        KFAC(model, lr=0.1, inverse_every=0)
+    with pytest.raises(TypeError, match="capture"):
+        FNGD(model.parameters(), lr=0.1, steps_per_epoch=2)
+    with pytest.raises(ValueError, match="either a model"):
+        FNGD(model, lr=0.1, steps_per_epoch=2, capture=Capture(model))
