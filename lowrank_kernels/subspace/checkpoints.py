@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from ._sketch import orthonormalize
+from ..sketch import orthonormalize
 
 
 @dataclasses.dataclass
