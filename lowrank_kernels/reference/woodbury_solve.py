@@ -86,4 +86,4 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, jitter: float | No
     overflow = ok & ~torch.isfinite(X).flatten(1).all(-1)
     info = torch.where(overflow, torch.full_like(info, INFO_OVERFLOW), info)
     X = torch.where((info == 0)[:, None, None], X, torch.zeros((), dtype=dtype, device=X.device))
-    return unbatch(X, info, used)
+    return unbatch(X.contiguous(), info, used)
