@@ -33,9 +33,13 @@ def check(rows, k, seed, dist, col_offset):
     check_dist(OP, dist)
     if col_offset < 0 or col_offset % 4:
         raise ValueError(f"{OP}: col_offset must be a multiple of 4 and >= 0, got {col_offset}")
-    if rows.numel() and not rows.is_meta and int(rows.min()) < 0:
-        raise ValueError(f"{OP}: rows must be >= 0")
     return rows
+
+
+def _check_rows_nonnegative(rows):
+    # A value check (one sync): run by the backends, not by check(), which fake tensors see.
+    if rows.numel() and int(rows.min()) < 0:
+        raise ValueError(f"{OP}: rows must be >= 0")
 
 
 def fake(rows, k, seed, dist, col_offset):
@@ -43,16 +47,19 @@ def fake(rows, k, seed, dist, col_offset):
 
 
 def _reference(rows, k, seed, dist, col_offset):
+    _check_rows_nonnegative(rows)
     return reference_sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
 
 
 def _triton(rows, k, seed, dist, col_offset):
+    _check_rows_nonnegative(rows)
     from ..triton.sketch_omega import sketch_omega as triton_sketch_omega
 
     return triton_sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
 
 
 def _native(rows, k, seed, dist, col_offset):
+    _check_rows_nonnegative(rows)
     return torch.ops.lowrank_native.sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
 
 

@@ -1,0 +1,125 @@
+"""sketch_omega: the counter-based Ω_ij = f(seed, i, j) — Philox4x32-10 against the Random123
+known-answer vectors, the same Ω bit for bit (≤ 1 ulp) from the PyTorch reference, the C++
+header (native op) and the Triton generator (interpreter on CPU), and its distribution."""
+import math
+
+import pytest
+import torch
+from conftest import DEVICES, backends_for
+
+import lowrank_kernels as lk
+from lowrank_kernels.reference.sketch_omega import omega_words, philox4x32_10
+
+# Random123 kat_vectors, philox4x32_10: (counter, key, output).
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def _params():
+    return [pytest.param(d, b, id=f"{d}-{b}", marks=[pytest.mark.cuda] if d == "cuda" else [])
+            for d in DEVICES for b in backends_for("sketch_omega", d, torch.int64)]
+
+
+def _ulp_distance(a, b):
+    """|a − b| in units of the float32 grid (ordered integer representation)."""
+    def ordered(x):
+        i = x.contiguous().view(torch.int32).to(torch.int64)
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+    return (ordered(a) - ordered(b)).abs()
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT)
+def test_reference_philox_known_answers(counter, key, expected):
+    c = [torch.tensor([x], dtype=torch.int64) for x in counter]
+    out = philox4x32_10(*c, *key)
+    assert [int(x) for x in out] == list(expected)
+
+
+ROWS = torch.cat([torch.arange(37), torch.tensor([2 ** 31 - 1, 2 ** 32, 2 ** 40 + 12345,
+                                                   2 ** 62 + 7])])
+
+
+@pytest.mark.parametrize("device,backend", _params())
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("k,col_offset", [(1, 0), (13, 0), (7, 8), (33, 4)])
+def test_backends_agree_bit_for_bit(device, backend, dist, k, col_offset):
+    seed = 0x1234_5678_9ABC
+    rows = ROWS.to(device)
+    ours = lk.sketch_omega(rows, k, seed, dist, col_offset, backend=backend).cpu()
+    ref = lk.sketch_omega(ROWS, k, seed, dist, col_offset, backend="reference")
+    assert ours.dtype == torch.float32 and ours.shape == (ROWS.numel(), k)
+    # float64 log/cos/sin of different libraries can differ by an ulp of float64, which
+    # after rounding to float32 is at most one float32 ulp (and almost never any).
+    assert int(_ulp_distance(ours, ref).max()) <= 1
+    assert float((ours != ref).float().mean()) <= 1e-3
+
+
+def test_definition_of_the_entries():
+    """Ω_ij from the Philox words: Box–Muller of (x0, x1) / (x2, x3), Rademacher sign bits."""
+    seed, rows = 987654321, torch.tensor([0, 5, 2 ** 33 + 1])
+    x = omega_words(rows, 2, seed)  # columns 0..7
+    u = (x[0].double() + 0.5) * 2.0 ** -32
+    v = (x[1].double() + 0.5) * 2.0 ** -32
+    r = torch.sqrt(-2 * torch.log(u))
+    g = lk.sketch_omega(rows, 8, seed, backend="reference")
+    assert torch.equal(g[:, 0::4], (r * torch.cos(2 * math.pi * v)).float())
+    assert torch.equal(g[:, 1::4], (r * torch.sin(2 * math.pi * v)).float())
+    rad = lk.sketch_omega(rows, 8, seed, "rademacher", backend="reference")
+    for q in range(4):
+        assert torch.equal(rad[:, q::4], 1.0 - 2.0 * (x[q] >> 31).float())
+
+
+def test_gaussian_moments_and_independence():
+    """Mean 0, variance 1, kurtosis 3 and uncorrelated columns/rows, at ~5 standard errors."""
+    om = lk.sketch_omega(torch.arange(2000), 64, 11).double()  # 128000 entries
+    n = om.numel()
+    assert abs(float(om.mean())) < 5 / math.sqrt(n)
+    assert abs(float((om ** 2).mean()) - 1) < 5 * math.sqrt(2 / n)
+    assert abs(float((om ** 4).mean()) - 3) < 5 * math.sqrt(96 / n)
+    corr = (om.T @ om) / om.shape[0]  # 64 × 64, off-diagonal sd 1/√2000
+    off = corr - torch.diag(torch.diag(corr))
+    assert float(off.abs().max()) < 5.5 / math.sqrt(om.shape[0])
+    rad = lk.sketch_omega(torch.arange(2000), 64, 11, "rademacher")
+    assert set(rad.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(rad.double().mean())) < 5 / math.sqrt(n)
+
+
+def test_seeds_give_different_streams_and_same_seed_repeats():
+    rows = torch.arange(50)
+    a, b = lk.sketch_omega(rows, 9, 1), lk.sketch_omega(rows, 9, 2)
+    assert torch.equal(a, lk.sketch_omega(rows, 9, 1))
+    assert float((a == b).float().mean()) < 0.01
+
+
+def test_opcheck():
+    rows = torch.arange(6) * 3
+    torch.library.opcheck(torch.ops.lowrank_kernels.sketch_omega.default,
+                          (rows, 5, 3, "gaussian", 4, "reference"))
+    if lk.native_build_info() != "not built":
+        torch.library.opcheck(torch.ops.lowrank_native.sketch_omega.default,
+                              (rows, 5, 3, True, 0))
+
+
+def test_bad_inputs_name_the_argument():
+    rows = torch.arange(4)
+    with pytest.raises(ValueError, match="rows must be a 1-D tensor"):
+        lk.sketch_omega(rows[None], 3)
+    with pytest.raises(TypeError, match="rows must be int64"):
+        lk.sketch_omega(rows.int(), 3)
+    with pytest.raises(ValueError, match="rows must be >= 0"):
+        lk.sketch_omega(rows - 1, 3)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        lk.sketch_omega(rows, -1)
+    with pytest.raises(ValueError, match="seed must be in"):
+        lk.sketch_omega(rows, 3, -5)
+    with pytest.raises(ValueError, match="dist must be 'gaussian' or 'rademacher'"):
+        lk.sketch_omega(rows, 3, 0, "uniform")
+    with pytest.raises(ValueError, match="col_offset must be a multiple of 4"):
+        lk.sketch_omega(rows, 3, 0, "gaussian", 2)
+    if lk.native_build_info() != "not built":
+        with pytest.raises(RuntimeError, match="col_offset must be a multiple of 4"):
+            torch.ops.lowrank_native.sketch_omega(rows, 3, 0, False, 6)
