@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import lowrank_kernels as lk
 from lowrank_kernels.capture import Capture
 from lowrank_kernels.optim import FNGD, KFAC, SENG
+from lowrank_kernels.sketch.per_sample import output_side_seed
 
 import optim_reference as ref
 
@@ -135,8 +136,9 @@ def test_seng_damping_schedule():
 
 
 def test_seng_sketched_gram_is_gram_of_sketched_gradients():
-    """Above the threshold K̃ = Gram of g̃_i = Ω_eᵀ g_i Ω_a (Ω Rademacher / √k from
-    sketch_omega); the direction is then the exact U (K̃ + λB)⁻¹ 1."""
+    """Above the threshold K̃ = Gram of g̃_i = Ω_outᵀ g_i Ω_in (Ω Rademacher / √k from
+    sketch_omega, the seeds of sketch.kronecker_sketch); the direction is then the exact
+    U (K̃ + λB)⁻¹ 1."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(9, 11), torch.nn.Tanh(),
                                 torch.nn.Linear(11, 3)).double()
@@ -164,7 +166,8 @@ def test_seng_sketched_gram_is_gram_of_sketched_gradients():
     seed = sketched["seed"]  # only "0.weight" (99 > 50 entries) is sketched
     G = grads["0.weight"]  # (B, 11, 9)
     omega = lambda n, s: lk.sketch_omega(torch.arange(n), k, s, "rademacher", backend="reference").double() / math.sqrt(k)
-    Gs = torch.einsum("eo,bei,ia->boa", omega(11, seed + 1), G, omega(9, seed)).flatten(1)
+    Gs = torch.einsum("eo,bei,ia->boa", omega(11, output_side_seed(seed)), G,
+                      omega(9, seed)).flatten(1)
     Gb = grads["0.bias"]
     K = Gs @ Gs.T + Gb @ Gb.T
     B = 6
