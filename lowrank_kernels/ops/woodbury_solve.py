@@ -52,7 +52,8 @@ def check(K, damping, R, jitter, max_tries):
     _checks.check_dim_match(OP, "K", K.shape[-1], "R", rows, "size n (K's last dim, R's rows)")
     _checks.check_tensor(OP, "damping", damping, (0, 1), "a float, 0-d or (b,) tensor")
     _checks.check_float(OP, "damping", damping)
-    _checks.check_same(OP, ("K", "damping"), (K, damping), "device")
+    if not (damping.dim() == 0 and damping.device.type == "cpu"):  # a CPU scalar goes anywhere
+        _checks.check_same(OP, ("K", "damping"), (K, damping), "device")
     if damping.dim() == 1 and damping.shape[0] != (K.shape[0] if batched else 1):
         raise ValueError(f"{OP}: damping must have one value per batch member "
                          f"({K.shape[0] if batched else 1}), got shape {tuple(damping.shape)}")
@@ -110,7 +111,9 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float |
 
     K: (b, n, n) or (n, n), float32 or float64, symmetric; only K[..., i, k] with k ≤ i is read
        (the upper triangle may hold anything, NaN included).
-    damping: λ ≥ 0, a float, a 0-d tensor or a (b,) tensor (one per member).
+    damping: λ ≥ 0, a float, a 0-d tensor or a (b,) tensor (one per member) on K's device (a 0-d
+       CPU tensor goes with any device). Checking a CUDA damping tensor for λ < 0 and NaN/Inf costs
+       one device sync; a float costs none.
     R: (b, n, r) or (b, n) for a batched K, (n, r) or (n,) otherwise; same dtype and device as K.
     jitter, max_tries: the jitter ladder for members whose K + λI is not numerically positive
        definite: λ_p = λ + (jitter·s)·10^p for p = 0, …, max_tries − 1, s = mean_i |K_ii| (1 when
@@ -135,8 +138,7 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float |
         if not isinstance(damping, (int, float)):
             raise TypeError(f"{OP}: damping must be a float or a tensor, got "
                             f"{type(damping).__name__}")
-        dtype = K.dtype if isinstance(K, torch.Tensor) and K.is_floating_point() else None
-        device = K.device if isinstance(K, torch.Tensor) else None
-        damping = torch.tensor(float(damping), dtype=dtype, device=device)
+        # A CPU scalar: checked without a device sync, filled on K's device by the backend.
+        damping = torch.tensor(float(damping), dtype=torch.float64)
     return WoodburySolveResult(
         *torch.ops.lowrank_kernels.woodbury_solve(K, damping, R, jitter, max_tries, backend))
