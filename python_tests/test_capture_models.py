@@ -3,6 +3,8 @@ against per-sample gradients from torch.func (vmap(grad)) in float64: whole-mode
 and per-parameter Grams, the diagonal, cross-Grams of two batches, weighted sums (returned and
 written to .grad) and projections; mean, sum and token-mean loss reductions; batch sizes 1 and
 odd. The models and the oracle are shared with test_capture_api.py."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,7 +92,7 @@ class TinyTransformer(nn.Module):
 
 def make(name, dtype=F64, seed=0):
     torch.manual_seed(seed)
-    model = {"mlp": MLP, "cnn": SmallCNN, "transformer": TinyTransformer}[name]().to(dtype)
+    model = {"mlp": MLP, "cnn": SmallCNN, "transformer": TinyTransformer}[name]().to(F64)
     with torch.no_grad():  # non-trivial norm affine parameters and running statistics
         for m in model.modules():
             if isinstance(m, (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d,
@@ -104,7 +106,7 @@ def make(name, dtype=F64, seed=0):
                 m.running_var.uniform_(0.5, 2.0)
     if name == "cnn":
         model.eval()  # running statistics: samples independent (train mode: see its test)
-    return model
+    return model.to(dtype)  # the float64 model rounded: the same model in every dtype
 
 
 def batch(name, B, dtype=F64, seed=1):
@@ -113,7 +115,7 @@ def batch(name, B, dtype=F64, seed=1):
         idx = torch.randint(0, 11, (B, 6), generator=g)
         idx[:, -2] = 0  # padding tokens
         return idx, torch.randint(0, 11, (B, 6), generator=g)
-    shape = (B, 5) if name == "mlp" else (B, 3, 9, 11)
+    shape = (B, 5) if name == "mlp" else (B, 3, 7, 8)
     return torch.randn(shape, generator=g, dtype=F64).to(dtype), torch.randint(0, 3, (B,),
                                                                                 generator=g)
 
@@ -135,6 +137,13 @@ def per_sample_grads(model, name, x, target):
         return sample_loss(name, torch.func.functional_call(model, p, (xi[None],)), ti[None])[0]
 
     return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+
+
+@functools.cache
+def oracle(name, B, seed=1, dtype=F64):
+    """per_sample_grads of make(name, dtype) on batch(name, B, seed) (computed once)."""
+    x, t = batch(name, B, dtype, seed)
+    return per_sample_grads(make(name, dtype), name, x, t)
 
 
 def flat(grads):
@@ -173,7 +182,7 @@ MODELS = ["mlp", "cnn", "transformer"]
 def test_gram_whole_model_diagonal_and_per_layer(name, B):
     model = make(name)
     x, t = batch(name, B)
-    grads = per_sample_grads(model, name, x, t)
+    grads = oracle(name, B)
     U = flat(grads)
     cap = run_capture(model, name, x, t, backend="reference")
     close(cap.gram(), U @ U.T, f"{name} K")
@@ -195,14 +204,13 @@ def test_gram_whole_model_diagonal_and_per_layer(name, B):
 def test_cross_gram_of_two_batches(name):
     model = make(name)
     (x1, t1), (x2, t2) = batch(name, 3, seed=1), batch(name, 4, seed=2)
-    U1 = flat(per_sample_grads(model, name, x1, t1))
-    U2 = flat(per_sample_grads(model, name, x2, t2))
+    U1, U2 = flat(oracle(name, 3, 1)), flat(oracle(name, 4, 2))
     cap1 = run_capture(model, name, x1, t1, backend="reference")
     cap2 = run_capture(model, name, x2, t2, backend="reference")
     close(cap1.gram(cap2), U1 @ U2.T, f"{name} cross")
     close(cap2.gram(cap1), U2 @ U1.T, f"{name} cross, swapped")
     x3, t3 = batch(name, 3, seed=3)
-    U3 = flat(per_sample_grads(model, name, x3, t3))
+    U3 = flat(oracle(name, 3, 3))
     cap3 = run_capture(model, name, x3, t3, backend="reference")
     close(cap1.gram(cap3, diagonal=True), (U1 * U3).sum(1), f"{name} cross diagonal")
 
@@ -211,7 +219,7 @@ def test_cross_gram_of_two_batches(name):
 def test_loss_reductions_give_unscaled_per_sample_gradients(reduction):
     model = make("transformer")
     x, t = batch("transformer", 7)  # 7 samples × 6 tokens: 1/42 is a token mean
-    U = flat(per_sample_grads(model, "transformer", x, t))
+    U = flat(oracle("transformer", 7))
     cap = run_capture(model, "transformer", x, t, reduction, backend="reference")
     close(cap.gram(), U @ U.T, f"reduction {reduction}")
 
@@ -223,7 +231,7 @@ def test_weighted_sums_and_grad(name):
     model = make(name)
     B = 5
     x, t = batch(name, B)
-    grads = per_sample_grads(model, name, x, t)
+    grads = oracle(name, B)
     cap = run_capture(model, name, x, t, backend="reference")
     by_name = dict(model.named_parameters())
     # Σ_i g_i / B is the gradient backward left in .grad (mean reduction).
@@ -247,8 +255,7 @@ def test_weighted_sums_and_grad(name):
 def test_projections(name):
     model = make(name)
     x, t = batch(name, 5)
-    grads = per_sample_grads(model, name, x, t)
-    U = flat(grads)
+    U = flat(oracle(name, 5))
     cap = run_capture(model, name, x, t, backend="reference")
     params = [p for p in model.parameters()]
     g = torch.Generator().manual_seed(7)
@@ -307,13 +314,12 @@ def test_batchnorm_train_mode_is_each_samples_share_of_the_batch_gradient():
 def test_default_backends_float32(name):
     """float32 model, default backends: the Gram's error against the float64 oracle is at
     most a few times the error of torch.func's own float32 per-sample gradients."""
-    model64 = make(name)
     x, t = batch(name, 5)
-    U64 = flat(per_sample_grads(model64, name, x, t))
+    U64 = flat(oracle(name, 5))
     K64 = U64 @ U64.T
     model32 = make(name, torch.float32)
     x32 = x if name == "transformer" else x.float()
-    U32 = flat(per_sample_grads(model32, name, x32, t)).double()
+    U32 = flat(oracle(name, 5, dtype=torch.float32)).double()
     torch_error = float((U32 @ U32.T - K64).abs().max())
     cap = run_capture(model32, name, x32, t)
     K = cap.gram()
