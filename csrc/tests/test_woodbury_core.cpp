@@ -2,10 +2,15 @@
 // run with SerialExec — the schedule every CUDA thread follows — against a long-double dense
 // Cholesky solve, at sizes that cross tile boundaries; the failure codes (indefinite leading
 // minor, NaN input, jitter ladder); that the upper triangle is never read; the tile
-// bookkeeping.
+// bookkeeping; and that the schedule is free of data races: running the items of every phase
+// (and the lanes of every column step) in random orders, as the CUDA threads may, gives the
+// same bits.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -70,6 +75,41 @@ static std::vector<long double> dense_solve(const std::vector<double>& K, int n,
   return X;
 }
 
+// Items of each phase, and lanes of each column step, in a fresh random order: a phase whose
+// result depends on the order of its items would be a data race in the CUDA kernel.
+struct PermutedExec {
+  std::mt19937 rng{12345};
+  std::vector<lowrank::index_t> order(lowrank::index_t count) {
+    std::vector<lowrank::index_t> o(count);
+    std::iota(o.begin(), o.end(), 0);
+    std::shuffle(o.begin(), o.end(), rng);
+    return o;
+  }
+  template <typename F>
+  void for_each(lowrank::index_t count, F&& f) {
+    for (auto e : order(count)) f(e);
+  }
+  template <typename F>
+  bool for_each_any(lowrank::index_t count, F&& f) {
+    bool any = false;
+    for (auto e : order(count)) any = f(e) || any;
+    return any;
+  }
+  template <typename F>
+  int column_steps(int steps, F&& f) {
+    for (int c = 0; c < steps; ++c) {
+      bool ok = true;
+      for (auto lane : order(32)) ok = f(c, static_cast<int>(lane)) && ok;
+      if (!ok) return c;
+    }
+    return -1;
+  }
+  template <typename F>
+  double uniform(F&& f) { return f(); }
+  template <typename F>
+  void single(F&& f) { f(); }
+};
+
 template <typename T>
 struct Run {
   std::vector<T> X;
@@ -77,15 +117,17 @@ struct Run {
   T used;
 };
 
-template <typename T>
+template <typename T, typename Exec = core::SerialExec>
 static Run<T> run_member(const std::vector<double>& K64, int n, double lam,
                          const std::vector<double>& R64, int r, double jitter, int tries) {
   std::vector<T> K(K64.begin(), K64.end()), R(R64.begin(), R64.end());
-  std::vector<T> tiles(core::wb_storage_elems(n)), ldiag(core::kWbTile), linv(core::kWbTile);
+  // Scratch starts as NaN: anything read before it is written shows up in the result.
+  std::vector<T> tiles(core::wb_storage_elems(n), std::numeric_limits<T>::quiet_NaN());
+  std::vector<T> ldiag(core::kWbTile), linv(core::kWbTile);
   Run<T> out{std::vector<T>(static_cast<size_t>(n) * r, T(-7)), 99, T(-1)};
   core::WbMember<T> m{K.data(), n, 1, R.data(), r, 1, out.X.data(), n, r, static_cast<T>(lam),
                       jitter, tries};
-  core::SerialExec ex;
+  Exec ex;
   core::woodbury_solve_member(ex, m, core::WbScratch<T>{tiles.data(), ldiag.data(), linv.data()},
                               &out.info, &out.used);
   return out;
@@ -180,6 +222,30 @@ static void check_bookkeeping() {
          "wb_finite");
 }
 
+template <typename T>
+static bool same_bits(const Run<T>& a, const Run<T>& b) {
+  return a.info == b.info && std::memcmp(&a.used, &b.used, sizeof(T)) == 0 &&
+         std::memcmp(a.X.data(), b.X.data(), a.X.size() * sizeof(T)) == 0;
+}
+
+static void check_race_free() {
+  for (int n : {5, 16, 33, 70}) {
+    auto K = spd(n, 0.1, 300 + n);
+    auto R = normal_rhs(n, 3, 400 + n);
+    EXPECT(same_bits(run_member<float>(K, n, 0.01, R, 3, 1e-6, 4),
+                     run_member<float, PermutedExec>(K, n, 0.01, R, 3, 1e-6, 4)),
+           "fp32 n=%d: the result depends on the order of the items", n);
+    EXPECT(same_bits(run_member<double>(K, n, 0.01, R, 3, 1e-6, 4),
+                     run_member<double, PermutedExec>(K, n, 0.01, R, 3, 1e-6, 4)),
+           "fp64 n=%d: the result depends on the order of the items", n);
+    K[(n - 1) * n + 1] = -0.9;  // indefinite: the ladder runs, in any order alike
+    K[1 * n + 1] = 0.01;
+    EXPECT(same_bits(run_member<double>(K, n, 0.0, R, 3, 1e-3, 4),
+                     run_member<double, PermutedExec>(K, n, 0.0, R, 3, 1e-3, 4)),
+           "fp64 n=%d indefinite: the result depends on the order of the items", n);
+  }
+}
+
 int main() {
   check_bookkeeping();
   for (int n : {1, 7, 16, 17, 33, 64, 130}) {
@@ -189,6 +255,7 @@ int main() {
     }
   }
   check_failures();
+  check_race_free();
   if (failures == 0) std::printf("test_woodbury_core: all passed\n");
   return failures == 0 ? 0 : 1;
 }

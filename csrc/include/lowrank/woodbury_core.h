@@ -98,8 +98,10 @@ LK_HD T wb_jitter_shift(double jitter, int p, double scale) {
   return shift;
 }
 
-// Tile element (row r, column c) of the tile storage.
+// Tile element (row r, column c) of the tile storage. Row kWbTile is padding; in a factored
+// diagonal tile it holds the reciprocals 1/L_cc that the triangular solves multiply by.
 LK_HD index_t wb_at(int r, int c) { return static_cast<index_t>(c) * kWbLd + r; }
+LK_HD index_t wb_recip(int c) { return wb_at(kWbTile, c); }
 
 // Column step c of the unblocked Cholesky of a diagonal tile D, for one lane (row) of a warp.
 // Before step c, D(c, c) holds the pivot d_c = a_cc − Σ_{k<c} L_ck² and rows' entries k < c are
@@ -158,7 +160,8 @@ LK_HD void wb_update_micro(T* dst, const T* a, const T* b, int r0, int c0) {
     for (int j = 0; j < kWbMicro; ++j) dst[wb_at(r0 + i, c0 + j)] -= acc[i][j];
 }
 
-// y ← L_JJ⁻¹ y for the first m (≤ nb) rows of one right-hand side (x: stride xs).
+// y ← L_JJ⁻¹ y for the first m (≤ nb) rows of one right-hand side (x: stride xs); multiplies by
+// the stored reciprocals, so the chain from one row to the next is one FMA and one multiply.
 template <typename T>
 LK_HD void wb_forward_tile(const T* D, int m, T* x, index_t xs) {
   T y[kWbTile];  // fully unrolled loops keep y in registers
@@ -168,7 +171,7 @@ LK_WB_UNROLL
       T s = x[c * xs];
 LK_WB_UNROLL
       for (int k = 0; k < c; ++k) s -= D[wb_at(c, k)] * y[k];
-      y[c] = s / D[wb_at(c, c)];
+      y[c] = s * D[wb_recip(c)];
       x[c * xs] = y[c];
     }
   }
@@ -193,7 +196,7 @@ LK_WB_UNROLL
 LK_WB_UNROLL
       for (int k = c + 1; k < kWbTile; ++k)
         if (k < m) s -= D[wb_at(k, c)] * v[k];
-      v[c] = s / D[wb_at(c, c)];
+      v[c] = s * D[wb_recip(c)];
       x[c * xs] = v[c];
     }
   }
@@ -230,29 +233,32 @@ struct WbScratch {
   T* linv;
 };
 
-// tiles ← tril(K) + lam·I padded with an identity block; true when a read entry is not finite.
+// tiles ← tril(K) + lam·I padded with an identity block, a tile row (16 entries of a row of K)
+// per item; true when a read entry is not finite.
 template <typename T, typename Exec>
 LK_HD bool wb_load(Exec& ex, const WbMember<T>& m, T* tiles, T lam) {
   const index_t nt = wb_tiles(m.n);
-  const index_t per_tile = kWbTile * kWbTile;
-  return ex.for_each_any(wb_tile_count(nt) * per_tile, [&](index_t e) {
+  return ex.for_each_any(wb_tile_count(nt) * kWbTile, [&](index_t e) {
     index_t I, J;
-    wb_tri_unrank(e / per_tile, I, J);
-    const int rl = static_cast<int>((e % per_tile) / kWbTile);
-    const int cl = static_cast<int>(e % kWbTile);
-    const index_t i = I * kWbTile + rl, k = J * kWbTile + cl;
-    T v = T(0);
+    wb_tri_unrank(e / kWbTile, I, J);
+    const int rl = static_cast<int>(e % kWbTile);
+    const index_t i = I * kWbTile + rl;
+    T* dst = tiles + wb_tile_offset(I, J);
     bool bad = false;
-    if (k <= i) {
-      if (i >= m.n) {
-        v = i == k ? T(1) : T(0);
-      } else {
-        v = m.K[i * m.ks0 + k * m.ks1];
-        bad = !wb_finite(v);
-        if (i == k) v += lam;
+    for (int cl = 0; cl < kWbTile; ++cl) {
+      const index_t k = J * kWbTile + cl;
+      T v = T(0);
+      if (k <= i) {
+        if (i >= m.n) {
+          v = i == k ? T(1) : T(0);
+        } else {
+          v = m.K[i * m.ks0 + k * m.ks1];
+          bad = bad || !wb_finite(v);
+          if (i == k) v += lam;
+        }
       }
+      dst[wb_at(rl, cl)] = v;
     }
-    tiles[wb_tile_offset(I, J) + wb_at(rl, cl)] = v;
     return bad;
   });
 }
@@ -268,11 +274,13 @@ LK_HD int wb_factor(Exec& ex, index_t n, const WbScratch<T>& s) {
       return wb_diag_tile_step(D, c, lane, s.ldiag, s.linv);
     });
     if (failed >= 0) return static_cast<int>(J * kWbTile + failed + 1);
-    // The diagonal of L_JJ, and the panel below it: L_IJ = A_IJ L_JJ⁻ᵀ, a row per item.
+    // The diagonal of L_JJ and its reciprocals, and the panel below it: L_IJ = A_IJ L_JJ⁻ᵀ,
+    // a row per item.
     const index_t below = (nt - 1 - J) * kWbTile;
     ex.for_each(kWbTile + below, [&](index_t e) {
       if (e < kWbTile) {
         D[wb_at(static_cast<int>(e), static_cast<int>(e))] = s.ldiag[e];
+        D[wb_recip(static_cast<int>(e))] = s.linv[e];
       } else {
         const index_t row = e - kWbTile;
         wb_trsm_row(s.tiles + wb_tile_offset(J + 1 + row / kWbTile, J), D,
