@@ -176,3 +176,191 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendUnavailableError, match=r"TRITON_INTERPRET=1"):
         lk.gram_linear(A, E, backend="triton")
+
+
+# ---- tokens (B, T, d), cross-Gram, diagonal, routes ------------------------------------
+
+TOKEN_BACKENDS = [p for p in device_backend_params("gram_linear") if p.values[1] != "native"]
+# (B, T, d_in, d_out, bias)
+TOKEN_SHAPES = [(1, 2, 3, 4, True), (3, 5, 7, 2, False), (5, 3, 33, 17, True)]
+ROUTES = ["token_pair", "per_sample"]
+
+
+def _tokens(B, T, d_in, d_out, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, T, d_in, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    E = torch.randn(B, T, d_out, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    return A, E
+
+
+def _token_bound(A, E, bias, A2=None, E2=None, diagonal=False):
+    """float64 result of the rounded inputs, and γ_n M with M the same Gram of |A|, |E|:
+    |Σ_{t,s} (a·a' + b)(e·e')| ≤ M covers both routes (|G_i|·|G_j| ≤ M entrywise as well);
+    n counts every fp32 rounding on the way (inner products, token pairs, parameters)."""
+    from lowrank_kernels.reference.gram_linear import gram_linear as ref
+
+    def f64(*ts):
+        return [None if t is None else t.double().cpu() for t in ts]
+
+    A, E, A2, E2 = f64(A, E, A2, E2)
+    exact = ref(A, E, bias, A2, E2, diagonal)
+    absolute = [None if t is None else t.abs() for t in (A, E, A2, E2)]
+    magnitude = ref(*absolute[:2], bias, *absolute[2:], diagonal)
+    T, d_in, d_out = A.shape[1], A.shape[2], E.shape[2]
+    n = (d_in + 1) + d_out + T * T + T + d_out * (d_in + 1) + 64
+    return exact, gamma(n) * magnitude + 1e-30
+
+
+@pytest.mark.parametrize("device,backend", TOKEN_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", TOKEN_SHAPES,
+                         ids=lambda s: "x".join(map(str, s[:4])) + ("-bias" if s[4] else ""))
+@pytest.mark.parametrize("route", ROUTES)
+def test_tokens_match_float64(device, backend, dtype, case, route):
+    *shape, bias = case
+    A, E = _tokens(*shape, dtype, device)
+    A2, E2 = _tokens(shape[0] + 2, *shape[1:], dtype, device, seed=1)
+    K = lk.gram_linear(A, E, bias, route=route, backend=backend)
+    assert K.dtype == torch.float32 and K.shape == (shape[0], shape[0])
+    assert torch.equal(K, K.T), "K must be exactly symmetric (upper triangle mirrored)"
+    exact, bound = _token_bound(A, E, bias)
+    assert_within(K.cpu(), exact, bound, f"{backend} {route} K")
+    d = lk.gram_linear(A, E, bias, diagonal=True, route=route, backend=backend)
+    assert d.shape == (shape[0],)
+    exact, bound = _token_bound(A, E, bias, diagonal=True)
+    assert_within(d.cpu(), exact, bound, f"{backend} {route} diagonal")
+    C = lk.gram_linear(A, E, bias, A2=A2, E2=E2, route=route, backend=backend)
+    assert C.shape == (shape[0], shape[0] + 2)
+    exact, bound = _token_bound(A, E, bias, A2, E2)
+    assert_within(C.cpu(), exact, bound, f"{backend} {route} cross")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("route", ROUTES)
+def test_tokens_bf16_on_gpu(route):
+    A, E = _tokens(37, 19, 65, 33, torch.bfloat16, "cuda")
+    K = lk.gram_linear(A, E, True, route=route, backend="triton")
+    exact, bound = _token_bound(A, E, True)
+    assert_within(K.cpu(), exact, bound, f"triton bf16 {route}")
+
+
+@pytest.mark.parametrize("device,backend", TOKEN_BACKENDS)
+def test_per_sample_route_in_a_small_workspace(device, backend, monkeypatch):
+    """A workspace of one 32×32 tile per sample: the parameters go through in many chunks
+    (several k-chunks and output-tile chunks), with the last chunk partial."""
+    import lowrank_kernels.triton.gram_linear as triton_gram
+
+    monkeypatch.setattr(triton_gram, "WORKSPACE_BYTES", 1)
+    A, E = _tokens(2, 3, 40, 70, torch.float32, device)
+    A2, E2 = _tokens(3, 3, 40, 70, torch.float32, device, seed=1)
+    for kwargs in ({}, {"diagonal": True}, {"A2": A2, "E2": E2}):
+        K = lk.gram_linear(A, E, True, route="per_sample", backend=backend, **kwargs)
+        exact, bound = _token_bound(A, E, True, kwargs.get("A2"), kwargs.get("E2"),
+                                    kwargs.get("diagonal", False))
+        assert_within(K.cpu(), exact, bound, f"{backend} chunked {sorted(kwargs)}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_tokens_equal_per_sample_gradients_of_nn_linear(device, bias):
+    """K_ij = ⟨∇_θ ℓ_i, ∇_θ ℓ_j⟩ for nn.Linear applied to T tokens (torch.func per-sample
+    gradients), and the cross-Gram with a second batch."""
+    from per_sample import linear_case
+
+    x, E, U = linear_case(4, 6, 5, 3, bias, device)
+    x2, E2, U2 = linear_case(3, 6, 5, 3, bias, device, seed=7)
+    for backend in backends_for("gram_linear", device, torch.float32):
+        if backend == "native":
+            continue
+        for route in ROUTES:
+            K = lk.gram_linear(x.float(), E.float(), bias, route=route, backend=backend)
+            scale = float((U @ U.T).abs().max())
+            torch.testing.assert_close(K.double(), U @ U.T, rtol=1e-5, atol=1e-6 * scale)
+            C = lk.gram_linear(x.float(), E.float(), bias, A2=x2.float(), E2=E2.float(),
+                               route=route, backend=backend)
+            torch.testing.assert_close(C.double(), U @ U2.T, rtol=1e-5, atol=1e-6 * scale)
+    for route in ROUTES:
+        torch.testing.assert_close(lk.gram_linear(x, E, bias, route=route, backend="reference"),
+                                   U @ U.T, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            lk.gram_linear(x, E, bias, diagonal=True, route=route, backend="reference"),
+            (U * U).sum(1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", TOKEN_BACKENDS)
+def test_tokens_noncontiguous_inputs(device, backend):
+    big, E_t = _tokens(5, 6, 14, 9, torch.float32, device, seed=3)
+    A = big[:, ::2, ::2]  # strided tokens and columns
+    E = E_t.transpose(0, 1).contiguous().transpose(0, 1)[:, ::2]  # token-major storage
+    assert not A.is_contiguous() and not E.is_contiguous()
+    for route in ROUTES:
+        K = lk.gram_linear(A, E, True, route=route, backend=backend)
+        exact, bound = _token_bound(A, E, True)
+        assert_within(K.cpu(), exact, bound, f"{backend} {route} non-contiguous")
+
+
+def test_route_model():
+    from lowrank_kernels.ops.gram_linear import choose_route
+
+    # T = 1: the token pair route always; long sequences of a small layer: per sample.
+    assert choose_route(256, 256, 1, 4096, 4096, 1, True, False, False) == "token_pair"
+    assert choose_route(32, 32, 1024, 27, 64, 1, False, False, False) == "per_sample"
+    assert choose_route(32, 32, 512, 768, 768, 1, False, False, False) == "per_sample"
+    assert choose_route(32, 32, 16, 4608, 512, 1, False, False, False) == "token_pair"
+
+
+def test_native_declines_tokens_with_a_reason():
+    if lk.native_build_info() == "not built":
+        pytest.skip("native extension not built (LOWRANK_BUILD_CPP=0)")
+    A, E = _tokens(3, 2, 4, 5, torch.float32, "cpu")
+    with pytest.raises(BackendUnavailableError, match=r"native.*T = 1"):
+        lk.gram_linear(A, E, backend="native")
+    with pytest.raises(BackendUnavailableError, match=r"native.*symmetric Gram only"):
+        lk.gram_linear(A[:, 0], E[:, 0], diagonal=True, backend="native")
+    # auto falls back to a backend that takes tokens
+    torch.testing.assert_close(lk.gram_linear(A, E), lk.gram_linear(A, E, backend="reference"))
+
+
+def test_opcheck_tokens_cross_diagonal():
+    A, E = _tokens(4, 3, 5, 2, torch.float32, "cpu")
+    A2, E2 = _tokens(2, 3, 5, 2, torch.float32, "cpu", seed=1)
+    op = torch.ops.lowrank_kernels.gram_linear.default
+    torch.library.opcheck(op, (A, E, True), {"route": "per_sample", "backend": "reference"})
+    torch.library.opcheck(op, (A, E, False, A2, E2))
+    torch.library.opcheck(op, (A, E, True), {"diagonal": True})
+
+
+def test_torch_compile_fullgraph_traces_tokens():
+    A, E = _tokens(4, 3, 5, 2, torch.float32, "cpu")
+
+    def f(a, e):
+        return lk.gram_linear(a, e, True, route="per_sample").sum(1) + \
+            lk.gram_linear(a, e, diagonal=True)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(A, E), f(A, E))
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_bad_token_inputs_name_the_argument(backend):
+    A, E = _tokens(4, 3, 5, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"A and E must have the same token count T"):
+        lk.gram_linear(A, E[:, :2], backend=backend)
+    with pytest.raises(ValueError, match=r"A and E must have the same number of dims"):
+        lk.gram_linear(A, E[:, 0], backend=backend)
+    with pytest.raises(ValueError, match=r"A2 and E2 must be given together"):
+        lk.gram_linear(A, E, A2=A, backend=backend)
+    with pytest.raises(ValueError, match=r"diagonal=True takes no A2/E2"):
+        lk.gram_linear(A, E, A2=A, E2=E, diagonal=True, backend=backend)
+    with pytest.raises(ValueError, match=r"A2 must have the first batch's shape"):
+        lk.gram_linear(A, E, A2=A[:, :, :4], E2=E, backend=backend)
+    with pytest.raises(ValueError, match=r"A2 and E2 must have the same batch size"):
+        lk.gram_linear(A, E, A2=A[:3], E2=E, backend=backend)
+    with pytest.raises(ValueError, match=r"E2 and the first batch must have the same dtype"):
+        lk.gram_linear(A, E, A2=A, E2=E.double(), backend=backend)
+    with pytest.raises(ValueError, match=r"route must be one of"):
+        lk.gram_linear(A, E, route="tokens", backend=backend)
+    bad = A.clone()
+    bad[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"A2 contains non-finite values"):
+        lk.gram_linear(A, E, A2=bad, E2=E, backend=backend)

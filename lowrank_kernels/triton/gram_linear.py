@@ -242,7 +242,8 @@ def _per_sample(t1, E1, t2, E2, groups, bias, diagonal, K, precision):
     block = 32 if max(B1, B2) <= 32 else 64
     n1 = triton.cdiv(B1, block)
     n2 = 1 if diagonal else triton.cdiv(B2, block)
-    splits = max(1, min(triton.cdiv(L, 4 * block_k), 256 // (n1 * n2)))
+    # Split L so that about 256 programs run, each over at least 16 k-steps.
+    splits = max(1, min(triton.cdiv(L, 16 * block_k), 256 // (n1 * n2)))
     split_len = triton.cdiv(triton.cdiv(L, splits), block_k) * block_k
     partial = torch.zeros((splits,) + tuple(K.shape), device=K.device, dtype=torch.float32)
     gram_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
