@@ -215,6 +215,24 @@ def test_cross_gram_of_two_batches(name):
     close(cap1.gram(cap3, diagonal=True), (U1 * U3).sum(1), f"{name} cross diagonal")
 
 
+@pytest.mark.parametrize("name", ["transformer", "cnn"])
+def test_cross_gram_of_batches_of_different_lengths(name):
+    """Sequences of 6 and 4 tokens, images of 7×8 and 9×5 pixels: the ops' cross-Grams need
+    equal token counts, so these pairs go through the projection route."""
+    model = make(name)
+    x1, t1 = batch(name, 3, seed=1)
+    x2, t2 = batch(name, 4, seed=2)
+    if name == "transformer":
+        x2, t2 = x2[:, :4], t2[:, :4]
+    else:
+        x2 = torch.randn(4, 3, 9, 5, generator=torch.Generator().manual_seed(4), dtype=F64)
+    U1 = flat(oracle(name, 3, 1))
+    U2 = flat(per_sample_grads(model, name, x2, t2))
+    cap1 = run_capture(model, name, x1, t1, backend="reference")
+    cap2 = run_capture(model, name, x2, t2, backend="reference")
+    close(cap1.gram(cap2), U1 @ U2.T, f"{name} cross, different lengths")
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean", 1 / 42])
 def test_loss_reductions_give_unscaled_per_sample_gradients(reduction):
     model = make("transformer")
@@ -308,12 +326,14 @@ def test_batchnorm_train_mode_is_each_samples_share_of_the_batch_gradient():
           "the shares add up to the batch gradient")
 
 
-# ---- the default backends, float32 ----------------------------------------------------------
+# ---- float32: the default backends and Triton ------------------------------------------------
 
-@pytest.mark.parametrize("name", MODELS)
-def test_default_backends_float32(name):
-    """float32 model, default backends: the Gram's error against the float64 oracle is at
-    most a few times the error of torch.func's own float32 per-sample gradients."""
+@pytest.mark.parametrize("name,backend", [(name, None) for name in MODELS] + [
+    ("mlp", "triton"), ("transformer", "triton")])  # (Triton conv kernels: their own tests)
+def test_float32_backends(name, backend):
+    """float32 model, the default backends and Triton (the interpreter here): the errors of the
+    Gram and of a weighted sum against the float64 oracle are at most a few times those of
+    torch.func's own float32 per-sample gradients."""
     x, t = batch(name, 5)
     U64 = flat(oracle(name, 5))
     K64 = U64 @ U64.T
@@ -321,7 +341,7 @@ def test_default_backends_float32(name):
     x32 = x if name == "transformer" else x.float()
     U32 = flat(oracle(name, 5, dtype=torch.float32)).double()
     torch_error = float((U32 @ U32.T - K64).abs().max())
-    cap = run_capture(model32, name, x32, t)
+    cap = run_capture(model32, name, x32, t, backend=backend)
     K = cap.gram()
     assert K.dtype == torch.float32
     ours = float((K.double() - K64).abs().max())

@@ -44,13 +44,12 @@ class Linear:
         return self.A, self.E
 
     def can_cross(self, other):
-        return isinstance(other, Linear)
+        # gram_linear's cross-Gram takes two batches with the same token count
+        return isinstance(other, Linear) and other.A.shape[1:] == self.A.shape[1:]
 
     def gram(self, other=None, diagonal=False):
         A, E = self._args()
         A2, E2 = other._args() if other is not None else (None, None)
-        if other is not None and A.dim() != A2.dim():
-            A, E, A2, E2 = self.A, self.E, other.A, other.E
         return ops.gram_linear(A, E, False, A2=A2, E2=E2, diagonal=diagonal,
                                backend=self.backend)
 
@@ -77,7 +76,9 @@ class Conv2d:
         return self.X.shape[0]
 
     def can_cross(self, other):
-        return isinstance(other, Conv2d) and other.geometry == self.geometry
+        # gram_conv2d's cross-Gram takes two batches of the same layer and image size
+        return (isinstance(other, Conv2d) and other.geometry == self.geometry
+                and other.X.shape[1:] == self.X.shape[1:] and other.E.shape[1:] == self.E.shape[1:])
 
     def gram(self, other=None, diagonal=False):
         kw = {} if other is None else {"X2": other.X, "E2": other.E}
@@ -185,8 +186,8 @@ def cross_gram(a, b, diagonal=False):
     materialized per-sample gradients (the dense side when there is one)."""
     if a.can_cross(b):
         if diagonal and isinstance(a, (Linear, Conv2d)):
-            # diag of a cross-Gram from the full B × B block: the linear/conv ops' diagonal
-            # option is relied on only for a batch with itself.
+            # the linear/conv ops' diagonal option is for a batch with itself only: the
+            # diagonal of a cross-Gram comes from the full block
             return a.gram(b).diagonal()
         return a.gram(b, diagonal=diagonal)
     if isinstance(a, Dense) and not isinstance(b, Dense):
