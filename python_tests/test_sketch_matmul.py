@@ -3,7 +3,7 @@ the materialized Ω (sketch_omega, itself checked bit for bit across backends), 
 priori bound of an fp32 dot product: |Y − M Ω| ≤ γ_n |M| |Ω|."""
 import pytest
 import torch
-from conftest import device_backend_params
+from conftest import backends_for, device_backend_params
 from numerics import U32, assert_within, gamma
 
 import lowrank_kernels as lk
@@ -50,6 +50,22 @@ def test_noncontiguous_and_fp16(device, backend):
         Y = lk.sketch_matmul(X, 11, 7, backend=backend)
         exact, bound = _exact_and_bound(X, 11, 7, "gaussian", False, 0)
         assert_within(Y.cpu(), exact, bound, f"{backend} {X.dtype} strides {X.stride()}")
+
+
+@pytest.mark.skipif("triton" not in backends_for("sketch_matmul", "cpu"),
+                    reason="needs Triton (interpreter on CPU)")
+@pytest.mark.parametrize("splits", [3, 7])
+def test_triton_split_k(monkeypatch, splits):
+    """Split-K (used on GPUs when Y has few tiles) forced on the interpreter: the partial sums
+    over ranges of the inner dimension add up to M Ω within the same bound."""
+    import lowrank_kernels.triton.sketch_matmul as triton_sketch_matmul
+    monkeypatch.setattr(triton_sketch_matmul, "_splits", lambda *args: splits)
+    M = torch.randn(19, 300, generator=torch.Generator().manual_seed(2))
+    for transpose in (False, True):
+        X = M.T if transpose else M
+        Y = lk.sketch_matmul(X, 9, 3, transpose=transpose, row_offset=5, backend="triton")
+        exact, bound = _exact_and_bound(X, 9, 3, "gaussian", transpose, 5)
+        assert_within(Y, exact, bound, f"split-K {splits}")
 
 
 def test_float64_reference():
