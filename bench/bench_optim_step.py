@@ -1,0 +1,167 @@
+"""Training-step time (forward + backward + optimizer step + zero_grad) of SGD, AdamW, KFAC,
+FNGD (first epoch: Gram + solve + weighted sum; after: weighted sum only) and SENG (refresh
+step; step between refreshes) on a ResNet-18-for-CIFAR-shaped model (B = 128, 3×32×32) and a
+GPT-2-small-shaped model (B = 8, T = 512), in one run. Without a GPU (and without
+LOWRANK_BENCH_FULL=1) both models are reduced (widths, depth, batch, image / sequence size;
+the shape label says which). Targets on a GPU: FNGD after its first epoch ≤ 1.15× SGD,
+FNGD first epoch ≥ 2× faster than KFAC, SENG ≤ 2× SGD.
+
+    python -m pytest bench/bench_optim_step.py --benchmark-only     (or bench/run.py -k optim)
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from common import DEVICE, FULL, measure
+from torch import nn
+
+from lowrank_kernels.optim import FNGD, KFAC, SENG
+
+# ---- models -------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for CIFAR (3×3 stem, no max-pool), widths w, 2w, 4w, 8w (w = 64 full)."""
+
+    def __init__(self, width=64, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        blocks, c = [], width
+        for k, stride in enumerate([1, 2, 2, 2]):
+            c_out = width * 2 ** k
+            blocks += [BasicBlock(c, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            c = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                           v.transpose(1, 2), is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """GPT-2-shaped decoder (full: vocab 50257, d 768, 12 layers, 12 heads), tied head."""
+
+    def __init__(self, vocab, d, layers, heads, context):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.blocks = nn.Sequential(*[Block(d, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, idx):
+        positions = torch.arange(idx.shape[1], device=idx.device).expand_as(idx)
+        x = self.tok(idx) + self.pos(positions)  # (B, T): the capture needs the batch dim
+        return self.head(self.ln(self.blocks(x)))
+
+
+def _resnet_case():
+    if FULL:
+        width, B, size, label = 64, 128, 32, "ResNet-18 CIFAR B=128 3x32x32"
+    else:
+        width, B, size, label = 16, 32, 16, "ResNet-18 CIFAR REDUCED (width 16, B=32, 3x16x16)"
+    torch.manual_seed(0)
+    model = ResNet18(width).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 3, size, size, generator=g).to(DEVICE)
+    y = torch.randint(0, 10, (B,), generator=g).to(DEVICE)
+    return model, (lambda: F.cross_entropy(model(x), y)), "mean", label
+
+
+def _gpt_case():
+    if FULL:
+        vocab, d, layers, heads, B, T = 50257, 768, 12, 12, 8, 512
+        label = "GPT-2 small B=8 T=512"
+    else:
+        vocab, d, layers, heads, B, T = 2048, 128, 2, 4, 4, 64
+        label = "GPT-2 REDUCED (vocab 2048, d 128, 2 layers, B=4, T=64)"
+    torch.manual_seed(0)
+    model = GPT(vocab, d, layers, heads, T).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, vocab, (B, T + 1), generator=g).to(DEVICE)
+
+    def loss():
+        logits = model(idx[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, vocab), idx[:, 1:].reshape(-1))
+
+    return model, loss, 1.0 / (B * T), label  # token mean: loss = (1/(B·T)) Σ_i ℓ_i
+
+
+CASES = {"resnet18": _resnet_case, "gpt2": _gpt_case}
+
+# ---- optimizers: (name, constructor, steps to run before timing) ---------------------------
+HUGE = 10 ** 9
+OPTIMIZERS = {
+    "sgd": (lambda m, r: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9), 0),
+    "adamw": (lambda m, r: torch.optim.AdamW(m.parameters(), lr=1e-4), 0),
+    "kfac (factors + inverses)": (lambda m, r: KFAC(m, lr=1e-3, inverse_every=1,
+                                                    loss_reduction=r), 0),
+    "kfac (factors only)": (lambda m, r: KFAC(m, lr=1e-3, inverse_every=HUGE,
+                                              loss_reduction=r), 1),
+    "fngd (first epoch)": (lambda m, r: FNGD(m, lr=1e-3, steps_per_epoch=HUGE,
+                                             loss_reduction=r), 0),
+    "fngd (after first epoch)": (lambda m, r: FNGD(m, lr=1e-3, steps_per_epoch=1,
+                                                   loss_reduction=r), 1),
+    "seng (refresh)": (lambda m, r: SENG(m, lr=1e-3, update_freq=1, loss_reduction=r), 0),
+    "seng (between refreshes)": (lambda m, r: SENG(m, lr=1e-3, update_freq=HUGE,
+                                                   loss_reduction=r), 1),
+}
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_optim_step(benchmark, case, opt_name):
+    model, loss_fn, reduction, label = CASES[case]()
+    make, warm_steps = OPTIMIZERS[opt_name]
+    opt = make(model, reduction)
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    for _ in range(warm_steps):
+        step()
+    if isinstance(opt, FNGD):  # the phase the row names is the phase it times
+        assert opt.computing() == (opt_name == "fngd (first epoch)")
+    measure(benchmark, step, op="optim_step", shape=label, provider=opt_name,
+            baseline=opt_name in ("sgd", "adamw"))
+    if hasattr(opt, "close"):
+        assert int(opt.state["fallbacks"]) == 0 and int(opt.state["skipped"]) == 0
+        opt.close()
