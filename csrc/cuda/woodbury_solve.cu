@@ -25,8 +25,9 @@ struct BlockExec {
     for (index_t e = threadIdx.x; e < count; e += blockDim.x) any |= f(e) ? 1 : 0;
     return __syncthreads_or(any) != 0;
   }
-  template <typename F>
-  __device__ int column_steps(int steps, F&& f) {
+  // Warp 0 runs the column steps; warps 1.. run g's items meanwhile.
+  template <typename F, typename G>
+  __device__ int column_steps(int steps, F&& f, index_t count, G&& g) {
     __shared__ int failed_step;
     if (threadIdx.x < 32) {
       const int lane = threadIdx.x;
@@ -39,6 +40,8 @@ struct BlockExec {
         __syncwarp();
       }
       if (lane == 0) failed_step = failed;
+    } else {
+      for (index_t e = threadIdx.x - 32; e < count; e += blockDim.x - 32) g(e);
     }
     __syncthreads();
     const int result = failed_step;

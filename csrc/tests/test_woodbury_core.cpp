@@ -95,14 +95,26 @@ struct PermutedExec {
     for (auto e : order(count)) any = f(e) || any;
     return any;
   }
-  template <typename F>
-  int column_steps(int steps, F&& f) {
-    for (int c = 0; c < steps; ++c) {
-      bool ok = true;
-      for (auto lane : order(32)) ok = f(c, static_cast<int>(lane)) && ok;
-      if (!ok) return c;
+  // The steps (each a unit: the warp is in lock-step) interleaved at random with g's items.
+  template <typename F, typename G>
+  int column_steps(int steps, F&& f, lowrank::index_t count, G&& g) {
+    auto items = order(count);
+    std::vector<int> sequence(items.size(), 1);
+    sequence.resize(items.size() + steps, 0);  // 1: an item of g, 0: a column step
+    std::shuffle(sequence.begin(), sequence.end(), rng);
+    size_t next_item = 0;
+    int c = 0, failed = -1;
+    for (int kind : sequence) {
+      if (kind == 1) {
+        g(items[next_item++]);
+      } else if (failed < 0 && c < steps) {
+        bool ok = true;
+        for (auto lane : order(32)) ok = f(c, static_cast<int>(lane)) && ok;
+        if (!ok) failed = c;
+        ++c;
+      }
     }
-    return -1;
+    return failed;
   }
   template <typename F>
   double uniform(F&& f) { return f(); }

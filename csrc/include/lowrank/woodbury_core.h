@@ -7,10 +7,12 @@
 //   for_each(count, f)      run f(e) for e in [0, count) (CUDA: strided over the block's
 //                           threads, then __syncthreads; CPU: a loop)
 //   for_each_any(count, f)  the same, returning whether any f(e) returned true
-//   column_steps(steps, f)  f(c, lane) for c in [0, steps), lanes [0, 32) of one warp in
+//   column_steps(steps, f, count, g)
+//                           f(c, lane) for c in [0, steps), lanes [0, 32) of one warp in
 //                           lock-step (CUDA: warp 0 and __syncwarp; CPU: nested loops); stops at
 //                           the first c where f returns false (all lanes agree) and returns it,
-//                           or -1
+//                           or -1 — and, concurrently (CUDA: the other warps), g(e) for e in
+//                           [0, count), items independent of f's data
 //   uniform(f)              f() evaluated once, its double value returned to every thread
 //   single(f)               f() run once
 // The CUDA kernel (one block per batch member) runs it with BlockExec, the CPU kernel and the
@@ -133,14 +135,22 @@ LK_HD bool wb_diag_tile_step(T* D, int c, int lane, T* ldiag, T* linv) {
   return true;
 }
 
-// Row rl of the panel tile P = A_IJ ← A_IJ L_JJ⁻ᵀ (forward substitution along the row).
+// Row rl of the panel tile P = A_IJ ← A_IJ L_JJ⁻ᵀ (forward substitution along the row, the row
+// held in registers).
 template <typename T>
 LK_HD void wb_trsm_row(T* P, const T* D, int rl, const T* linv) {
+  T x[kWbTile];
+LK_WB_UNROLL
+  for (int c = 0; c < kWbTile; ++c) x[c] = P[wb_at(rl, c)];
+LK_WB_UNROLL
   for (int c = 0; c < kWbTile; ++c) {
-    T s = P[wb_at(rl, c)];
-    for (int k = 0; k < c; ++k) s -= P[wb_at(rl, k)] * D[wb_at(c, k)];
-    P[wb_at(rl, c)] = s * linv[c];
+    T s = x[c];
+LK_WB_UNROLL
+    for (int k = 0; k < c; ++k) s -= x[k] * D[wb_at(c, k)];
+    x[c] = s * linv[c];
   }
+LK_WB_UNROLL
+  for (int c = 0; c < kWbTile; ++c) P[wb_at(rl, c)] = x[c];
 }
 
 // Micro-tile (r0.., c0..) of the trailing update A_IK ← A_IK − L_IJ L_KJᵀ.
@@ -149,6 +159,7 @@ LK_HD void wb_update_micro(T* dst, const T* a, const T* b, int r0, int c0) {
   T acc[kWbMicro][kWbMicro];
   for (int i = 0; i < kWbMicro; ++i)
     for (int j = 0; j < kWbMicro; ++j) acc[i][j] = T(0);
+LK_WB_UNROLL
   for (int k = 0; k < kWbTile; ++k) {
     T ar[kWbMicro], br[kWbMicro];
     for (int i = 0; i < kWbMicro; ++i) ar[i] = a[wb_at(r0 + i, k)];
@@ -181,7 +192,9 @@ LK_WB_UNROLL
 template <typename T>
 LK_HD void wb_forward_update(const T* P, int rl, int m, const T* y, index_t xs, T* xi) {
   T s = *xi;
-  for (int c = 0; c < m; ++c) s -= P[wb_at(rl, c)] * y[c * xs];
+LK_WB_UNROLL
+  for (int c = 0; c < kWbTile; ++c)
+    if (c < m) s -= P[wb_at(rl, c)] * y[c * xs];
   *xi = s;
 }
 
@@ -206,7 +219,9 @@ LK_WB_UNROLL
 template <typename T>
 LK_HD void wb_backward_update(const T* P, int kl, int m, const T* x, index_t xs, T* yk) {
   T s = *yk;
-  for (int c = 0; c < m; ++c) s -= P[wb_at(c, kl)] * x[c * xs];
+LK_WB_UNROLL
+  for (int c = 0; c < kWbTile; ++c)
+    if (c < m) s -= P[wb_at(c, kl)] * x[c * xs];
   *yk = s;
 }
 
@@ -263,19 +278,31 @@ LK_HD bool wb_load(Exec& ex, const WbMember<T>& m, T* tiles, T lam) {
   });
 }
 
-// Blocked Cholesky of the loaded tiles in place: 0, or k when the leading minor of order k is
-// not positive definite (the pivot of row k − 1 is ≤ 0 or not finite).
+// Micro-tile item e of the trailing update of tile (I, K) by column J.
+template <typename T>
+LK_HD void wb_update_item(T* tiles, index_t I, index_t K, index_t J, int mt) {
+  const int mr = mt / (kWbTile / kWbMicro), mc = mt % (kWbTile / kWbMicro);
+  if (I == K && mc > mr) return;  // above the diagonal of a diagonal tile
+  wb_update_micro(tiles + wb_tile_offset(I, K), tiles + wb_tile_offset(I, J),
+                  tiles + wb_tile_offset(K, J), mr * kWbMicro, mc * kWbMicro);
+}
+
+// Blocked right-looking Cholesky of the loaded tiles in place, with look-ahead: for each tile
+// column J, (1) the diagonal of L_JJ and the panel L_IJ = A_IJ L_JJ⁻ᵀ; (2) the update of tile
+// column J + 1 by column J; (3) the factorization of the diagonal tile J + 1 (one warp, column
+// steps) while the other warps update the tiles right of column J + 1 — disjoint tiles.
+// Returns 0, or k when the leading minor of order k is not positive definite (the pivot of row
+// k − 1 is ≤ 0 or not finite).
 template <typename T, typename Exec>
 LK_HD int wb_factor(Exec& ex, index_t n, const WbScratch<T>& s) {
   const index_t nt = wb_tiles(n);
+  if (nt == 0) return 0;
+  int failed = ex.column_steps(
+      kWbTile, [&](int c, int lane) { return wb_diag_tile_step(s.tiles, c, lane, s.ldiag, s.linv); },
+      index_t(0), [](index_t) {});
+  if (failed >= 0) return failed + 1;
   for (index_t J = 0; J < nt; ++J) {
     T* D = s.tiles + wb_tile_offset(J, J);
-    const int failed = ex.column_steps(kWbTile, [&](int c, int lane) {
-      return wb_diag_tile_step(D, c, lane, s.ldiag, s.linv);
-    });
-    if (failed >= 0) return static_cast<int>(J * kWbTile + failed + 1);
-    // The diagonal of L_JJ and its reciprocals, and the panel below it: L_IJ = A_IJ L_JJ⁻ᵀ,
-    // a row per item.
     const index_t below = (nt - 1 - J) * kWbTile;
     ex.for_each(kWbTile + below, [&](index_t e) {
       if (e < kWbTile) {
@@ -287,18 +314,21 @@ LK_HD int wb_factor(Exec& ex, index_t n, const WbScratch<T>& s) {
                     static_cast<int>(row % kWbTile), s.linv);
       }
     });
-    // Trailing update A_IK -= L_IJ L_KJᵀ for J < K ≤ I, a 4×4 micro-tile per item.
-    const index_t m = nt - 1 - J;
-    ex.for_each(wb_tile_count(m) * kWbMicroPerTile, [&](index_t e) {
-      index_t a, b;
-      wb_tri_unrank(e / kWbMicroPerTile, a, b);
-      const int mt = static_cast<int>(e % kWbMicroPerTile);
-      const int mr = mt / (kWbTile / kWbMicro), mc = mt % (kWbTile / kWbMicro);
-      if (a == b && mc > mr) return;  // above the diagonal of a diagonal tile
-      const index_t I = J + 1 + a, K = J + 1 + b;
-      wb_update_micro(s.tiles + wb_tile_offset(I, K), s.tiles + wb_tile_offset(I, J),
-                      s.tiles + wb_tile_offset(K, J), mr * kWbMicro, mc * kWbMicro);
+    if (J + 1 == nt) break;
+    const index_t m = nt - 1 - J;  // tiles below the diagonal tile J
+    ex.for_each(m * kWbMicroPerTile, [&](index_t e) {
+      wb_update_item(s.tiles, J + 1 + e / kWbMicroPerTile, J + 1, J,
+                     static_cast<int>(e % kWbMicroPerTile));
     });
+    T* next = s.tiles + wb_tile_offset(J + 1, J + 1);
+    failed = ex.column_steps(
+        kWbTile, [&](int c, int lane) { return wb_diag_tile_step(next, c, lane, s.ldiag, s.linv); },
+        wb_tile_count(m - 1) * kWbMicroPerTile, [&](index_t e) {
+          index_t a, b;
+          wb_tri_unrank(e / kWbMicroPerTile, a, b);
+          wb_update_item(s.tiles, J + 2 + a, J + 2 + b, J, static_cast<int>(e % kWbMicroPerTile));
+        });
+    if (failed >= 0) return static_cast<int>((J + 1) * kWbTile + failed + 1);
   }
   return 0;
 }
@@ -389,8 +419,9 @@ struct SerialExec {
     for (index_t e = 0; e < count; ++e) any = f(e) || any;
     return any;
   }
-  template <typename F>
-  int column_steps(int steps, F&& f) {
+  template <typename F, typename G>
+  int column_steps(int steps, F&& f, index_t count, G&& g) {
+    for (index_t e = 0; e < count; ++e) g(e);
     for (int c = 0; c < steps; ++c) {
       bool ok = true;
       for (int lane = 0; lane < 32; ++lane) ok = f(c, lane) && ok;
