@@ -197,6 +197,8 @@ def test_gram_whole_model_diagonal_and_per_layer(name, B):
                        if n.rsplit(".", 1)[0] == module_name], 1)
         close(K, G @ G.T, f"{name} module {module_name}")
     close(sum(per_module.values()), U @ U.T, f"{name} Σ modules")
+    for module_name, D in cap.gram(by="module", diagonal=True).items():
+        close(D, per_module[module_name].diagonal(), f"{name} module {module_name} diagonal")
     cap.release()
 
 

@@ -149,6 +149,25 @@ def test_float64_reference_is_exact_to_rounding():
                                U @ V.flatten(1).T, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("pair_block", [1, 50, 1 << 22], ids=["rows", "chunks", "one-GEMM"])
+@pytest.mark.parametrize("padding_idx", [None, 1])
+def test_reference_gram_routes(monkeypatch, pair_block, padding_idx):
+    """The reference's coalesced route (chunked by the pair-block size) and its one-GEMM route
+    for small problems give the same float64 Gram."""
+    import lowrank_kernels.reference.gram_embedding as reference
+
+    monkeypatch.setattr(reference, "_PAIR_BLOCK", pair_block)
+    idx, E = _inputs(6, 9, 5, 7, torch.float64)
+    idx2, E2 = _inputs(4, 3, 5, 7, torch.float64, seed=2)
+    U = per_sample_grads(idx, E, 5, padding_idx).flatten(1)
+    U2 = per_sample_grads(idx2, E2, 5, padding_idx).flatten(1)
+    K = reference.gram_embedding(idx, E, 5, padding_idx)
+    assert torch.equal(K, K.T)
+    torch.testing.assert_close(K, U @ U.T, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(reference.gram_embedding(idx, E, 5, padding_idx, idx2, E2),
+                               U @ U2.T, rtol=1e-13, atol=1e-13)
+
+
 def test_auto_backend_float32_and_float64():
     idx, E = _inputs(4, 5, 6, 7)
     U = per_sample_grads(idx, E, 6, None).flatten(1)

@@ -23,6 +23,21 @@ def coalesce(idx, E, num_embeddings, padding_idx, dtype):
     return keys // num_embeddings, keys % num_embeddings, G
 
 
+def _token_pairs(idx, E, padding_idx, idx2, E2, dtype):
+    """K = Σ_{t,s} [idx_it = idx2_js ≠ padding] e_it·e2_js as one (B T) × (B2 T2) masked GEMM."""
+    cross = idx2 is not None
+    idx2, E2 = (idx2, E2) if cross else (idx, E)
+    (B, T), (B2, T2) = idx.shape, idx2.shape
+    rows1, rows2 = idx.reshape(-1), idx2.reshape(-1)
+    E1 = E.reshape(B * T, -1).to(dtype)
+    E2 = E1 if not cross else E2.reshape(B2 * T2, -1).to(dtype)
+    mask = rows1[:, None] == rows2[None, :]
+    if padding_idx is not None:
+        mask &= (rows1 != padding_idx)[:, None]
+    K = ((E1 @ E2.T) * mask).view(B, T, B2, T2).sum((1, 3))
+    return K if cross else (K + K.T) / 2
+
+
 def gram_embedding(idx, E, num_embeddings, padding_idx=None, idx2=None, E2=None,
                    diagonal=False):
     """K_ij = Σ_{t,s} [idx_it = idx2_js ≠ padding_idx] (e_it · e2_js): the (cross-)Gram of the
@@ -31,10 +46,13 @@ def gram_embedding(idx, E, num_embeddings, padding_idx=None, idx2=None, E2=None,
     (default: idx/E). diagonal=True returns diag(K) (B). float64 in gives float64 out,
     anything else float32.
 
-    Route: coalesce each side to its distinct (sample, row) entries (index_add_), then sum
-    the products of entries that share a row, in blocks of bounded size."""
+    Route: small problems take one masked GEMM over all token pairs; larger ones coalesce
+    each side to its distinct (sample, row) entries (index_add_), then sum the products of
+    entries that share a row, in blocks of bounded size."""
     dtype = torch.float64 if E.dtype == torch.float64 else torch.float32
     B = idx.shape[0]
+    if not diagonal and idx.numel() * (idx if idx2 is None else idx2).numel() <= _PAIR_BLOCK:
+        return _token_pairs(idx, E, padding_idx, idx2, E2, dtype)
     s1, r1, G1 = coalesce(idx, E, num_embeddings, padding_idx, dtype)
     cross = idx2 is not None
     if cross:
