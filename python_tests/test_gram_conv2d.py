@@ -4,47 +4,18 @@ import pytest
 import torch
 from conftest import DEVICES, backends_for, device_backend_params
 from numerics import assert_within, gamma
-from per_sample import conv_case
+from per_sample import CONV_CASES, conv_case, conv_case_id, conv_geometry, conv_inputs
 
 import lowrank_kernels as lk
 from lowrank_kernels.reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
 
-# (B, C_in, C_out, (H, W), kernel_size, stride, padding, dilation, groups, bias)
-CASES = [
-    (1, 2, 3, (4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 1, True),
-    (3, 4, 6, (7, 6), (3, 2), (2, 1), (1, 0), (1, 2), 2, True),
-    (2, 3, 5, (5, 4), (2, 2), (1, 2), (0, 1), (1, 1), 1, False),
-    (3, 4, 4, (3, 4), (3, 3), (1, 1), (1, 1), (1, 1), 4, False),  # depthwise
-]
 ROUTES = ["token_pair", "per_sample"]
-
-
-def _case_id(case):
-    B, ci, co, hw, k, s, p, d, g, bias = case
-    return f"B{B}-{ci}to{co}-k{k[0]}{k[1]}-s{s[0]}{s[1]}-p{p[0]}{p[1]}-d{d[0]}{d[1]}-g{g}" + \
-        ("-bias" if bias else "")
-
-
-def _inputs(case, dtype, device, seed=0, batch=None):
-    B, C_in, C_out, hw, k, s, p, d, g, bias = case
-    B = batch or B
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(B, C_in, *hw, generator=gen, dtype=torch.float64)
-    H_out = (hw[0] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    W_out = (hw[1] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    E = torch.randn(B, C_out, H_out, W_out, generator=gen, dtype=torch.float64)
-    return X.to(device=device, dtype=dtype), E.to(device=device, dtype=dtype)
-
-
-def _geometry(case):
-    return dict(kernel_size=case[4], stride=case[5], padding=case[6], dilation=case[7],
-                groups=case[8], bias=case[9])
 
 
 def _exact_and_bound(case, X, E, X2=None, E2=None, diagonal=False):
     """float64 K of the rounded inputs and γ_n M, M the same Gram of |X|, |E| (im2col of |X| is
     |im2col X|): it bounds |Σ_{t,s} (ã·ã')(e·e')| by either route."""
-    geo = _geometry(case)
+    geo = conv_geometry(case)
     args = (geo["kernel_size"], geo["stride"], geo["padding"], geo["dilation"], geo["groups"],
             geo["bias"])
 
@@ -64,30 +35,30 @@ def _exact_and_bound(case, X, E, X2=None, E2=None, diagonal=False):
 
 @pytest.mark.parametrize("device,backend", device_backend_params("gram_conv2d"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
 def test_matches_float64(device, backend, dtype, case):
-    X, E = _inputs(case, dtype, device)
-    X2, E2 = _inputs(case, dtype, device, seed=1, batch=2)
-    K = lk.gram_conv2d(X, E, **_geometry(case), backend=backend)
+    X, E = conv_inputs(case, dtype, device)
+    X2, E2 = conv_inputs(case, dtype, device, seed=1, batch=2)
+    K = lk.gram_conv2d(X, E, **conv_geometry(case), backend=backend)
     assert K.dtype == torch.float32 and K.shape == (case[0], case[0])
     assert torch.equal(K, K.T), "K must be exactly symmetric"
     assert_within(K.cpu(), *_exact_and_bound(case, X, E), f"{backend} K")
-    d = lk.gram_conv2d(X, E, **_geometry(case), diagonal=True, backend=backend)
+    d = lk.gram_conv2d(X, E, **conv_geometry(case), diagonal=True, backend=backend)
     assert_within(d.cpu(), *_exact_and_bound(case, X, E, diagonal=True), f"{backend} diag")
-    C = lk.gram_conv2d(X, E, **_geometry(case), X2=X2, E2=E2, backend=backend)
+    C = lk.gram_conv2d(X, E, **conv_geometry(case), X2=X2, E2=E2, backend=backend)
     assert C.shape == (case[0], 2)
     assert_within(C.cpu(), *_exact_and_bound(case, X, E, X2, E2), f"{backend} cross")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("case", CASES[1:3], ids=_case_id)
+@pytest.mark.parametrize("case", CONV_CASES[1:3], ids=conv_case_id)
 def test_both_routes_of_every_backend(device, route, case):
     """The route the op does not pick for these shapes, forced through each backend."""
     from lowrank_kernels.triton.gram_conv2d import gram_conv2d as triton_gram_conv2d
 
-    X, E = _inputs(case, torch.float32, device)
-    geo = _geometry(case)
+    X, E = conv_inputs(case, torch.float32, device)
+    geo = conv_geometry(case)
     args = (geo["kernel_size"], geo["stride"], geo["padding"], geo["dilation"], geo["groups"],
             geo["bias"])
     exact, bound = _exact_and_bound(case, X, E)
@@ -103,19 +74,19 @@ def test_both_routes_of_every_backend(device, route, case):
 
 @pytest.mark.cuda
 def test_bf16_on_gpu():
-    case = CASES[1]
-    X, E = _inputs(case, torch.bfloat16, "cuda")
-    K = lk.gram_conv2d(X, E, **_geometry(case), backend="triton")
+    case = CONV_CASES[1]
+    X, E = conv_inputs(case, torch.bfloat16, "cuda")
+    K = lk.gram_conv2d(X, E, **conv_geometry(case), backend="triton")
     assert_within(K.cpu(), *_exact_and_bound(case, X, E), "triton bf16")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES[:2], ids=_case_id)
+@pytest.mark.parametrize("case", CONV_CASES[:2], ids=conv_case_id)
 def test_equals_per_sample_gradients_of_nn_conv2d(device, case):
     B, C_in, C_out, hw, k, s, p, d, g, bias = case
     x, E, U = conv_case(B, C_in, C_out, hw, k, s, p, d, g, bias, device)
     x2, E2, U2 = conv_case(2, C_in, C_out, hw, k, s, p, d, g, bias, device, seed=5)
-    geo = _geometry(case)
+    geo = conv_geometry(case)
     scale = float((U @ U.T).abs().max())
     for backend in backends_for("gram_conv2d", device, torch.float32):
         K = lk.gram_conv2d(x.float(), E.float(), **geo, backend=backend)
@@ -131,18 +102,18 @@ def test_equals_per_sample_gradients_of_nn_conv2d(device, case):
 
 @pytest.mark.parametrize("device,backend", device_backend_params("gram_conv2d"))
 def test_channels_last_and_noncontiguous(device, backend):
-    case = CASES[1]
-    X, E = _inputs(case, torch.float32, device, seed=2)
+    case = CONV_CASES[1]
+    X, E = conv_inputs(case, torch.float32, device, seed=2)
     X = X.to(memory_format=torch.channels_last)
     E = E.transpose(2, 3).contiguous().transpose(2, 3)
     assert not X.is_contiguous() and not E.is_contiguous()
-    K = lk.gram_conv2d(X, E, **_geometry(case), backend=backend)
+    K = lk.gram_conv2d(X, E, **conv_geometry(case), backend=backend)
     assert_within(K.cpu(), *_exact_and_bound(case, X, E), f"{backend} channels_last")
 
 
 def test_opcheck_and_compile():
-    case = CASES[1]
-    X, E = _inputs(case, torch.float32, "cpu")
+    case = CONV_CASES[1]
+    X, E = conv_inputs(case, torch.float32, "cpu")
     op = torch.ops.lowrank_kernels.gram_conv2d.default
     args = (X, E, [3, 2], [2, 1], [1, 0], [1, 2], 2, True)
     torch.library.opcheck(op, args)
@@ -158,9 +129,9 @@ def test_opcheck_and_compile():
 
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_bad_input_errors_name_the_argument(backend):
-    case = CASES[1]
-    X, E = _inputs(case, torch.float32, "cpu")
-    geo = _geometry(case)
+    case = CONV_CASES[1]
+    X, E = conv_inputs(case, torch.float32, "cpu")
+    geo = conv_geometry(case)
     with pytest.raises(ValueError, match=r"X must be a 4-D tensor"):
         lk.gram_conv2d(X[0], E, **geo, backend=backend)
     with pytest.raises(ValueError, match=r"E must be a 4-D tensor"):
