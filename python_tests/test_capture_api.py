@@ -3,8 +3,7 @@ parameters used outside their module, memory release, and bad arguments."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_capture_models import (F64, batch, close, flat, make, per_sample_grads, run_capture,
-                                 sample_loss)
+from test_capture_models import F64, batch, close, flat, make, per_sample_grads, run_capture
 from torch import nn
 
 from lowrank_kernels.capture import Capture
@@ -188,8 +187,7 @@ def test_inconsistent_batches_and_unbatched_inputs():
         with pytest.raises(ValueError, match=r"saw a batch of 4 samples, earlier calls saw 3"):
             cap.gram()
     with Capture(model):
-        with pytest.raises(ValueError, match=r"module 'inp' got a input of shape \(5,\)|"
-                                             r"module 'inp' got an? input of shape \(5,\)"):
+        with pytest.raises(ValueError, match=r"module 'inp' got an input of shape \(5,\)"):
             model(torch.randn(5, dtype=F64))
 
 
@@ -207,4 +205,3 @@ def test_sum_of_shares_is_the_batch_gradient_for_the_tied_transformer():
     total = cap.weighted_sum(torch.ones(3, dtype=F64))
     for name, p in model.named_parameters():
         close(total[p], p.grad, f"U 1 vs .grad of {name}")
-    assert sample_loss  # the shared per-sample loss of the models module

@@ -69,7 +69,8 @@ class TinyTransformer(nn.Module):
         self.tok = nn.Embedding(vocab, d, padding_idx=0)
         self.pos = nn.Embedding(T, d)
         self.ln1 = nn.LayerNorm(d)
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=b) for b in (True, False, True, True))
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=b)
+                                          for b in (True, False, True, True))
         self.ln2 = nn.RMSNorm(d)
         self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
         self.ln_f = nn.LayerNorm(d, bias=False)
@@ -353,4 +354,5 @@ def test_float32_backends(name, backend):
     got = torch.cat([cap.weighted_sum(c)[p].double().flatten() for p in params])
     want = U64.T @ c
     ws_torch = float((U32.T @ c - want).abs().max())
-    assert float((got - want).abs().max()) <= 4 * ws_torch + 16 * 2.0 ** -24 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= (4 * ws_torch
+                                                + 16 * 2.0 ** -24 * float(want.abs().max()))

@@ -127,7 +127,8 @@ def test_noncontiguous_inputs(device, backend):
     c = torch.randn(2 * B, dtype=torch.float32, device=device)[::2]
     W = lk.weighted_sum_embedding(idx, E, c, N, 2, backend=backend)
     Wa = (Ua.T @ c.double().abs()).view(N, d)
-    assert_within(W.cpu(), (U.T @ c.double()).view(N, d).cpu(), (gamma(B * T + 1) * Wa + 1e-30).cpu(), "U c")
+    assert_within(W.cpu(), (U.T @ c.double()).view(N, d).cpu(),
+                  (gamma(B * T + 1) * Wa + 1e-30).cpu(), "U c")
     V = torch.randn(d, N, dtype=torch.float32, device=device).T
     P = lk.project_embedding(idx, E, V, 2, backend=backend)
     assert_within(P.cpu(), (U @ V.double().flatten()).cpu(),

@@ -293,8 +293,9 @@ class Capture:
         contributions = self._contributions()
         B = self.batch_size
         if not isinstance(c, torch.Tensor) or not c.is_floating_point():
+            got = c.dtype if isinstance(c, torch.Tensor) else type(c).__name__
             raise TypeError("capture.weighted_sum: c must be a floating tensor of shape (B,) or "
-                            f"(B, m), got {type(c).__name__ if not isinstance(c, torch.Tensor) else c.dtype}")
+                            f"(B, m), got {got}")
         if c.dim() not in (1, 2) or c.shape[0] != B:
             raise ValueError(f"capture.weighted_sum: c must have shape ({B},) or ({B}, m), got "
                              f"{tuple(c.shape)}")

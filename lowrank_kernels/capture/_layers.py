@@ -9,9 +9,10 @@ from torch import nn
 from . import _kinds
 
 
-def _batched(module_name, name, t, min_dim):
+def _batched(module_name, t, min_dim):
+    """The layer input t, checked to have a leading batch dim (at least min_dim dims)."""
     if t.dim() < min_dim:
-        raise ValueError(f"capture: module '{module_name}' got a {name} of shape "
+        raise ValueError(f"capture: module '{module_name}' got an input of shape "
                          f"{tuple(t.shape)}; the capture needs a leading batch dim "
                          f"(at least {min_dim}-D)")
     return t
@@ -24,7 +25,7 @@ class LinearHandler:
         self.name, self.module, self.params = name, module, params
 
     def save(self, args, output):
-        return _batched(self.name, "input", args[0], 2).detach()
+        return _batched(self.name, args[0], 2).detach()
 
     def contributions(self, x, E, backend):
         B, d_out = x.shape[0], E.shape[-1]
@@ -47,7 +48,7 @@ class Conv2dHandler:
 
     def save(self, args, output):
         m = self.module
-        x = _batched(self.name, "input", args[0], 4).detach()
+        x = _batched(self.name, args[0], 4).detach()
         padding = m.padding
         if m.padding_mode != "zeros":
             x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
@@ -86,7 +87,7 @@ class EmbeddingHandler:
         self.name, self.module, self.params = name, module, params
 
     def save(self, args, output):
-        return _batched(self.name, "input", args[0], 1).detach()
+        return _batched(self.name, args[0], 1).detach()
 
     def contributions(self, idx, E, backend):
         B = idx.shape[0]
