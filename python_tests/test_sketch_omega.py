@@ -21,7 +21,7 @@ KAT = [
 
 def _params():
     return [pytest.param(d, b, id=f"{d}-{b}", marks=[pytest.mark.cuda] if d == "cuda" else [])
-            for d in DEVICES for b in backends_for("sketch_omega", d, torch.int64)]
+            for d in DEVICES for b in backends_for("sketch_omega", d)]
 
 
 def _ulp_distance(a, b):

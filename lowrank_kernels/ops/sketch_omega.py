@@ -33,7 +33,8 @@ def check(rows, k, seed, dist, col_offset):
     check_dist(OP, dist)
     if col_offset < 0 or col_offset % 4:
         raise ValueError(f"{OP}: col_offset must be a multiple of 4 and >= 0, got {col_offset}")
-    return rows
+    # The backend is chosen by the device of rows and the dtype of Ω (float32).
+    return rows.new_empty(0, dtype=torch.float32)
 
 
 def _check_rows_nonnegative(rows):
@@ -69,7 +70,7 @@ if caps.native_built():
         return rows.new_empty((rows.shape[0], k), dtype=torch.float32)
 
 
-_INDEX = (torch.int64,)
+_OMEGA = (torch.float32,)  # the dtype of Ω (rows are int64)
 SPEC = register(OpSpec(
     name=OP,
     schema=("(Tensor rows, int k, int seed=0, str dist='gaussian', int col_offset=0, "
@@ -77,9 +78,9 @@ SPEC = register(OpSpec(
     check=check,
     fake=fake,
     backends={
-        "reference": Backend(_reference, {"cpu": _INDEX, "cuda": _INDEX}),
-        "triton": Backend(_triton, {"cpu": _INDEX, "cuda": _INDEX}),
-        "native": Backend(_native, {"cpu": _INDEX}),
+        "reference": Backend(_reference, {"cpu": _OMEGA, "cuda": _OMEGA}),
+        "triton": Backend(_triton, {"cpu": _OMEGA, "cuda": _OMEGA}),
+        "native": Backend(_native, {"cpu": _OMEGA}),
     },
     auto={"cpu": ("native", "reference"), "cuda": ("triton", "reference")},
     doc="Ω[rows, 0:k], Ω_ij = f(seed, i, j)",
