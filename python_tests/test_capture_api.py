@@ -205,3 +205,16 @@ def test_sum_of_shares_is_the_batch_gradient_for_the_tied_transformer():
     total = cap.weighted_sum(torch.ones(3, dtype=F64))
     for name, p in model.named_parameters():
         close(total[p], p.grad, f"U 1 vs .grad of {name}")
+
+
+def test_tied_embedding_cross_term_in_sample_blocks(monkeypatch):
+    """The tied embedding/output-layer cross term computed one sample block at a time."""
+    import lowrank_kernels.capture._kinds as kinds
+
+    monkeypatch.setattr(kinds, "_PAIR_BLOCK", 1)
+    model = make("transformer")
+    x, t = batch("transformer", 3)
+    grads = per_sample_grads(model, "transformer", x, t)
+    G = grads["tok.weight"].flatten(1)
+    cap = run_capture(model, "transformer", x, t, backend="reference")
+    close(cap.gram(by="parameter")["tok.weight"], G @ G.T, "tied weight, blocks of 1 sample")

@@ -180,10 +180,48 @@ def _device_of(contribution):
     return (contribution.G if isinstance(contribution, Dense) else contribution.E).device
 
 
+# Largest (samples × tokens × samples × tokens) block of the tied embedding/linear cross term.
+_PAIR_BLOCK = 1 << 24
+
+
+def embedding_linear_cross(emb, lin, diagonal=False):
+    """Uₑᵀ U_l for one weight W (N × d) used by an embedding (idx, E) and by a linear layer
+    (A, E') computing A Wᵀ (tied input/output embeddings):
+        K_ij = Σ_{t,s} [idx_it ≠ padding] (e_it · a_js) E'_js[idx_it],
+    in blocks of samples i, without forming either side's per-sample gradients."""
+    dtype = torch.float64 if torch.float64 in (emb.E.dtype, lin.E.dtype) else torch.float32
+    E, A, logits = emb.E.to(dtype), lin.A.to(dtype), lin.E.to(dtype)
+    idx = emb.idx
+    B, T = idx.shape
+    B2, T2 = A.shape[:2]
+    keep = (torch.ones_like(idx, dtype=dtype) if emb.padding_idx is None
+            else (idx != emb.padding_idx).to(dtype))
+    if diagonal:
+        dots = torch.einsum("itd,isd->its", E, A)
+        picked = torch.gather(logits, 2, idx[:, None, :].expand(B, T2, T)).transpose(1, 2)
+        return (dots * picked * keep[:, :, None]).sum((1, 2))
+    K = E.new_empty((B, B2))
+    step = max(1, _PAIR_BLOCK // max(1, T * B2 * T2))
+    for lo in range(0, B, step):
+        hi = min(lo + step, B)
+        dots = torch.einsum("itd,jsd->itjs", E[lo:hi], A)
+        # picked[i, t, j, s] = E'_js[idx_it]
+        picked = logits[:, :, idx[lo:hi].reshape(-1)].unflatten(2, (hi - lo, T))
+        picked = picked.permute(2, 3, 0, 1)
+        K[lo:hi] = (dots * picked * keep[lo:hi, :, None, None]).sum((1, 3))
+    return K
+
+
 def cross_gram(a, b, diagonal=False):
     """Uₐᵀ U_b (B_a × B_b) for two contributions to one parameter (or its diagonal): the
-    kinds' own cross-Gram when they share a kind, else one side projected on the other's
-    materialized per-sample gradients (the dense side when there is one)."""
+    kinds' own cross-Gram when they share a kind, the tied embedding/linear formula, else
+    one side projected on the other's materialized per-sample gradients (the dense side
+    when there is one)."""
+    if isinstance(a, Embedding) and isinstance(b, Linear):
+        return embedding_linear_cross(a, b, diagonal)
+    if isinstance(a, Linear) and isinstance(b, Embedding):
+        K = embedding_linear_cross(b, a, diagonal)
+        return K if diagonal else K.T
     if a.can_cross(b):
         if diagonal and isinstance(a, (Linear, Conv2d)):
             # the linear/conv ops' diagonal option is for a batch with itself only: the
