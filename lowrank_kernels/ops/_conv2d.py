@@ -1,11 +1,14 @@
 """Argument handling shared by the Conv2d members of the per-sample-gradient family."""
+import torch
+
 from .. import _checks
 
 
 def pair(op, name, value, minimum):
     """An int or a pair of ints (each ≥ minimum) as a list of two ints."""
-    values = [value, value] if isinstance(value, int) else list(value)
-    if len(values) != 2 or not all(isinstance(v, int) and v >= minimum for v in values):
+    integer = (int, torch.SymInt)  # SymInt: a kernel size read from V's shape while tracing
+    values = [value, value] if isinstance(value, integer) else list(value)
+    if len(values) != 2 or not all(isinstance(v, integer) and v >= minimum for v in values):
         raise ValueError(f"{op}: {name} must be an int or a pair of ints ≥ {minimum}, "
                          f"got {value!r}")
     return values
