@@ -195,3 +195,29 @@ def test_bad_inputs_name_the_argument():
         lk.orthonormalize(M.T)
     with pytest.raises(ValueError, match="method must be one of"):
         lk.orthonormalize(M, method="mgs")
+
+
+@pytest.mark.cuda
+def test_gpu_matches_cpu_and_spends_no_memory_on_omega():
+    """The same Ω on the GPU (Triton, generated in the GEMM) as on the CPU: a rank-10 M gives
+    the same projector; and the sketch allocates far less than Ω's n × l floats."""
+    g = torch.Generator().manual_seed(0)
+    M = (torch.randn(256, 10, generator=g) @ torch.randn(10, 60000, generator=g)) / 100
+    Mg = M.cuda()
+    Q_cpu = lk.range_finder(M, 10, oversample=5, power_iters=1)
+    Q_gpu = lk.range_finder(Mg, 10, oversample=5, power_iters=1, backend="triton").cpu()
+    P_cpu, P_gpu = Q_cpu[:, :10] @ Q_cpu[:, :10].T, Q_gpu[:, :10] @ Q_gpu[:, :10].T
+    assert float((P_cpu - P_gpu).abs().max()) <= 1e-4
+    assert _error(M.double(), Q_gpu) <= 1e-5
+    l = 64
+    lk.sketch_matmul(Mg, l, 1, backend="triton")  # compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    Y = lk.sketch_matmul(Mg, l, 1, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    omega_bytes = Mg.shape[1] * l * 4
+    assert extra <= omega_bytes / 2, (extra, omega_bytes)
+    exact = M.double() @ lk.sketch_omega(torch.arange(60000), l, 1).double()
+    assert float((Y.cpu().double() - exact).abs().max()) <= 1e-3 * float(exact.abs().max())

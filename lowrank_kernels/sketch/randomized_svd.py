@@ -44,7 +44,7 @@ def randomized_svd(M, k: int | None = None, *, q: int | None = None, niter: int 
     m, n, _, _ = check_matrix("randomized_svd", M)
     Q, stats = range_finder(M, r, oversample=p, power_iters=iters, dist=dist, seed=seed,
                             ortho=ortho, backend=backend, return_stats=True)
-    Bt = M.rmatmul(Q) if isinstance(M, LinearOperator) else M.mT @ Q  # n × l
+    Bt = M.T.matmul(Q) if isinstance(M, LinearOperator) else M.mT @ Q  # n × l
     Q2, R2, info = orthonormalize(Bt, method=ortho, return_r=True, return_info=True)
     stats.orthonormalizations.append(info)
     Ut, S, Vt_h = torch.linalg.svd(R2.mT)

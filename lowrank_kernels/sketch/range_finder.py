@@ -141,6 +141,6 @@ def range_finder(M, k: int, *, oversample: int = 10, power_iters: int = 0,
         Y = sketch_matmul(M, l, seed, dist, backend=backend).to(dtype)
     Q = _orth(Y, ortho, stats)
     for _ in range(power_iters):
-        Z = _orth(op.rmatmul(Q) if op.rmatmul is not None else op.matmul(Q), ortho, stats)
+        Z = _orth(op.T.matmul(Q), ortho, stats)
         Q = _orth(op.matmul(Z), ortho, stats)
     return (Q, stats) if return_stats else Q
