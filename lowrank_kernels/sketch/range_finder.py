@@ -91,13 +91,14 @@ def _orth(Y, ortho, stats):
     return Q
 
 
-def _operator_sketch(M: LinearOperator, l, seed, dist, block_cols, dtype):
+def _operator_sketch(M: LinearOperator, l, seed, dist, block_cols, dtype, backend):
     """Y = M Ω for an operator: Ω (n × l) is materialized, block_cols columns at a time."""
     n = M.shape[1]
     rows = torch.arange(n, device=M.device)
     blocks = []
     for c0 in range(0, l, block_cols):
-        omega = sketch_omega(rows, min(block_cols, l - c0), seed, dist, c0).to(dtype)
+        omega = sketch_omega(rows, min(block_cols, l - c0), seed, dist, c0,
+                             backend=backend).to(dtype)
         blocks.append(M.matmul(omega))
     return torch.cat(blocks, dim=1).to(dtype)
 
@@ -123,8 +124,9 @@ def range_finder(M, k: int, *, oversample: int = 10, power_iters: int = 0,
     Ω is materialized in column blocks of block_cols columns (default all l: n × l memory),
     one matmul call per block. Power iterations use M's products (torch.matmul for a dense M).
     ortho: 'cholqr2' (Cholesky-QR2, Householder fallback when it breaks down) or
-    'householder'. backend: the sketch_matmul backend. Returns Q, or (Q, SketchStats) with
-    return_stats (stats.fallbacks counts the Householder fallbacks taken)."""
+    'householder'. backend: the sketch_matmul (dense) or sketch_omega (operator) backend.
+    Returns Q, or (Q, SketchStats) with return_stats (stats.fallbacks counts the Householder
+    fallbacks taken)."""
     m, n, dtype, device = check_matrix(OP, M)
     check_options(OP, k, oversample, power_iters, dist, seed, ortho)
     l = min(k + oversample, m, n)
@@ -135,7 +137,7 @@ def range_finder(M, k: int, *, oversample: int = 10, power_iters: int = 0,
     stats = SketchStats(sketch_size=l)
     if isinstance(M, LinearOperator):
         op = M
-        Y = _operator_sketch(M, l, seed, dist, block_cols or l, dtype)
+        Y = _operator_sketch(M, l, seed, dist, block_cols or l, dtype, backend)
     else:
         op = LinearOperator(tuple(M.shape), M.__matmul__, lambda Z: M.mT @ Z, dtype, device)
         Y = sketch_matmul(M, l, seed, dist, backend=backend).to(dtype)

@@ -5,6 +5,8 @@ tl.philox(seed, c0, c1, c2, c3) is Philox4x32-10 with key (lo32(seed), hi32(seed
 uint → float conversion and Box–Muller are done here, in float64, so that they match the
 C++ and PyTorch implementations (float64 log/cos/sin agree to an ulp of float64, hence the
 float32 entries agree bit for bit except in the rare double-rounding case: at most 1 ulp).
+The float64 transform runs at the full float64 rate of data-center GPUs (A100/H100: half the
+float32 rate); on GPUs with slow float64 it makes the generation, not the GEMM, the cost.
 """
 import triton
 import triton.language as tl
