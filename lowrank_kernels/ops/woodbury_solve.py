@@ -7,9 +7,11 @@ per batch member (a layer's Gram K = UᵀU, a damping λ, several right-hand sid
 lower triangle of K (K[i, k], k ≤ i) is read. Returns X, a LAPACK-like int32 `info` per member
 and the damping actually used.
 """
+import math
 from typing import NamedTuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _capabilities as caps
 from .. import _checks
@@ -28,10 +30,18 @@ class WoodburySolveResult(NamedTuple):
     damping_used: torch.Tensor
 
 
-def _is_fake(t):
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(t) or t.device.type == "meta"
+def _check_damping_values(damping):
+    """λ ≥ 0 and finite: free for a CPU scalar, one device sync for a GPU tensor."""
+    if damping.device.type == "meta" or is_fake(damping) or damping.numel() == 0:
+        return
+    if damping.dim() == 0 and damping.device.type == "cpu":
+        value = float(damping)
+        bad = not (math.isfinite(value) and value >= 0)
+    else:
+        bad = not bool(torch.isfinite(damping).all()) or bool((damping < 0).any())
+    if bad:
+        raise ValueError(f"{OP}: damping must be finite and >= 0, got "
+                         f"{damping.detach().cpu().flatten()[:8].tolist()}")
 
 
 def check(K, damping, R, jitter, max_tries):
@@ -57,10 +67,7 @@ def check(K, damping, R, jitter, max_tries):
     if damping.dim() == 1 and damping.shape[0] != (K.shape[0] if batched else 1):
         raise ValueError(f"{OP}: damping must have one value per batch member "
                          f"({K.shape[0] if batched else 1}), got shape {tuple(damping.shape)}")
-    if not _is_fake(damping) and damping.numel() > 0:
-        if not bool(torch.isfinite(damping).all()) or bool((damping < 0).any()):
-            raise ValueError(f"{OP}: damping must be finite and >= 0, got "
-                             f"{damping.detach().cpu().flatten()[:8].tolist()}")
+    _check_damping_values(damping)
     if jitter is not None and not (0.0 <= jitter < float("inf")):
         raise ValueError(f"{OP}: jitter must be finite and >= 0, got {jitter}")
     if not 0 <= max_tries <= 64:

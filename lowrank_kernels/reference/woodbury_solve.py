@@ -28,10 +28,10 @@ def batched(K, damping, R):
     if not is_batched:
         Rb = Rb.unsqueeze(0)
     b = Kb.shape[0]
-    if isinstance(damping, torch.Tensor) and not (damping.dim() == 0 and damping.device.type == "cpu"
-                                                  and K.device.type != "cpu"):
+    if isinstance(damping, torch.Tensor) and not (damping.dim() == 0
+                                                  and damping.device.type == "cpu"):
         lam = damping.to(device=K.device, dtype=K.dtype).reshape(-1).expand(b).contiguous()
-    else:  # a float or a CPU scalar for a GPU K: filled on the device, no host-device copy
+    else:  # a float or a CPU scalar: filled on K's device, no host-device copy
         lam = torch.full((b,), float(damping), dtype=K.dtype, device=K.device)
 
     def unbatch(X, info, used):

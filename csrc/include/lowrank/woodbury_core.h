@@ -106,11 +106,13 @@ LK_HD index_t wb_at(int r, int c) { return static_cast<index_t>(c) * kWbLd + r; 
 LK_HD index_t wb_recip(int c) { return wb_at(kWbTile, c); }
 
 // Column step c of the unblocked Cholesky of a diagonal tile D, for one lane (row) of a warp.
-// Before step c, D(c, c) holds the pivot d_c = a_cc − Σ_{k<c} L_ck² and rows' entries k < c are
-// final. Lane c records L_cc = √d_c (in ldiag, its reciprocal in linv; D(c, c) itself is left
-// to the caller, since other lanes read it during this step); lanes r > c compute
-// L_rc = (a_rc − Σ_{k<c} L_rk L_ck)/L_cc, and lane c + 1 then its own next pivot d_{c+1}.
-// Returns false (on every lane alike) when d_c is not a finite positive number.
+// Before step c, D(r, r) holds the running pivot a_rr − Σ_{k<c} L_rk² of every row r ≥ c and
+// rows' entries k < c are final. Lane c records L_cc = √d_c (in ldiag, its reciprocal in linv;
+// D(c, c) itself is left to the caller, since other lanes read it during this step); lanes r > c
+// compute L_rc = (a_rc − Σ_{k<c} L_rk L_ck)/L_cc and subtract L_rc² from their own pivot (the
+// same subtractions, in the same order, as a left-looking a_rr − Σ_k L_rk², but off the
+// critical path from one step to the next). Returns false (on every lane alike) when d_c is not
+// a finite positive number.
 template <typename T>
 LK_HD bool wb_diag_tile_step(T* D, int c, int lane, T* ldiag, T* linv) {
   const T d = D[wb_at(c, c)];
@@ -126,11 +128,7 @@ LK_HD bool wb_diag_tile_step(T* D, int c, int lane, T* ldiag, T* linv) {
     for (int k = 0; k < c; ++k) s -= D[wb_at(lane, k)] * D[wb_at(c, k)];
     const T lrc = s * inv;
     D[wb_at(lane, c)] = lrc;
-    if (lane == c + 1) {
-      T dd = D[wb_at(lane, lane)];
-      for (int k = 0; k <= c; ++k) dd -= D[wb_at(lane, k)] * D[wb_at(lane, k)];
-      D[wb_at(lane, lane)] = dd;
-    }
+    D[wb_at(lane, lane)] -= lrc * lrc;
   }
   return true;
 }
