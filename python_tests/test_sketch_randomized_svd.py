@@ -26,7 +26,8 @@ def _eye_error(X):
     return float(torch.linalg.matrix_norm(X.T @ X - torch.eye(X.shape[1], dtype=X.dtype)))
 
 
-@pytest.mark.parametrize("shape", [(67, 45), (45, 67), (30, 30)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(67, 45), (45, 67), (30, 30)],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("power_iters", [0, 2])
 def test_matches_torch_linalg_svd(shape, power_iters):
     M, sigma = _matrix(*shape, decay=0.7)

@@ -10,8 +10,9 @@ def sketch_matmul(M: torch.Tensor, k: int, seed: int = 0, rademacher: bool = Fal
                   omega=reference_sketch_omega) -> torch.Tensor:
     """Y = M Ω (m × k; Ω_ij = f(seed, row_offset + i, j), i < n) or, transpose=True,
     Y = Ωᵀ M (k × n; i < m), with Ω materialized in row blocks of ≤ 2²⁰ entries by
-    `omega(rows, k, seed, rademacher, col_offset=0)` (this module's Philox by default) and multiplied with
-    torch.mm. float64 M gives float64 Y; anything else is computed and returned in float32."""
+    `omega(rows, k, seed, rademacher, col_offset=0)` (this module's Philox by default) and
+    multiplied with torch.mm. float64 M gives float64 Y; anything else is computed and
+    returned in float32."""
     dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
     inner = M.shape[0] if transpose else M.shape[1]
     out = M.shape[1] if transpose else M.shape[0]

@@ -8,7 +8,7 @@ import torch
 
 from ..ops.sketch_matmul import sketch_matmul
 from ..ops.sketch_omega import DISTS, sketch_omega
-from .orthonormalize import METHODS, OrthoInfo, orthonormalize
+from .orthonormalize import METHODS, orthonormalize
 
 OP = "range_finder"
 
