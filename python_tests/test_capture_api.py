@@ -218,3 +218,28 @@ def test_tied_embedding_cross_term_in_sample_blocks(monkeypatch):
     G = grads["tok.weight"].flatten(1)
     cap = run_capture(model, "transformer", x, t, backend="reference")
     close(cap.gram(by="parameter")["tok.weight"], G @ G.T, "tied weight, blocks of 1 sample")
+
+
+def test_layer_called_on_tokens_and_on_pooled_features():
+    """One nn.Linear called on (B, 3, 4) tokens and on (B, 4) pooled features: the calls merge
+    into one contribution over 3 + 1 tokens (its per-sample gradient is their sum)."""
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(self.lin(torch.tanh(self.lin(x)).mean(1)))
+
+    torch.manual_seed(0)
+    model = Pooled().to(F64)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(5, 3, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g)
+    grads = per_sample_grads(model, "mlp", x, t)
+    U = flat(grads)
+    cap = run_capture(model, "mlp", x, t, backend="reference")
+    assert len(cap._contributions()[id(model.lin.weight)]) == 1
+    close(cap.gram(), U @ U.T, "shared layer on tokens and pooled features")
+    c = torch.randn(5, dtype=F64)
+    close(cap.weighted_sum(c)[model.lin.weight],
+          torch.einsum("b...,b->...", grads["lin.weight"], c), "U c of the shared weight")

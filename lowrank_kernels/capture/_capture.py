@@ -208,8 +208,7 @@ class Capture:
             for p, contribution in call.handler.contributions(call.saved, E, self.backend):
                 bucket = per_param.setdefault(id(p), [])
                 for k, existing in enumerate(bucket):
-                    if (type(existing) is type(contribution) and existing.mergeable
-                            and existing.can_cross(contribution)):
+                    if existing.can_merge(contribution):
                         bucket[k] = existing.merge(contribution)
                         break
                 else:

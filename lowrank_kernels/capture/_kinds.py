@@ -22,7 +22,6 @@ def _common_dtype(*tensors):
 
 class Linear:
     """g_i = Σ_t e_it a_itᵀ (d_out × d_in): A (B, T, d_in) inputs, E (B, T, d_out) output grads."""
-    mergeable = True
 
     def __init__(self, A, E, backend):
         dtype = _common_dtype(A, E)
@@ -31,6 +30,9 @@ class Linear:
     @property
     def batch_size(self):
         return self.A.shape[0]
+
+    def can_merge(self, other):
+        return isinstance(other, Linear)
 
     def merge(self, other):
         """The calls' per-sample gradients add up: concatenate their tokens."""
@@ -64,8 +66,9 @@ class Linear:
 
 class Conv2d:
     """g_i = Σ_p e_ip patch_ip ᵀ of a 2-D convolution: X (B, C_in, H, W) inputs (already padded
-    when the layer pads asymmetrically or not with zeros), E (B, C_out, H_out, W_out)."""
-    mergeable = False
+    when the layer pads asymmetrically or not with zeros), E (B, C_out, H_out, W_out).
+    Calls are not merged (their patches do not concatenate): several calls meet through
+    cross-Grams."""
 
     def __init__(self, X, E, geometry, backend):
         dtype = _common_dtype(X, E)
@@ -74,6 +77,9 @@ class Conv2d:
     @property
     def batch_size(self):
         return self.X.shape[0]
+
+    def can_merge(self, other):
+        return False
 
     def can_cross(self, other):
         # gram_conv2d's cross-Gram takes two batches of the same layer and image size
@@ -97,7 +103,6 @@ class Conv2d:
 
 class Embedding:
     """g_i = Σ_t onehot(idx_it) e_itᵀ (num_embeddings × d): idx (B, T) int64, E (B, T, d)."""
-    mergeable = True
 
     def __init__(self, idx, E, num_embeddings, padding_idx, backend):
         self.idx, self.E, self.backend = idx, E, backend
@@ -106,6 +111,9 @@ class Embedding:
     @property
     def batch_size(self):
         return self.idx.shape[0]
+
+    def can_merge(self, other):
+        return self.can_cross(other)
 
     def merge(self, other):
         return Embedding(torch.cat([self.idx, other.idx], dim=1),
@@ -130,7 +138,6 @@ class Embedding:
 
 class Dense:
     """Materialized per-sample gradients G (B, *param shape), for small parameters."""
-    mergeable = True
 
     def __init__(self, G):
         self.G = G
@@ -139,8 +146,11 @@ class Dense:
     def batch_size(self):
         return self.G.shape[0]
 
+    def can_merge(self, other):
+        return isinstance(other, Dense)
+
     def merge(self, other):
-        return Dense(self.G + other.G)
+        return Dense(self.G + other.G.to(self.G.dtype))
 
     def can_cross(self, other):
         return isinstance(other, Dense)
