@@ -64,6 +64,10 @@ class Capture:
       gradient: see lowrank_kernels.capture._norms). A layer called several times (weight
       sharing) and a parameter shared by several layers (tied embedding and output weights)
       get g_i = the sum over the calls, and their Gram includes the calls' cross terms.
+    A parameter must reach the loss through its module's forward: one that receives a
+      gradient while its module was never called raises (e.g. F.linear(x, layer.weight));
+      one used both through its module and directly is not detected.
+    The batch is dim 0 of every captured input and output, and one Capture holds one batch.
     fallback: False (default) raises for any other module with trainable parameters of its
       own; True computes those parameters' per-sample gradients with torch.func
       (vmap(grad) over that module alone; small modules).
