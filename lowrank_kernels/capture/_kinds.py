@@ -5,8 +5,10 @@ Each kind answers, for the per-sample gradients g_1 … g_B that it stands for (
     weighted_sum(c)        U c, c (B,) -> param shape, c (B, m) -> (m, *param shape)
     project(V)             Uᵀ V, V (m, *param shape) -> (B, m)
 through the public ops, never materializing U unless the kind is `Dense` (small parameters:
-norm-layer affine parameters, biases, the torch.func fallback). Two contributions of
-different kinds meet through `cross_gram`, which projects one on the other's columns.
+norm-layer affine parameters, biases, the torch.func fallback). Two contributions to one
+parameter meet through `cross_gram`: the ops' cross-Gram for one kind, a token-pair formula
+for a tied embedding and output layer, else one projected on the other's materialized
+per-sample gradients.
 """
 import torch
 
