@@ -98,7 +98,7 @@ def test_randomized_eigh_matches_eigh():
     resid = torch.linalg.vector_norm(P @ evecs - evecs * evals, dim=0)
     assert float(resid.max()) <= 2 * eps ** 0.5 * float(exact[0]) ** 0.5 + rounding
     op = lk.LinearOperator((50, 50), P.__matmul__, dtype=P.dtype)
-    ev2, _ = lk.randomized_eigh(op, k)
+    ev2, _ = lk.randomized_eigh(op, k, niter=2)
     torch.testing.assert_close(ev2, evals, rtol=1e-12, atol=1e-14)
 
 
@@ -112,6 +112,8 @@ def test_bad_inputs_name_the_argument():
         lk.randomized_svd(M, q=0)
     with pytest.raises(ValueError, match="niter and power_iters are the same thing"):
         lk.randomized_svd(M, 3, niter=1, power_iters=2)
+    with pytest.raises(ValueError, match="randomized_eigh: niter and power_iters"):
+        lk.randomized_eigh(M @ M.T, 2, niter=1, power_iters=3)
     with pytest.raises(ValueError, match="randomized_eigh: M must be square"):
         lk.randomized_eigh(M, 2)
     with pytest.raises(ValueError, match="M must be a 2-D tensor"):

@@ -54,9 +54,10 @@ def randomized_svd(M, k: int | None = None, *, q: int | None = None, niter: int 
     return (*out, stats) if return_stats else out
 
 
-def randomized_eigh(M, k: int, *, oversample: int = 10, power_iters: int = 2,
-                    dist: str = "gaussian", seed: int = 0, ortho: str = "cholqr2",
-                    backend: str | None = None, return_stats: bool = False):
+def randomized_eigh(M, k: int, *, oversample: int = 10, power_iters: int | None = None,
+                    niter: int | None = None, dist: str = "gaussian", seed: int = 0,
+                    ortho: str = "cholqr2", backend: str | None = None,
+                    return_stats: bool = False):
     """The k largest eigenpairs of a symmetric positive semi-definite M (n × n) by Rayleigh–
     Ritz on a randomized range:
 
@@ -64,13 +65,15 @@ def randomized_eigh(M, k: int, *, oversample: int = 10, power_iters: int = 2,
         T = W diag(λ) Wᵀ,  evecs = Q W[:, top k],  evals = λ[top k]
 
     M: dense float32/float64 (only its products are used, M is assumed symmetric) or a
-    LinearOperator (rmatmul may be omitted). Returns (evals descending (k,), evecs (n × k))
+    LinearOperator (rmatmul may be omitted). power_iters ≡ niter (default 2), as in
+    randomized_svd. Returns (evals descending (k,), evecs (n × k))
     [, SketchStats]. For PSD M the top eigenpairs are its top singular triplets, so the
     accuracy is that of randomized_svd with the same options."""
+    _, _, iters = _resolve_rank("randomized_eigh", k, None, oversample, niter, power_iters)
     m, n, _, _ = check_matrix("randomized_eigh", M)
     if m != n:
         raise ValueError(f"randomized_eigh: M must be square (symmetric), got shape {(m, n)}")
-    Q, stats = range_finder(M, k, oversample=oversample, power_iters=power_iters, dist=dist,
+    Q, stats = range_finder(M, k, oversample=oversample, power_iters=iters, dist=dist,
                             seed=seed, ortho=ortho, backend=backend, return_stats=True)
     MQ = M.matmul(Q) if isinstance(M, LinearOperator) else M @ Q
     T = Q.mT @ MQ
