@@ -250,6 +250,18 @@ def test_noncontiguous_inputs(device, backend, dtype):
     _check_accuracy(K, used, R, X, f"{backend} non-contiguous")
 
 
+@pytest.mark.parametrize("device,backend", device_backend_params("woodbury_solve"))
+@pytest.mark.parametrize("b,n,r", [(0, 5, 2), (3, 0, 2), (3, 5, 0)])
+def test_empty_dimensions(device, backend, b, n, r):
+    K = torch.eye(n, device=device).expand(b, n, n) * 2
+    X, info, used = lk.woodbury_solve(K, 0.5, torch.ones(b, n, r, device=device), backend=backend)
+    assert X.shape == (b, n, r) and info.tolist() == [0] * b and used.tolist() == [0.5] * b
+    # r = 0 still factors: an indefinite K is reported.
+    bad = lk.woodbury_solve(-K, 0.0, torch.ones(b, n, r, device=device), max_tries=0,
+                            backend=backend)
+    assert bad.info.tolist() == [1 if n else 0] * b
+
+
 @pytest.mark.skipif(not NATIVE, reason="native extension not built")
 def test_n1024_native_cpu_is_fast_and_accurate():
     """K = 2I + E, E symmetric with ‖E‖₂ ≤ ‖E‖_F = 1: the spectrum lies in [1, 3] a priori."""
@@ -358,21 +370,31 @@ def test_native_kernel_checks_its_arguments():
         op(K, lam, R, 1e-6, 65)
 
 
-# ---- GPU: both tile placements of the fused kernel ---------------------------------------
+# ---- GPU: every placement of the fused kernel's tiles and right-hand sides -----------------
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype,n", [(torch.float32, 256), (torch.float32, 400),
-                                     (torch.float64, 200), (torch.float64, 256),
-                                     (torch.float64, 1024)],
-                         ids=["fp32-256-smem", "fp32-400-global", "fp64-200-smem",
-                              "fp64-256-global", "fp64-1024-global"])
-def test_cuda_kernel_shared_and_global_tiles(dtype, n):
-    K, R = _spd(3, n, 1e3, dtype, "cuda", seed=n), _rhs(3, n, 16, dtype, "cuda")
+@pytest.mark.parametrize("dtype,n,r", [
+    pytest.param(torch.float32, 256, 16, id="fp32-n256-tiles+rhs-shared"),
+    pytest.param(torch.float32, 320, 16, id="fp32-n320-tiles-shared-rhs-global"),
+    pytest.param(torch.float32, 400, 16, id="fp32-n400-tiles-global-rhs-shared"),
+    pytest.param(torch.float64, 200, 16, id="fp64-n200-tiles+rhs-shared"),
+    pytest.param(torch.float64, 256, 1, id="fp64-n256-tiles-global-rhs-shared"),
+    pytest.param(torch.float64, 1024, 64, id="fp64-n1024-tiles+rhs-global"),
+])
+def test_cuda_kernel_placements(dtype, n, r):
+    K, R = _spd(3, n, 1e3, dtype, "cuda", seed=n), _rhs(3, n, r, dtype, "cuda")
     X, info, used = lk.woodbury_solve(K, 1e-3, R, backend="native")
     assert (info == 0).all()
-    _check_accuracy(K, used, R, X, f"cuda {dtype} n={n}")
+    _check_accuracy(K, used, R, X, f"cuda {dtype} n={n} r={r}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_cuda_failures_match_the_reference(dtype):
     Kf, Rf = _batch_with_failures(dtype, "cuda")
     ours = lk.woodbury_solve(Kf, 1e-4, Rf, jitter=1e-4, backend="native")
     ref = lk.woodbury_solve(Kf.cpu(), 1e-4, Rf.cpu(), jitter=1e-4, backend="reference")
     assert torch.equal(ours.info.cpu(), ref.info)
-    assert torch.isfinite(ours.X).all()
+    torch.testing.assert_close(ours.damping_used.cpu(), ref.damping_used, rtol=16 * UNIT[dtype],
+                               atol=0)
+    assert torch.isfinite(ours.X).all() and (ours.X[ours.info != 0] == 0).all()
