@@ -25,13 +25,13 @@ _CACHE = {}
 
 def _matrix(m, n):
     if (m, n) not in _CACHE:
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator(device=DEVICE).manual_seed(0)
         r = min(m, n)
-        sigma = 1.0 / (1.0 + torch.arange(r, dtype=torch.float32))
-        G1 = torch.randn(m, r, generator=g) / m ** 0.5
-        G2 = torch.randn(r, n, generator=g) / n ** 0.5
+        sigma = 1.0 / (1.0 + torch.arange(r, dtype=torch.float32, device=DEVICE))
+        G1 = torch.randn(m, r, generator=g, device=DEVICE) / m ** 0.5
+        G2 = torch.randn(r, n, generator=g, device=DEVICE) / n ** 0.5
         _CACHE.clear()  # one matrix at a time on the device
-        _CACHE[(m, n)] = ((G1 * sigma) @ G2).to(DEVICE)
+        _CACHE[(m, n)] = (G1 * sigma) @ G2
     return _CACHE[(m, n)]
 
 
