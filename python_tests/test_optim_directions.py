@@ -248,3 +248,38 @@ def test_built_from_params_and_capture_with_groups():
     update = _step(model, opt, x, y)
     update["0.weight"], update["0.bias"] = 2 * update["0.weight"], 2 * update["0.bias"]
     _check_blocks(model, update, grads, True)
+
+
+def test_seng_sketched_conv_gram_mixes_channels():
+    """A sketched Conv2d: g̃_i = S_out g_i (S_in ⊗ I_kh·kw)ᵀ (channels mixed by Ω/√s), K̃ its
+    Gram plus the exact bias Gram; d = U (K̃ + λB)⁻¹ 1 with the exact U."""
+    model = ref.cnn()
+    k, B = 2, 5
+    opt = SENG(model, lr=1.0, damping=LAM, momentum=0.0, sketch_threshold=50, sketch_size=k,
+               seed=3)
+    seeds = []
+    import lowrank_kernels.optim.seng as seng_module
+    original = seng_module.sketched_gram
+
+    def spy(contribution_list, size, seed):
+        seeds.append(seed)
+        return original(contribution_list, size, seed)
+
+    seng_module.sketched_gram = spy
+    try:
+        x, y = ref.batch(model, B, 8)
+        grads = _grads(opt, model, x, y)
+        update = _step(model, opt, x, y)
+    finally:
+        seng_module.sketched_gram = original
+    (seed,) = seeds  # only "0.weight" (3·2·3·3 = 54 > 50 entries) is sketched
+    omega = lambda n, s: lk.sketch_omega(torch.arange(n), min(k, n), s, "rademacher",
+                                         backend="reference").double() / math.sqrt(min(k, n))
+    G = grads["0.weight"]  # (B, 3, 2, 3, 3)
+    Gs = torch.einsum("oa,boihw,ic->bachw", omega(3, output_side_seed(seed)), G,
+                      omega(2, seed)).flatten(1)
+    K = Gs @ Gs.T + grads["0.bias"] @ grads["0.bias"].T
+    c = torch.linalg.solve(K + LAM * B * torch.eye(B, dtype=K.dtype), torch.ones(B, dtype=K.dtype))
+    for n in ["0.weight", "0.bias"]:
+        expect = torch.einsum("b,b...->...", c, grads[n])
+        assert ref.relative_error(update[n], expect) < TOL, n
