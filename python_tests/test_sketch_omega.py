@@ -10,6 +10,16 @@ from conftest import DEVICES, backends_for
 import lowrank_kernels as lk
 from lowrank_kernels.reference.sketch_omega import omega_words, philox4x32_10
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These matrices are tiny: torch's intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Random123 kat_vectors, philox4x32_10: (counter, key, output).
 KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),

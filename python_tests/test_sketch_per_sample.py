@@ -18,6 +18,15 @@ from conftest import backends_for
 import lowrank_kernels as lk
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These matrices are tiny: torch's intra-op threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _layer(B=5, T=3, d_in=6, d_out=4, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(B, T, d_in, generator=g, dtype=torch.float64).to(dtype)
