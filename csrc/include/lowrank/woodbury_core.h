@@ -344,7 +344,7 @@ LK_HD void wb_solve(Exec& ex, const WbMember<T>& m, const T* tiles) {
     ex.for_each(r, [&](index_t q) { wb_forward_tile(D, rows, X + row0 * r + q, r); });
     const index_t below = n - row0 - rows;
     ex.for_each(below * r, [&](index_t e) {
-      const index_t q = e / below, i = row0 + rows + e % below;
+      const index_t q = e % r, i = row0 + rows + e / r;  // q fastest: X rows contiguous
       wb_forward_update(tiles + wb_tile_offset(i / kWbTile, J), static_cast<int>(i % kWbTile),
                         rows, X + row0 * r + q, r, X + i * r + q);
     });
@@ -355,7 +355,7 @@ LK_HD void wb_solve(Exec& ex, const WbMember<T>& m, const T* tiles) {
     const T* D = tiles + wb_tile_offset(J, J);
     ex.for_each(r, [&](index_t q) { wb_backward_tile(D, rows, X + row0 * r + q, r); });
     ex.for_each(row0 * r, [&](index_t e) {
-      const index_t q = e / row0, k = e % row0;
+      const index_t q = e % r, k = e / r;
       wb_backward_update(tiles + wb_tile_offset(J, k / kWbTile), static_cast<int>(k % kWbTile),
                          rows, X + row0 * r + q, r, X + k * r + q);
     });
