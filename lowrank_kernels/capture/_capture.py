@@ -53,6 +53,9 @@ class Capture:
       cap.weighted_sum(c)             {param: U c}, c (B,) or (B, m) -> (m, *param.shape)
       cap.weighted_sum(c, write_grad=True)   also sets param.grad = U c (c (B,))
       cap.project(V)                  Uᵀ V (B,) for V {param: tensor}; (B, m) for a list of m
+      cap.weighted_sum({block: c_b}, by="module")   block-diagonal: U_b c_b per module
+      cap.project(V, by="module")     {module name: U_bᵀ V_b}
+      lowrank_kernels.ng_solve(cap, λ)   (F + λI)⁻¹ ḡ (or v) through the Woodbury identity
 
     loss_reduction: how the loss that is backpropagated depends on the per-sample losses ℓ_i:
       "mean" (loss = (1/B) Σ_i ℓ_i, the default of torch losses), "sum" (loss = Σ_i ℓ_i), or
@@ -289,37 +292,69 @@ class Capture:
         return torch.float32
 
     # ---- weighted sums and projections ---------------------------------------------------
-    def weighted_sum(self, c, *, write_grad=False):
+    def weighted_sum(self, c, *, by="model", write_grad=False):
         """{param: U c} with U c = Σ_i c_i g_i: c (B,) gives param-shaped tensors, c (B, m) gives
-        (m, *param.shape). write_grad=True (c (B,) only) also sets each param.grad to U c (in
-        the param's dtype), replacing what backward left there."""
+        (m, *param.shape). by="module" or "parameter": c is a dict {block label: c_block} with
+        one coefficient vector per block (the labels of gram(by=...)): each parameter gets
+        U_block c_block — the block-diagonal weighted sum. write_grad=True (c (B,) only) also
+        sets each param.grad to U c (in the param's dtype), replacing what backward left there."""
         contributions = self._contributions()
         B = self.batch_size
-        if not isinstance(c, torch.Tensor) or not c.is_floating_point():
-            got = c.dtype if isinstance(c, torch.Tensor) else type(c).__name__
-            raise TypeError("capture.weighted_sum: c must be a floating tensor of shape (B,) or "
-                            f"(B, m), got {got}")
-        if c.dim() not in (1, 2) or c.shape[0] != B:
-            raise ValueError(f"capture.weighted_sum: c must have shape ({B},) or ({B}, m), got "
-                             f"{tuple(c.shape)}")
-        if write_grad and c.dim() != 1:
-            raise ValueError("capture.weighted_sum: write_grad=True needs c of shape (B,), got "
-                             f"{tuple(c.shape)}")
+        per_block = self._coefficients_by_block(c, by, B)
+        if write_grad and any(w.dim() != 1 for w in per_block.values()):
+            raise ValueError("capture.weighted_sum: write_grad=True needs c of shape (B,)")
         dtype = self._result_dtype()
         out = {}
         for key, (name, p) in self._param_names.items():
-            total = torch.zeros((*c.shape[1:], *p.shape), dtype=dtype, device=p.device)
+            weights_all = per_block[self._label(key, by)]
+            total = torch.zeros((*weights_all.shape[1:], *p.shape), dtype=dtype, device=p.device)
             for contribution in contributions.get(key, []):
-                weights = c.to(device=p.device, dtype=_operand_dtype(contribution))
+                weights = weights_all.to(device=p.device, dtype=_operand_dtype(contribution))
                 total += contribution.weighted_sum(weights).to(dtype)
             out[p] = total
             if write_grad:
                 p.grad = total.to(p.dtype)
         return out
 
-    def project(self, V):
+    def _label(self, key, by):
+        """The block of parameter id `key` under by = model / module / parameter."""
+        return {"model": None, "module": self._owner.get(key),
+                "parameter": self._param_names[key][0]}[by]
+
+    def _coefficients_by_block(self, c, by, B):
+        """{block label: coefficients (B,) or (B, m)}, checked."""
+        if by not in ("model", "module", "parameter"):
+            raise ValueError(f"capture: by must be 'model', 'module' or 'parameter', got {by!r}")
+        labels = {self._label(key, by) for key in self._param_names}
+        if by == "model":
+            per_block = {None: c}
+        elif isinstance(c, dict):
+            missing = sorted(str(lbl) for lbl in labels if lbl not in c)
+            if missing:
+                raise ValueError(f"capture.weighted_sum: c has no coefficients for block(s) "
+                                 f"{', '.join(missing)} (by={by!r})")
+            per_block = {lbl: c[lbl] for lbl in labels}
+        else:
+            raise TypeError(f"capture.weighted_sum: with by={by!r}, c must be a dict "
+                            "{block label: tensor (B,) or (B, m)}")
+        for lbl, w in per_block.items():
+            where = "c" if lbl is None else f"c[{lbl!r}]"
+            if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+                raise TypeError(f"capture.weighted_sum: {where} must be a floating tensor of "
+                                f"shape (B,) or (B, m), got "
+                                f"{type(w).__name__ if not isinstance(w, torch.Tensor) else w.dtype}")
+            if w.dim() not in (1, 2) or w.shape[0] != B:
+                raise ValueError(f"capture.weighted_sum: {where} must have shape ({B},) or "
+                                 f"({B}, m), got {tuple(w.shape)}")
+        return per_block
+
+    def project(self, V, *, by="model"):
         """Uᵀ V: (Uᵀ V)_i = Σ_params ⟨g_i, V[param]⟩. V: {param: tensor of param.shape} -> (B,),
-        or a list of m such dicts -> (B, m). Every captured parameter needs an entry."""
+        or a list of m such dicts -> (B, m). Every captured parameter needs an entry.
+        by="module" or "parameter": {block label: (Uᵀ V) over that block's parameters}."""
+        if by not in ("model", "module", "parameter"):
+            raise ValueError(f"capture.project: by must be 'model', 'module' or 'parameter', "
+                             f"got {by!r}")
         single = isinstance(V, dict)
         directions = [V] if single else list(V)
         if not directions or not all(isinstance(v, dict) for v in directions):
@@ -342,16 +377,19 @@ class Capture:
                     raise ValueError(f"capture.project: {where}['{name}'] must have shape "
                                      f"{tuple(p.shape)}, got {tuple(v[p].shape)}")
         dtype = self._result_dtype()
-        out = torch.zeros((B, len(directions)), dtype=dtype,
-                          device=next(iter(self._param_names.values()))[1].device)
+        device = next(iter(self._param_names.values()))[1].device
+        blocks = {}
         for key, (name, p) in self._param_names.items():
+            out = blocks.setdefault(self._label(key, by), torch.zeros(
+                (B, len(directions)), dtype=dtype, device=device))
             stacked = None
             for contribution in contributions.get(key, []):
                 if stacked is None:
                     stacked = torch.stack([v[p] for v in directions])
                 Vp = stacked.to(dtype=_operand_dtype(contribution))
                 out += contribution.project(Vp).to(dtype).reshape(B, -1)
-        return out[:, 0] if single else out
+        blocks = {lbl: (out[:, 0] if single else out) for lbl, out in blocks.items()}
+        return blocks[None] if by == "model" else blocks
 
 
 def _contribution_dtype(c):
