@@ -4,7 +4,7 @@ the optimizer is lowrank_kernels.optim.TWA), random-subspace / intrinsic-dimensi
 and BatchNorm recomputation after the weights moved."""
 from .batchnorm import recompute_batchnorm
 from .checkpoints import CheckpointCollector, Subspace, build_subspace, flatten_parameters
-from .intrinsic import IntrinsicDimension, intrinsic_dimension
+from .intrinsic import IntrinsicDimension, intrinsic_dimension, plot_intrinsic_dimension
 from .model import SubspaceModel
 from .projections import (DenseProjection, FastfoodProjection, OnTheFlyProjection,
                           SparseProjection, make_projection)
@@ -12,4 +12,4 @@ from .projections import (DenseProjection, FastfoodProjection, OnTheFlyProjectio
 __all__ = ["CheckpointCollector", "DenseProjection", "FastfoodProjection", "IntrinsicDimension",
            "OnTheFlyProjection", "SparseProjection", "Subspace", "SubspaceModel",
            "build_subspace", "flatten_parameters", "intrinsic_dimension", "make_projection",
-           "recompute_batchnorm"]
+           "plot_intrinsic_dimension", "recompute_batchnorm"]

@@ -22,29 +22,39 @@ class IntrinsicDimension:
             json.dump(dataclasses.asdict(self), f, indent=2)
 
     def plot(self, path, title=None):
-        """Accuracy against d (log axis) with the full model's accuracy, the threshold and
-        d_int marked; written to `path` (PNG). Needs matplotlib."""
-        import matplotlib
+        """This sweep as a PNG (see plot_intrinsic_dimension)."""
+        plot_intrinsic_dimension([self], path, title)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.semilogx(self.dims, self.accuracies, "o-", label=f"subspace ({self.projection})")
-        ax.axhline(self.full_accuracy, color="k", ls="--",
-                   label=f"full model, D = {self.num_parameters:,}")
-        ax.axhline(self.threshold * self.full_accuracy, color="gray", ls=":",
-                   label=f"{self.threshold:.0%} of full")
-        if self.d_int is not None:
-            ax.axvline(self.d_int, color="tab:red", ls="-.",
-                       label=f"d_int{round(100 * self.threshold)} = {self.d_int}")
-        ax.set_xlabel("subspace dimension d")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(title or "intrinsic dimension")
-        ax.legend(loc="lower right")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+def plot_intrinsic_dimension(results, path, title=None):
+    """Accuracy against d (log axis) of one or more sweeps (one per projection), with the full
+    model's accuracy, the threshold and each d_int marked; written to `path` (PNG). Needs
+    matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    first = results[0]
+    ax.axhline(first.full_accuracy, color="k", ls="--",
+               label=f"full model, D = {first.num_parameters:,}")
+    ax.axhline(first.threshold * first.full_accuracy, color="gray", ls=":",
+               label=f"{first.threshold:.0%} of full")
+    for result in results:
+        line, = ax.semilogx(result.dims, result.accuracies, "o-",
+                            label=f"subspace ({result.projection})")
+        if result.d_int is not None:
+            ax.axvline(result.d_int, color=line.get_color(), ls="-.", alpha=0.7,
+                       label=f"d_int{round(100 * result.threshold)} = {result.d_int} "
+                             f"({result.projection})")
+    ax.set_xlabel("subspace dimension d")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "intrinsic dimension")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def intrinsic_dimension(build_model, train_and_evaluate, dims, projection="fastfood",
