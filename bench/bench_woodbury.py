@@ -52,7 +52,7 @@ def test_woodbury_cholesky(benchmark, b, n, r, dtype):
         L, _ = torch.linalg.cholesky_ex(K + LAMBDA * eye)
         return torch.cholesky_solve(R, L)
 
-    name = "cusolver cholesky_ex+cholesky_solve" if DEVICE == "cuda" else "torch cholesky_ex+cholesky_solve"
+    name = ("cusolver" if DEVICE == "cuda" else "torch") + " cholesky_ex+cholesky_solve"
     measure(benchmark, run, op="woodbury_solve", shape=shape, provider=name, flops=flops,
             bytes_moved=nbytes, baseline=True)
 

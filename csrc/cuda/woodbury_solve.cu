@@ -1,13 +1,13 @@
 // Fused CUDA kernel of the batched Woodbury solve X = (K + λI)⁻¹ R: one block per batch member
 // loads the damped lower triangle of K into 16×16 tiles — in shared memory when they fit (n ≤ 320
 // in fp32, n ≤ 224 in fp64, with the 227 KiB of an sm_90 block), else in a global workspace that
-// stays in L2; the right-hand sides too when they fit beside them — factors it with a blocked right-looking Cholesky with look-ahead (each diagonal
-// tile by warp 0 in lock-step while the other warps run the trailing update by 4×4 register
-// micro-tiles; panel rows one thread each), runs the forward and backward substitutions on the
-// output in place, and climbs the jitter ladder in the same launch when the factorization fails.
-// The arithmetic and the schedule are the shared core (lowrank/woodbury_core.h), run here with
-// BlockExec; the CPU kernel and the ctest run the same schedule serially (and in random orders,
-// to show it is free of races).
+// stays in L2; the right-hand sides too when they fit beside them — factors it with a blocked
+// right-looking Cholesky with look-ahead (each diagonal tile by warp 0 in lock-step while the
+// other warps run the trailing update by 4×4 register micro-tiles; panel rows one thread each),
+// runs the forward and backward substitutions on the output in place, and climbs the jitter
+// ladder in the same launch when the factorization fails. The arithmetic and the schedule are the
+// shared core (lowrank/woodbury_core.h), run here with BlockExec; the CPU kernel and the ctest run
+// the same schedule serially (and in random orders, to show it is free of races).
 #include "lowrank/woodbury_core.h"
 #include "woodbury_solve.cuh"
 

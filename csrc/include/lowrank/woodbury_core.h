@@ -296,7 +296,8 @@ LK_HD int wb_factor(Exec& ex, index_t n, const WbScratch<T>& s) {
   const index_t nt = wb_tiles(n);
   if (nt == 0) return 0;
   int failed = ex.column_steps(
-      kWbTile, [&](int c, int lane) { return wb_diag_tile_step(s.tiles, c, lane, s.ldiag, s.linv); },
+      kWbTile,
+      [&](int c, int lane) { return wb_diag_tile_step(s.tiles, c, lane, s.ldiag, s.linv); },
       index_t(0), [](index_t) {});
   if (failed >= 0) return failed + 1;
   for (index_t J = 0; J < nt; ++J) {
