@@ -246,13 +246,14 @@ def test_tokens_bf16_on_gpu(route):
 
 @pytest.mark.parametrize("device,backend", TOKEN_BACKENDS)
 def test_per_sample_route_in_a_small_workspace(device, backend, monkeypatch):
-    """A workspace of one 32×32 tile per sample: the parameters go through in many chunks
-    (several k-chunks and output-tile chunks), with the last chunk partial."""
+    """A workspace of two 64×128 tiles a sample (2 samples; 5 for the cross-Gram, which then
+    holds one 64×64 tile): the 150×101 parameters go through as 2 output-tile chunks, the
+    second partial (symmetric, diagonal), or as 2 k-chunks × 3 output-tile chunks (cross)."""
     import lowrank_kernels.triton.gram_linear as triton_gram
 
-    monkeypatch.setattr(triton_gram, "WORKSPACE_BYTES", 1)
-    A, E = _tokens(2, 3, 40, 70, torch.float32, device)
-    A2, E2 = _tokens(3, 3, 40, 70, torch.float32, device, seed=1)
+    monkeypatch.setattr(triton_gram, "WORKSPACE_BYTES", 2 * 2 * 64 * 128 * 4)
+    A, E = _tokens(2, 3, 100, 150, torch.float32, device)
+    A2, E2 = _tokens(3, 3, 100, 150, torch.float32, device, seed=1)
     for kwargs in ({}, {"diagonal": True}, {"A2": A2, "E2": E2}):
         K = lk.gram_linear(A, E, True, route="per_sample", backend=backend, **kwargs)
         exact, bound = _token_bound(A, E, True, kwargs.get("A2"), kwargs.get("E2"),

@@ -23,7 +23,7 @@ KERNEL_MODULES = (gram_linear, weighted_sum_linear, project_linear)
 
 
 class _Recorder:
-    """kernel[grid](*args, **kwargs) records (kernel, signature, constexprs) instead."""
+    """kernel[grid](*args, **kwargs) records (kernel, signature, constexprs, options)."""
 
     def __init__(self, fn, launches):
         self.fn = fn
@@ -43,8 +43,9 @@ class _Recorder:
                     signature[name] = POINTER[value.dtype]
                 else:
                     signature[name] = "i64" if abs(int(value)) >= 2 ** 31 else "i32"
-            key = (self.fn.__name__, str(signature), str(constexprs))
-            self.launches.setdefault(key, (self.fn, signature, constexprs))
+            options = {"num_warps": kwargs.get("num_warps", 4)}
+            key = (self.fn.__name__, str(signature), str(constexprs), str(options))
+            self.launches.setdefault(key, (self.fn, signature, constexprs, options))
         return launch
 
 
@@ -66,6 +67,13 @@ def _launches(dtype):
             gram_linear.gram_linear(A, E, True, **second, **kwargs)
         for kwargs in ({}, {"A2": A, "E2": E}, {"diagonal": True}):
             gram_linear.gram_linear(A, E, True, route="per_sample", **kwargs)
+        # Large layers: the widest tiles and 8 warps.
+        A_big = torch.randn(2, 3, 200, generator=g).to(dtype)
+        E_big = torch.randn(2, 3, 130, generator=g).to(dtype)
+        gram_linear.gram_linear(A_big, E_big, True, route="per_sample")
+        weighted_sum_linear.weighted_sum_linear(A_big, E_big, torch.randn(2, 2), True)
+        project_linear.project_linear(A_big[:1].expand(50, 3, 200),
+                                      E_big[:1].expand(50, 3, 130), torch.randn(130, 200))
         X = torch.randn(2, 4, 6, 6, generator=g).to(dtype)
         E = torch.randn(2, 6, 3, 6, generator=g).to(dtype)
         geometry = ((3, 2), (2, 1), (1, 0), (1, 2), 2)
@@ -85,11 +93,11 @@ def compile_all(dtype):
     """Compile every distinct launch for sm_90; the names of the kernels compiled."""
     launches = _launches(dtype)
     target = triton.backends.compiler.GPUTarget("cuda", 90, 32)
-    for fn, signature, constexprs in launches:
+    for fn, signature, constexprs, options in launches:
         source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        compiled = triton.compile(source, target=target)
+        compiled = triton.compile(source, target=target, options=options)
         assert compiled.asm.get("cubin"), f"{fn.__name__} {constexprs}: no cubin"
-    return sorted({fn.__name__ for fn, _, _ in launches})
+    return sorted({launch[0].__name__ for launch in launches})
 
 
 def test_kernels_compile_for_sm90():

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_rows import input_precision, linear_tokens, load_input, load_rows, output_tokens
+from .token_rows import (input_precision, linear_tokens, load_input, load_rows, num_warps,
+                         output_tokens, tile)
 
 WORKSPACE_BYTES = 64 << 20  # per-sample route: per-sample gradient chunk (both sides together)
 _BLOCK = 64  # token rows (or samples, T = 1) per tile of the token-pair route
@@ -230,7 +231,7 @@ def _per_sample(t1, E1, t2, E2, groups, bias, diagonal, K, precision):
     B1, B2 = t1.B, t2.B
     rows = B1 + B2 if cross else B1
     d_out, cols = E1.shape[2] // groups, t1.cols + int(bias)
-    block_o, block_k, block_t = 32, 32, 32
+    block_o, block_k, block_t = tile(d_out, 64), tile(cols, 64), 32
     tiles_per_group = triton.cdiv(d_out, block_o)
     n_tiles = groups * tiles_per_group
     budget = max(WORKSPACE_BYTES // 4 // rows, block_o * block_k)  # floats per sample
@@ -256,7 +257,8 @@ def _per_sample(t1, E1, t2, E2, groups, bias, diagonal, K, precision):
                 _per_sample_gradient_kernel[(t.B, n_chunk, ck // block_k)](
                     *t.args(), E, *E.stride(), Wk, L, t.T, t.cols, t.col_step, d_out,
                     tiles_per_group, tile0, k0, ck, *t.geometry, **t.conv, HAS_BIAS=bias,
-                    BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_T=block_t, PRECISION=precision)
+                    BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_T=block_t, PRECISION=precision,
+                    num_warps=num_warps(block_o, block_k))
             _gram_workspace_kernel[(n1, n2, splits)](
                 W1, W2, L, partial, B1, B2, split_len, SYMMETRIC=not cross and not diagonal,
                 DIAGONAL=diagonal, BLOCK=block, BLOCK_L=block_k, PRECISION=gram_precision)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_rows import linear_tokens, load_input, load_rows, output_tokens
+from .token_rows import linear_tokens, load_input, load_rows, num_warps, output_tokens, tile
 
 
 @triton.jit
@@ -52,7 +52,7 @@ def project_tokens(t, E, V, V_bias, groups):
     """(B, m) fp32: ⟨g_i, V_j⟩ for a token matrix t (token_rows.Tokens), E (B, T, groups·d_out),
     V (m, groups·d_out, cols) and V_bias (m, groups·d_out) or None."""
     M, d_out, m = t.B * t.T, E.shape[2] // groups, V.shape[0]
-    block_r, block_o, block_k = 32, 32, 32
+    block_r, block_o, block_k = tile(M), tile(d_out, 64), 32
     tiles_per_group = triton.cdiv(d_out, block_o)
     n_tiles = groups * tiles_per_group
     row_tiles = triton.cdiv(M, block_r)
@@ -68,7 +68,8 @@ def project_tokens(t, E, V, V_bias, groups):
             *t.args(), E, *E.stride(), V, *V.stride(), vb, vb.stride(0), vb.stride(1), out, M,
             t.T, t.cols, t.col_step, d_out, tiles_per_group, n_tiles, tiles_per_split, m,
             *t.geometry, **t.conv, HAS_VBIAS=V_bias is not None, BLOCK_R=block_r,
-            BLOCK_O=block_o, BLOCK_K=block_k, PRECISION=precision)
+            BLOCK_O=block_o, BLOCK_K=block_k, PRECISION=precision,
+            num_warps=num_warps(block_r, block_o))
     return out.sum(0).view(m, t.B, t.T).sum(2).T
 
 

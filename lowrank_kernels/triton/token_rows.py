@@ -102,3 +102,17 @@ def input_precision(dtype):
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def tile(n, largest=128):
+    """Tile edge for a dimension of size n: a power of two in [32, largest], no larger than n
+    needs (small layers waste no lanes; large ones get tensor-core sized tiles)."""
+    return max(32, min(largest, triton.next_power_of_2(max(1, n))))
+
+
+def num_warps(*edges):
+    """8 warps for tiles of 128 × 128 elements or more, else 4."""
+    area = 1
+    for edge in edges:
+        area *= edge
+    return 8 if area >= 128 * 128 else 4

@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_rows import input_precision, linear_tokens, load_input, load_rows, output_tokens
+from .token_rows import (input_precision, linear_tokens, load_input, load_rows, num_warps,
+                         output_tokens, tile)
 
 
 @triton.jit
@@ -55,7 +56,7 @@ def weighted_sum_tokens(t, E, c, groups, bias):
     amax = c.abs().amax(0).float()
     scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
     c = (c.float() / scale).contiguous()
-    block_o, block_k, block_r = 32, 32, 32
+    block_o, block_k, block_r = tile(d_out), tile(n_cols), 32
     tiles_per_group = triton.cdiv(d_out, block_o)
     programs = groups * tiles_per_group * triton.cdiv(n_cols, block_k) * m
     splits = max(1, min(triton.cdiv(512, programs), triton.cdiv(M, 4 * block_r)))
@@ -68,7 +69,7 @@ def weighted_sum_tokens(t, E, c, groups, bias):
             *t.args(), E, *E.stride(), c, *c.stride(), out, M, t.T, t.cols, t.col_step, d_out,
             tiles_per_group, n_cols, n_out, m, rows_per_split, *t.geometry, **t.conv,
             HAS_BIAS=bias, BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_R=block_r,
-            PRECISION=input_precision(E.dtype))
+            PRECISION=input_precision(E.dtype), num_warps=num_warps(block_o, block_k))
     W = out.sum(0) if splits > 1 else out[0]
     W *= scale[:, None, None]
     if not bias:
