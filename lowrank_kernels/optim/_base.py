@@ -9,6 +9,27 @@ plain (momentum-)SGD direction) and state["fallbacks"] counts the parameter; whe
 finite either, θ and its momentum buffer are left unchanged and state["skipped"] counts it.
 The checks run on the device without synchronizing (torch.where), so nothing non-finite is
 ever written into the weights.
+
+Usage (FNGD, SENG, KFAC alike):
+
+    opt = FNGD(model, lr=0.05, damping=0.5, steps_per_epoch=len(loader))
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+Built from a model, the optimizer makes a Capture(model, loss_reduction=..., keep=True) and
+keeps its hooks on (opt.close() removes them). Built from parameters, it takes
+capture=Capture(model) and enters it (do not wrap steps in your own `with capture:` unless
+the capture has keep=True and step() runs inside the block). One forward and backward per
+step: the capture records every forward run with gradients enabled until step() consumes
+and releases the batch, so gradient accumulation over micro-batches is not supported, and
+evaluation belongs under torch.no_grad(). loss_reduction says how the loss depends on the
+per-sample losses ("mean", "sum", or s for loss = s·Σ_i ℓ_i, e.g. 1/(B·T) for a token mean).
+State: per parameter only "momentum_buffer"; the methods' own state (step, counters,
+coefficients, curvature, factors) sits under string keys of self.state, so state_dict()
+saves it with torch.save and load_state_dict() resumes bit for bit.
 """
 import torch
 

@@ -22,10 +22,11 @@ class FNGD(GuardedOptimizer):
     Coefficients. During the first epoch (`steps_per_epoch` steps) c is computed from each
     batch's Gram K with `woodbury_solve`. Afterwards the coefficients are reused, so a step
     costs one weighted sum U c per parameter and no Gram and no solve — about a first-order
-    step. The paper's argument (FNGD, §3): c = (K + λB)⁻¹1 only weighs the samples of a
-    batch against each other, it changes slowly during training, and "sharing the weighted
-    coefficients across epochs" did not change the empirical results while removing every
-    inverse after epoch one. What is reused is the normalized weight w = B·c (w ≡ 1/λ when
+    step. Why reuse is sound, per the paper (arXiv 2403.03473): NGD is exactly a weighted
+    sum of per-sample gradients, the weights c only weigh the samples of a batch against each
+    other (the gradients themselves are always fresh), and its experiments found that the
+    coefficients can be "shared across epochs without affecting the empirical performance",
+    which removes every inverse after epoch one. What is reused is the normalized weight w = B·c (w ≡ 1/λ when
     K = 0: the mean gradient scaled by 1/λ), so batches of different sizes are comparable:
       reuse="mean" (default): w̄_k = the mean of w_k over the first-epoch batches that have
         a k-th sample (a smaller last batch contributes to its first positions only); a batch
