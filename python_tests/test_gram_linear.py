@@ -365,3 +365,17 @@ def test_bad_token_inputs_name_the_argument(backend):
     bad[1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"A2 contains non-finite values"):
         lk.gram_linear(A, E, A2=bad, E2=E, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", TOKEN_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 5), (3, 0, 4, 5), (3, 2, 0, 5), (3, 2, 4, 0)],
+                         ids=["B0", "T0", "d_in0", "d_out0"])
+def test_empty_dimensions(device, backend, shape):
+    """No samples, tokens, inputs or outputs: K is what the float64 formula gives (zeros, or
+    the bias part alone when d_in = 0)."""
+    A, E = _tokens(*shape, torch.float32, device)
+    for route in ROUTES:
+        for diagonal in (False, True):
+            K = lk.gram_linear(A, E, True, diagonal=diagonal, route=route, backend=backend)
+            exact, bound = _token_bound(A, E, True, diagonal=diagonal)
+            assert_within(K.cpu(), exact, bound, f"{backend} {route} {shape}")

@@ -113,3 +113,13 @@ def test_bad_input_errors_name_the_argument(backend):
     bad[0, 1, 2] = float("inf")
     with pytest.raises(ValueError, match=r"V contains non-finite values"):
         lk.project_linear(A, E, bad, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("project_linear"))
+@pytest.mark.parametrize("case", [(0, 3, 4, 5, 2, True), (3, 0, 4, 5, None, True),
+                                  (3, 2, 0, 5, None, True), (3, 2, 4, 0, 2, True)],
+                         ids=["B0", "T0", "d_in0", "d_out0"])
+def test_empty_dimensions(device, backend, case):
+    A, E, V, V_bias = _inputs(case, torch.float32, device)
+    check_result(lk.project_linear(A, E, V, V_bias, backend=backend),
+                 _expected(A, E, V, V_bias), f"{backend} {case}")

@@ -115,3 +115,13 @@ def test_bad_input_errors_name_the_argument(backend):
     bad[1] = float("nan")
     with pytest.raises(ValueError, match=r"c contains non-finite values"):
         lk.weighted_sum_linear(A, E, bad, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_params("weighted_sum_linear"))
+@pytest.mark.parametrize("case", [(0, 3, 4, 5, 2, True), (3, 0, 4, 5, None, True),
+                                  (3, 2, 0, 5, None, True), (3, 2, 4, 0, 2, True)],
+                         ids=["B0", "T0", "d_in0", "d_out0"])
+def test_empty_dimensions(device, backend, case):
+    A, E, c = _inputs(case, torch.float32, device)
+    check_result(lk.weighted_sum_linear(A, E, c, True, backend=backend),
+                 _expected(A, E, c, True), f"{backend} {case}")

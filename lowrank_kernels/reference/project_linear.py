@@ -16,7 +16,8 @@ def project_linear(A, E, V, V_bias=None, groups=1):
     m = Vm.shape[0]
     out = A.new_zeros((B * T, m))
     for g in range(G):
-        Y = A[:, :, g].reshape(B * T, -1) @ Vm[:, g].reshape(m * d_out, -1).T  # (B T) × (m d_out)
+        d_in = A.shape[-1]
+        Y = A[:, :, g].reshape(B * T, d_in) @ Vm[:, g].reshape(m * d_out, d_in).T  # (B T) × (m d_out)
         if V_bias is not None:
             vb = (V_bias if V_bias.dim() == 2 else V_bias[None]).to(dtype)
             Y = Y + vb.unflatten(1, (G, d_out))[:, g].reshape(1, m * d_out)

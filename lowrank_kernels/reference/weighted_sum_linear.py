@@ -14,7 +14,7 @@ def weighted_sum_linear(A, E, c, bias=False, groups=1):
     B, T, G, d_out = E.shape
     C = (c if c.dim() == 2 else c[:, None]).to(dtype)  # B × m
     rows_c = C.repeat_interleave(T, 0)  # (B T) × m
-    E_rows, A_rows = E.reshape(B * T, G, d_out), A.reshape(B * T, G, -1)
+    E_rows, A_rows = E.reshape(B * T, G, d_out), A.reshape(B * T, G, A.shape[-1])
     # (m, G, d_out, d_in/G): per group, (C ⊙ E)ᵀ A with the row scaling in the GEMM's operand.
     W = torch.stack([(rows_c.T[:, :, None] * E_rows[None, :, g]).transpose(1, 2) @ A_rows[:, g]
                      for g in range(G)], 1).flatten(1, 2)

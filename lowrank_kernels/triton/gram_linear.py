@@ -275,6 +275,8 @@ def gram_tokens(t1, E1, t2, E2, groups, bias, diagonal, route):
                     dtype=torch.float32)
     if K.numel() == 0:
         return K
+    if t1.T == 0 or t1.cols + int(bias) == 0 or E1.shape[2] == 0:
+        return K.zero_()  # no tokens or no parameters: every per-sample gradient is empty
     run = _token_pair if route == "token_pair" else _per_sample
     return run(t1, E1, t2, E2, groups, bias, diagonal, K, input_precision(E1.dtype))
 

@@ -55,21 +55,22 @@ def project_tokens(t, E, V, V_bias, groups):
     block_r, block_o, block_k = tile(M), tile(d_out, 64), 32
     tiles_per_group = triton.cdiv(d_out, block_o)
     n_tiles = groups * tiles_per_group
+    if not (M and n_tiles and m):  # no rows, outputs or directions: zero projections
+        return torch.zeros((t.B, m), device=E.device, dtype=torch.float32)
     row_tiles = triton.cdiv(M, block_r)
-    splits = max(1, min(n_tiles, triton.cdiv(512, max(1, row_tiles * m))))
+    splits = max(1, min(n_tiles, triton.cdiv(512, row_tiles * m)))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
-    out = torch.zeros((splits, m, M), device=E.device, dtype=torch.float32)
-    if M and n_tiles and m:
-        # Operands are read as fp32: full fp32 products unless TF32 is allowed.
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-        vb = V_bias if V_bias is not None else V
-        _project_linear_kernel[(row_tiles, splits * m)](
-            *t.args(), E, *E.stride(), V, *V.stride(), vb, vb.stride(0), vb.stride(1), out, M,
-            t.T, t.cols, t.col_step, d_out, tiles_per_group, n_tiles, tiles_per_split, m,
-            *t.geometry, **t.conv, HAS_VBIAS=V_bias is not None, BLOCK_R=block_r,
-            BLOCK_O=block_o, BLOCK_K=block_k, PRECISION=precision,
-            num_warps=num_warps(block_r, block_o))
+    out = torch.empty((splits, m, M), device=E.device, dtype=torch.float32)
+    # Operands are read as fp32: full fp32 products unless TF32 is allowed.
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    vb = V_bias if V_bias is not None else V
+    _project_linear_kernel[(row_tiles, splits * m)](
+        *t.args(), E, *E.stride(), V, *V.stride(), vb, vb.stride(0), vb.stride(1), out, M,
+        t.T, t.cols, t.col_step, d_out, tiles_per_group, n_tiles, tiles_per_split, m,
+        *t.geometry, **t.conv, HAS_VBIAS=V_bias is not None, BLOCK_R=block_r,
+        BLOCK_O=block_o, BLOCK_K=block_k, PRECISION=precision,
+        num_warps=num_warps(block_r, block_o))
     return out.sum(0).view(m, t.B, t.T).sum(2).T
 
 

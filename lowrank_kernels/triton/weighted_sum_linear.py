@@ -53,6 +53,9 @@ def weighted_sum_tokens(t, E, c, groups, bias):
     n_cols = t.cols + int(bias)
     m = c.shape[1]
     # Scale each column of c by a power of two to |c| ≤ 1 (exact): c ⊙ E cannot overflow fp16.
+    if not (M and n_out and n_cols and m):  # no rows or no parameters: a zero sum
+        W = torch.zeros((m, n_out, n_cols), device=E.device, dtype=torch.float32)
+        return (W[..., :t.cols], W[..., t.cols]) if bias else (W, None)
     amax = c.abs().amax(0).float()
     scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
     c = (c.float() / scale).contiguous()
@@ -61,15 +64,14 @@ def weighted_sum_tokens(t, E, c, groups, bias):
     programs = groups * tiles_per_group * triton.cdiv(n_cols, block_k) * m
     splits = max(1, min(triton.cdiv(512, programs), triton.cdiv(M, 4 * block_r)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_r) * block_r
-    splits = triton.cdiv(M, rows_per_split) if M else 1
-    out = torch.zeros((splits, m, n_out, n_cols), device=E.device, dtype=torch.float32)
-    if M and n_out and n_cols:
-        grid = (groups * tiles_per_group, triton.cdiv(n_cols, block_k), splits * m)
-        _weighted_sum_linear_kernel[grid](
-            *t.args(), E, *E.stride(), c, *c.stride(), out, M, t.T, t.cols, t.col_step, d_out,
-            tiles_per_group, n_cols, n_out, m, rows_per_split, *t.geometry, **t.conv,
-            HAS_BIAS=bias, BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_R=block_r,
-            PRECISION=input_precision(E.dtype), num_warps=num_warps(block_o, block_k))
+    splits = triton.cdiv(M, rows_per_split)
+    out = torch.empty((splits, m, n_out, n_cols), device=E.device, dtype=torch.float32)
+    grid = (groups * tiles_per_group, triton.cdiv(n_cols, block_k), splits * m)
+    _weighted_sum_linear_kernel[grid](
+        *t.args(), E, *E.stride(), c, *c.stride(), out, M, t.T, t.cols, t.col_step, d_out,
+        tiles_per_group, n_cols, n_out, m, rows_per_split, *t.geometry, **t.conv,
+        HAS_BIAS=bias, BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_R=block_r,
+        PRECISION=input_precision(E.dtype), num_warps=num_warps(block_o, block_k))
     W = out.sum(0) if splits > 1 else out[0]
     W *= scale[:, None, None]
     if not bias:
