@@ -12,10 +12,10 @@ inputs on the reference backend). The Triton kernels read X by implicit im2col; 
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, register
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
 from ._conv2d import check_conv2d, pair
-from .gram_linear import TRITON_DTYPES, check_cross, choose_route
+from .gram_linear import check_cross, choose_route, reference_and_triton
 
 OP = "gram_conv2d"
 
@@ -54,7 +54,6 @@ def _triton(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, 
                               _route(X, E, kernel_size, groups, bias, X2, diagonal))
 
 
-_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor X, Tensor E, int[2] kernel_size, int[2] stride=1, int[2] padding=0, "
@@ -62,11 +61,7 @@ SPEC = register(OpSpec(
            "Tensor? E2=None, bool diagonal=False, str? backend=None) -> Tensor",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
-        "triton": Backend(_triton, TRITON_DTYPES),
-    },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    **reference_and_triton(_reference, _triton),
     finite_inputs=("X", "E", "X2", "E2"),
     doc="K_ij = Σ_g Σ_{t,s} (ã_it·ã_js)(e_it·e_js), ã = im2col(X)",
 ))

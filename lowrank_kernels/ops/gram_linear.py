@@ -143,6 +143,14 @@ _ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The interpreter computes bf16 wrongly (see DESIGN §4): bf16 Triton is GPU-only.
 TRITON_DTYPES = {"cpu": (torch.float32, torch.float16),
                  "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def reference_and_triton(reference, triton):
+    """OpSpec backends of a layer op without a native kernel: the reference (every device and
+    dtype; auto on CPU, where it is BLAS GEMMs) and Triton (auto on CUDA)."""
+    return dict(backends={"reference": Backend(reference, {"cpu": _ALL, "cuda": _ALL}),
+                          "triton": Backend(triton, TRITON_DTYPES)},
+                auto={"cpu": ("reference",), "cuda": ("triton", "reference")})
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor A, Tensor E, bool bias=False, Tensor? A2=None, Tensor? E2=None, "

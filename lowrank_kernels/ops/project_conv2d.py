@@ -8,10 +8,10 @@ reference backend).
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, register
 from ..reference.project_conv2d import project_conv2d as reference_project
 from ._conv2d import check_conv2d, pair
-from .gram_linear import TRITON_DTYPES
+from .gram_linear import reference_and_triton
 from .project_linear import check_directions, fake_projection
 
 OP = "project_conv2d"
@@ -36,18 +36,13 @@ def _triton(X, E, V, V_bias, stride, padding, dilation, groups):
     return triton_project(X, E, V, V_bias, stride, padding, dilation, groups)
 
 
-_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor X, Tensor E, Tensor V, Tensor? V_bias=None, int[2] stride=1, "
            "int[2] padding=0, int[2] dilation=1, int groups=1, str? backend=None) -> Tensor",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(reference_project, {"cpu": _ALL, "cuda": _ALL}),
-        "triton": Backend(_triton, TRITON_DTYPES),
-    },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    **reference_and_triton(reference_project, _triton),
     finite_inputs=("X", "E", "V", "V_bias"),
     doc="(Uᵀ V)_i = Σ_g Σ_t e_itᵀ V_g im2col(X)_it",
 ))

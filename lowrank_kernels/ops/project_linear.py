@@ -10,9 +10,9 @@ reference backend); V may have its own floating dtype.
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, register
 from ..reference.project_linear import project_linear as reference_project
-from .gram_linear import TRITON_DTYPES, check_linear_layer
+from .gram_linear import check_linear_layer, reference_and_triton
 
 OP = "project_linear"
 
@@ -60,17 +60,12 @@ def _triton(A, E, V, V_bias):
     return triton_project(A, E, V, V_bias)
 
 
-_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor A, Tensor E, Tensor V, Tensor? V_bias=None, str? backend=None) -> Tensor",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(reference_project, {"cpu": _ALL, "cuda": _ALL}),
-        "triton": Backend(_triton, TRITON_DTYPES),
-    },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    **reference_and_triton(reference_project, _triton),
     finite_inputs=("A", "E", "V", "V_bias"),
     doc="(Uᵀ V)_i = Σ_t e_itᵀ V a_it",
 ))

@@ -6,10 +6,10 @@ rows, as a weight ([m,] C_out, C_in/groups, kh, kw) and, with bias, the bias par
 """
 import torch
 
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, register
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
 from ._conv2d import check_conv2d, pair
-from .gram_linear import TRITON_DTYPES
+from .gram_linear import reference_and_triton
 from .weighted_sum_linear import as_outputs, check_coefficients, fake_outputs
 
 OP = "weighted_sum_conv2d"
@@ -38,7 +38,6 @@ def _triton(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
                                            groups, bias))
 
 
-_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor X, Tensor E, Tensor c, int[2] kernel_size, int[2] stride=1, "
@@ -46,11 +45,7 @@ SPEC = register(OpSpec(
            "str? backend=None) -> (Tensor, Tensor)",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
-        "triton": Backend(_triton, TRITON_DTYPES),
-    },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    **reference_and_triton(_reference, _triton),
     finite_inputs=("X", "E", "c"),
     doc="U c = (c ⊙ E)ᵀ im2col(X) per group",
 ))

@@ -11,9 +11,9 @@ float64 inputs on the reference backend); c may have its own floating dtype.
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, register
 from ..reference.weighted_sum_linear import weighted_sum_linear as reference_weighted_sum
-from .gram_linear import TRITON_DTYPES, check_linear_layer
+from .gram_linear import check_linear_layer, reference_and_triton
 
 OP = "weighted_sum_linear"
 
@@ -60,18 +60,13 @@ def _triton(A, E, c, bias):
     return as_outputs(*triton_weighted_sum(A, E, c, bias))
 
 
-_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor A, Tensor E, Tensor c, bool bias=False, str? backend=None) "
            "-> (Tensor, Tensor)",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
-        "triton": Backend(_triton, TRITON_DTYPES),
-    },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    **reference_and_triton(_reference, _triton),
     finite_inputs=("A", "E", "c"),
     doc="U c = (c ⊙ E)ᵀ A",
 ))
