@@ -60,7 +60,10 @@ def make_trainer(train, test):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (the models are tiny: one thread is fastest)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     train, test = load_digits()
     trainer = make_trainer(train, test)

@@ -20,9 +20,8 @@ def _fwht_kernel(x, y, inner, N: tl.constexpr, LOG_N: tl.constexpr):
     v = tl.load(x + offsets).to(tl.float32)
     half = tl.arange(0, 2)
     sign = tl.where(half == 0, 1.0, -1.0)
-    for s in tl.static_range(LOG_N):
-        h: tl.constexpr = 1 << s
-        pairs = tl.reshape(v, (N // (2 * h), 2, h))
+    for s in tl.static_range(LOG_N):  # stage s pairs elements 2^s apart
+        pairs = tl.reshape(v, (N >> (s + 1), 2, 1 << s))
         total = tl.sum(pairs, axis=1)                              # a + b
         diff = tl.sum(pairs * sign[None, :, None], axis=1)         # a − b
         v = tl.reshape(tl.where(half[None, :, None] == 0, total[:, None, :], diff[:, None, :]),
