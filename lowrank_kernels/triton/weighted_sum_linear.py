@@ -13,7 +13,7 @@ from .token_rows import (input_precision, linear_tokens, load_input, load_rows, 
 
 @triton.jit
 def _weighted_sum_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, C, c_s0, c_s1,
-                                OUT, M, T, d_in, a_step, d_out, tiles_per_group, n_cols,
+                                OUT, OUT_B, M, T, d_in, a_step, d_out, tiles_per_group,
                                 n_out, m, rows_per_split, H, W, W_out,
                                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
                                 SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -21,7 +21,8 @@ def _weighted_sum_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, 
                                 HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr,
                                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                                 PRECISION: tl.constexpr):
-    # OUT[s, j, g·d_out + o, k] = Σ_{rows r of split s} C[i(r), j] E[r, g, o] Ã[r, g, k]
+    # OUT[s, j, g·d_out + o, k] = Σ_{rows r of split s} C[i(r), j] E[r, g, o] Ã[r, g, k] for
+    # k < d_in; OUT_B[s, j, g·d_out + o] the same for the ones column k = d_in (the bias part).
     tile = tl.program_id(0)
     kt = tl.program_id(1)
     j = tl.program_id(2) % m
@@ -41,8 +42,12 @@ def _weighted_sum_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, 
         ce = (e.to(tl.float32) * c[:, None]).to(a.dtype)
         acc = tl.dot(tl.trans(ce), a, acc, input_precision=PRECISION)
     out_rows = (s * m + j).to(tl.int64) * n_out + g * d_out + os
-    mask = (os[:, None] < d_out) & (ks[None, :] < n_cols)
-    tl.store(OUT + out_rows[:, None] * n_cols + ks[None, :], acc, mask=mask)
+    mask = (os[:, None] < d_out) & (ks[None, :] < d_in)
+    tl.store(OUT + out_rows[:, None] * d_in + ks[None, :], acc, mask=mask)
+    if HAS_BIAS:
+        if kt * BLOCK_K <= d_in and d_in < (kt + 1) * BLOCK_K:  # this tile holds column d_in
+            bias_part = tl.sum(tl.where(ks[None, :] == d_in, acc, 0.0), axis=1)
+            tl.store(OUT_B + out_rows, bias_part, mask=os < d_out)
 
 
 def weighted_sum_tokens(t, E, c, groups, bias):
@@ -52,10 +57,10 @@ def weighted_sum_tokens(t, E, c, groups, bias):
     d_out = n_out // groups
     n_cols = t.cols + int(bias)
     m = c.shape[1]
-    # Scale each column of c by a power of two to |c| ≤ 1 (exact): c ⊙ E cannot overflow fp16.
     if not (M and n_out and n_cols and m):  # no rows or no parameters: a zero sum
-        W = torch.zeros((m, n_out, n_cols), device=E.device, dtype=torch.float32)
-        return (W[..., :t.cols], W[..., t.cols]) if bias else (W, None)
+        W = torch.zeros((m, n_out, t.cols), device=E.device, dtype=torch.float32)
+        return W, (W.new_zeros((m, n_out)) if bias else None)
+    # Scale each column of c by a power of two to |c| ≤ 1 (exact): c ⊙ E cannot overflow fp16.
     amax = c.abs().amax(0).float()
     scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
     c = (c.float() / scale).contiguous()
@@ -65,18 +70,19 @@ def weighted_sum_tokens(t, E, c, groups, bias):
     splits = max(1, min(triton.cdiv(512, programs), triton.cdiv(M, 4 * block_r)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_r) * block_r
     splits = triton.cdiv(M, rows_per_split)
-    out = torch.empty((splits, m, n_out, n_cols), device=E.device, dtype=torch.float32)
+    out = torch.empty((splits, m, n_out, t.cols), device=E.device, dtype=torch.float32)
+    out_b = out.new_empty((splits, m, n_out)) if bias else out
     grid = (groups * tiles_per_group, triton.cdiv(n_cols, block_k), splits * m)
     _weighted_sum_linear_kernel[grid](
-        *t.args(), E, *E.stride(), c, *c.stride(), out, M, t.T, t.cols, t.col_step, d_out,
-        tiles_per_group, n_cols, n_out, m, rows_per_split, *t.geometry, **t.conv,
+        *t.args(), E, *E.stride(), c, *c.stride(), out, out_b, M, t.T, t.cols, t.col_step,
+        d_out, tiles_per_group, n_out, m, rows_per_split, *t.geometry, **t.conv,
         HAS_BIAS=bias, BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_R=block_r,
         PRECISION=input_precision(E.dtype), num_warps=num_warps(block_o, block_k))
-    W = out.sum(0) if splits > 1 else out[0]
-    W *= scale[:, None, None]
-    if not bias:
-        return W, None
-    return W[..., :t.cols], W[..., t.cols].contiguous()
+    def total(partials):  # the splits' sum, unscaled
+        return partials.sum(0) if splits > 1 else partials[0]
+
+    W = total(out).mul_(scale[:, None, None])
+    return W, (total(out_b).mul_(scale[:, None]) if bias else None)
 
 
 def weighted_sum_linear(A, E, c, bias=False):
