@@ -48,6 +48,11 @@ def test_matches_float64(device, backend, dtype, case):
     C = lk.gram_conv2d(X, E, **conv_geometry(case), X2=X2, E2=E2, backend=backend)
     assert C.shape == (case[0], 2)
     assert_within(C.cpu(), *_exact_and_bound(case, X, E, X2, E2), f"{backend} cross")
+    X3, E3 = conv_inputs(case, dtype, device, seed=2)
+    c = lk.gram_conv2d(X, E, **conv_geometry(case), X2=X3, E2=E3, diagonal=True,
+                       backend=backend)
+    assert_within(c.cpu(), *_exact_and_bound(case, X, E, X3, E3, diagonal=True),
+                  f"{backend} cross diagonal")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -70,6 +75,11 @@ def test_both_routes_of_every_backend(device, route, case):
         assert_within(K.cpu(), exact, bound, f"{name} {route}")
         d = run(X, E, *args, diagonal=True, route=route)
         assert_within(d.cpu(), exact.diag(), bound.diag(), f"{name} {route} diagonal")
+    X2, E2 = conv_inputs(case, torch.float32, device, seed=1)
+    exact, bound = _exact_and_bound(case, X, E, X2, E2)
+    for name, run in runs.items():
+        d = run(X, E, *args, X2, E2, diagonal=True, route=route)
+        assert_within(d.cpu(), exact.diag(), bound.diag(), f"{name} {route} cross diagonal")
 
 
 @pytest.mark.cuda

@@ -233,6 +233,10 @@ def test_tokens_match_float64(device, backend, dtype, case, route):
     assert C.shape == (shape[0], shape[0] + 2)
     exact, bound = _token_bound(A, E, bias, A2, E2)
     assert_within(C.cpu(), exact, bound, f"{backend} {route} cross")
+    c = lk.gram_linear(A, E, bias, A2=A2[2:], E2=E2[2:], diagonal=True, route=route,
+                       backend=backend)
+    exact, bound = _token_bound(A, E, bias, A2[2:], E2[2:], diagonal=True)
+    assert_within(c.cpu(), exact, bound, f"{backend} {route} cross diagonal")
 
 
 @pytest.mark.cuda
@@ -254,7 +258,8 @@ def test_per_sample_route_in_a_small_workspace(device, backend, monkeypatch):
     monkeypatch.setattr(triton_gram, "WORKSPACE_BYTES", 2 * 2 * 64 * 128 * 4)
     A, E = _tokens(2, 3, 100, 150, torch.float32, device)
     A2, E2 = _tokens(3, 3, 100, 150, torch.float32, device, seed=1)
-    for kwargs in ({}, {"diagonal": True}, {"A2": A2, "E2": E2}):
+    for kwargs in ({}, {"diagonal": True}, {"A2": A2, "E2": E2},
+                   {"A2": A2[1:], "E2": E2[1:], "diagonal": True}):
         K = lk.gram_linear(A, E, True, route="per_sample", backend=backend, **kwargs)
         exact, bound = _token_bound(A, E, True, kwargs.get("A2"), kwargs.get("E2"),
                                     kwargs.get("diagonal", False))
@@ -351,8 +356,8 @@ def test_bad_token_inputs_name_the_argument(backend):
         lk.gram_linear(A, E[:, 0], backend=backend)
     with pytest.raises(ValueError, match=r"A2 and E2 must be given together"):
         lk.gram_linear(A, E, A2=A, backend=backend)
-    with pytest.raises(ValueError, match=r"diagonal=True takes no A2/E2"):
-        lk.gram_linear(A, E, A2=A, E2=E, diagonal=True, backend=backend)
+    with pytest.raises(ValueError, match=r"diagonal=True with A2/E2 needs the first batch's"):
+        lk.gram_linear(A, E, A2=A[:3], E2=E[:3], diagonal=True, backend=backend)
     with pytest.raises(ValueError, match=r"A2 must have the first batch's shape"):
         lk.gram_linear(A, E, A2=A[:, :, :4], E2=E, backend=backend)
     with pytest.raises(ValueError, match=r"A2 and E2 must have the same batch size"):

@@ -59,13 +59,15 @@ def _launches(dtype):
     try:
         g = torch.Generator().manual_seed(0)
         # The token-pair reductions (T = 1: rows are samples; T = 3: SB samples a block;
-        # T = 70: one sample a block), each with another of symmetric / cross / diagonal.
-        for T, kwargs in ((1, {}), (3, {"cross": True}), (70, {"diagonal": True})):
+        # T = 70: one sample a block) with symmetric / cross / diagonal / cross diagonal.
+        for T, kwargs in ((1, {}), (3, {"cross": True}), (70, {"diagonal": True}),
+                          (70, {"diagonal": True, "cross": True})):
             A = torch.randn(3, T, 7, generator=g).to(dtype)
             E = torch.randn(3, T, 5, generator=g).to(dtype)
             second = {"A2": A, "E2": E} if kwargs.pop("cross", False) else {}
             gram_linear.gram_linear(A, E, True, **second, **kwargs)
-        for kwargs in ({}, {"A2": A, "E2": E}, {"diagonal": True}):
+        for kwargs in ({}, {"A2": A, "E2": E}, {"diagonal": True},
+                       {"A2": A, "E2": E, "diagonal": True}):
             gram_linear.gram_linear(A, E, True, route="per_sample", **kwargs)
         # Large layers: the widest tiles and 8 warps.
         A_big = torch.randn(2, 3, 200, generator=g).to(dtype)

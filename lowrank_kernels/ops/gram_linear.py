@@ -5,7 +5,7 @@
 (T = 1: K = (A Aᵀ + b) ⊙ (E Eᵀ)), ã = [a, 1] and b = 1 with bias=True, A (B, d_in) or
 (B, T, d_in) the layer inputs, E (B[, T], d_out) the gradients of its outputs. With A2/E2 the
 cross-Gram K_ij = ⟨g_i, h_j⟩ (B × B2); diagonal=True returns the B vector diag(K) (per-sample
-squared gradient norms). Output float32 (float64 for float64 inputs on the reference backend);
+squared gradient norms; with A2/E2 of the same B: ⟨g_i, h_i⟩). Output float32 (float64 for float64 inputs on the reference backend);
 for the symmetric K only the tiles on and above the diagonal are computed, the rest mirrored.
 
 route: "token_pair" (2·B²·T²·(d_in + d_out) flops: X = (A Aᵀ + b) ⊙ (E Eᵀ) per sample pair),
@@ -44,17 +44,15 @@ def check_route(op, route):
 
 
 def check_cross(op, names, first, second, diagonal):
-    """The optional second batch (names: its two argument names) comes whole, agrees with the
-    first in device, dtype and every dimension but the batch, and not with diagonal=True."""
+    """The optional second batch (names: its two argument names) comes whole and agrees with
+    the first in device, dtype and every dimension but the batch (and in that too with
+    diagonal=True: ⟨g_i, h_i⟩ pairs sample i of one batch with sample i of the other)."""
     given = [t is not None for t in second]
     if any(given) and not all(given):
         raise ValueError(f"{op}: {names[0]} and {names[1]} must be given together "
                          f"(the second batch of the cross-Gram)")
     if not all(given):
         return
-    if diagonal:
-        raise ValueError(f"{op}: diagonal=True takes no {names[0]}/{names[1]} "
-                         "(the diagonal of the symmetric Gram only)")
     for name, t, ref in zip(names, second, first):
         _checks.check_tensor(op, name, t)
         _checks.check_same(op, (name, "the first batch"), (t, ref), "device")
@@ -65,6 +63,9 @@ def check_cross(op, names, first, second, diagonal):
     if second[0].shape[0] != second[1].shape[0]:
         raise ValueError(f"{op}: {names[0]} and {names[1]} must have the same batch size "
                          f"(dim 0), got {second[0].shape[0]} and {second[1].shape[0]}")
+    if diagonal and second[0].shape[0] != first[0].shape[0]:
+        raise ValueError(f"{op}: diagonal=True with {names[0]}/{names[1]} needs the first "
+                         f"batch's size {first[0].shape[0]}, got {second[0].shape[0]}")
 
 
 def check_linear_layer(op, A, E):
@@ -177,7 +178,8 @@ def gram_linear(A: torch.Tensor, E: torch.Tensor, bias: bool = False, *, A2=None
 
     A: (B, d_in) or (B, T, d_in) layer inputs, E: (B, d_out) or (B, T, d_out) output gradients
     (same dtype and device). A2/E2: a second batch, for the cross-Gram (B × B2).
-    diagonal: return diag(K) (B), the per-sample squared gradient norms.
+    diagonal: return diag(K) (B), the per-sample squared gradient norms (with A2/E2 of the
+    same batch size: ⟨g_i, h_i⟩).
     route: 'auto' (default), 'token_pair' or 'per_sample' (see the module docstring).
     backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference', 'triton' or 'native'.
     Returns float32 (float64 for float64 inputs)."""

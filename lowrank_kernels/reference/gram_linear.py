@@ -22,8 +22,8 @@ def _token_pair(A, E, A2, E2, b, diagonal):
     for lo in range(0, B1, step):
         hi = min(lo + step, B1)
         if diagonal:
-            xa = torch.einsum("itgk,isgk->igts", A[lo:hi], A[lo:hi])
-            xe = torch.einsum("itgk,isgk->igts", E[lo:hi], E[lo:hi])
+            xa = torch.einsum("itgk,isgk->igts", A[lo:hi], A2[lo:hi])
+            xe = torch.einsum("itgk,isgk->igts", E[lo:hi], E2[lo:hi])
             out[lo:hi] = ((xa + b) * xe).sum((1, 2, 3))
         else:
             xa = torch.einsum("itgk,jsgk->ijgts", A[lo:hi], A2)
@@ -45,11 +45,8 @@ def _per_sample(A, E, A2, E2, bias, diagonal):
     for g in range(G):
         for lo in range(0, d_out, step):
             G1 = torch.einsum("bto,btk->bok", E[:, :, g, lo:lo + step], A[:, :, g]).flatten(1)
-            if diagonal:
-                out += (G1 * G1).sum(1)
-                continue
             G2 = torch.einsum("bto,btk->bok", E2[:, :, g, lo:lo + step], A2[:, :, g]).flatten(1)
-            out += G1 @ G2.T
+            out += (G1 * G2).sum(1) if diagonal else G1 @ G2.T
     return out
 
 
@@ -58,7 +55,7 @@ def gram_linear(A, E, bias=False, A2=None, E2=None, diagonal=False, route="token
     """K_ij = ⟨g_i, h_j⟩ = Σ_{t,s} (a_it·a2_js + b)(e_it·e2_js), the (cross-)Gram of the per-sample
     gradients g_i = Σ_t e_it ã_itᵀ of a linear layer (ã = [a, 1] with bias, b = 1), h_j the same of
     (A2, E2) (default: A, E). A (B, d_in) or (B, T, d_in), E (B, d_out) or (B, T, d_out).
-    diagonal=True returns diag(K) (B). groups > 1: a block-diagonal weight (grouped conv after
+    diagonal=True returns diag(K) (B; with A2/E2: ⟨g_i, h_i⟩, B2 = B). groups > 1: a block-diagonal weight (grouped conv after
     unfold): K is the sum of the groups' Grams over their column slices of A and E.
     route: "token_pair" (T×T token products per pair) or "per_sample" (per-sample gradients in
     bounded blocks). float64 in gives float64 out, anything else float32."""

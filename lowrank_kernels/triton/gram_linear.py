@@ -62,11 +62,14 @@ def _gram_token_pair_kernel(A, a_s0, a_s1, a_s2, a_s3, A2, b_s0, b_s1, b_s2, b_s
                             SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                             DH: tl.constexpr, DW: tl.constexpr, IM2COL: tl.constexpr,
                             HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr,
-                            DIAGONAL: tl.constexpr, REDUCE: tl.constexpr, SB: tl.constexpr,
+                            DIAGONAL: tl.constexpr, HALF: tl.constexpr, REDUCE: tl.constexpr,
+                            SB: tl.constexpr,
                             SB_PAD: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                             PRECISION: tl.constexpr):
     # REDUCE: 0 — one sample per side (SB = 1), the tile sums to a scalar; 1 — T = 1, rows are
     # samples (SB = BLOCK); 2 — SB samples per side, reduced by indicator-matrix products.
+    # HALF: both sides are one batch (symmetric K, or its diagonal), so on K's diagonal blocks
+    # X is symmetric and only its token tiles c0 ≥ r0 are computed, mirrored.
     bi = tl.program_id(0)
     bj = tl.program_id(1)
     if DIAGONAL:
@@ -88,8 +91,7 @@ def _gram_token_pair_kernel(A, a_s0, a_s1, a_s2, a_s3, A2, b_s0, b_s1, b_s2, b_s
         acc = tl.zeros((SB_PAD, SB_PAD), dtype=tl.float32)
     for r0 in range(r_lo, r_hi, BLOCK):
         c_first = c_lo
-        if SYMMETRIC or DIAGONAL:
-            # K's diagonal blocks: X is symmetric, so only token tiles c0 ≥ r0, mirrored.
+        if HALF:
             c_first = tl.where(bi == bj, r0, c_lo)
         for c0 in range(c_first, c_hi, BLOCK):
             rows = r0 + lane
@@ -99,10 +101,10 @@ def _gram_token_pair_kernel(A, a_s0, a_s1, a_s2, a_s3, A2, b_s0, b_s1, b_s2, b_s
                                  rows, cols, r_hi, c_hi, T, d_in, a_step, d_out, G, H, W, W_out,
                                  KH, KW, SH, SW, PH, PW, DH, DW, IM2COL, HAS_BIAS, BLOCK,
                                  BLOCK_K, PRECISION)
-            if SYMMETRIC or DIAGONAL:
+            if HALF:
                 mirrored = (bi == bj) & (c0 > r0)
             else:
-                mirrored = c0 < c_lo  # never: the two sides are different batches
+                mirrored = c0 < c_lo  # never: every token tile is computed
             if REDUCE == 0:
                 s = tl.sum(tl.sum(x, axis=1), axis=0)
                 acc += tl.where(mirrored, 2.0 * s, s)
@@ -172,7 +174,8 @@ def _per_sample_gradient_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, 
 def _gram_workspace_kernel(W1, W2, L, P, B1, B2, split_len, SYMMETRIC: tl.constexpr,
                            DIAGONAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
                            PRECISION: tl.constexpr):
-    # P[s] += W1[:, ls] W2[:, ls]ᵀ (DIAGONAL: P[s] += rowsum(W1[:, ls]²)) over split s of L.
+    # P[s] += W1[:, ls] W2[:, ls]ᵀ (DIAGONAL: P[s] += rowsum(W1[:, ls] ⊙ W2[:, ls])) over split
+    # s of L.
     ti = tl.program_id(0)
     tj = tl.program_id(1)
     s = tl.program_id(2)
@@ -187,9 +190,10 @@ def _gram_workspace_kernel(W1, W2, L, P, B1, B2, split_len, SYMMETRIC: tl.conste
     if DIAGONAL:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for l0 in range(l_lo, l_hi, BLOCK_L):
-            w = tl.load(W1 + rows_i[:, None] * L + (l0 + ls)[None, :],
-                        mask=(rows_i[:, None] < B1) & ((l0 + ls)[None, :] < l_hi), other=0.0)
-            acc += tl.sum(w * w, axis=1)
+            inside = (rows_i[:, None] < B1) & ((l0 + ls)[None, :] < l_hi)
+            w1 = tl.load(W1 + rows_i[:, None] * L + (l0 + ls)[None, :], mask=inside, other=0.0)
+            w2 = tl.load(W2 + rows_i[:, None] * L + (l0 + ls)[None, :], mask=inside, other=0.0)
+            acc += tl.sum(w1 * w2, axis=1)
         out = P + s * B1 + rows_i
         tl.store(out, tl.load(out, mask=rows_i < B1, other=0.0) + acc, mask=rows_i < B1)
     else:
@@ -221,7 +225,7 @@ def _token_pair(t1, E1, t2, E2, groups, bias, diagonal, K, precision):
         *t1.args(), *t2.args(), E1, *E1.stride(), E2, *E2.stride(),
         K, K.shape[-1], t1.B, t2.B, T, t1.cols, t1.col_step, E1.shape[2] // groups, groups,
         *t1.geometry, **t1.conv, HAS_BIAS=bias, SYMMETRIC=not cross and not diagonal,
-        DIAGONAL=diagonal, REDUCE=reduce_mode, SB=sb, SB_PAD=sb_pad, BLOCK=block, BLOCK_K=32,
+        DIAGONAL=diagonal, HALF=not cross, REDUCE=reduce_mode, SB=sb, SB_PAD=sb_pad, BLOCK=block, BLOCK_K=32,
         PRECISION=precision)
     return K
 
@@ -270,7 +274,8 @@ def _per_sample(t1, E1, t2, E2, groups, bias, diagonal, K, precision):
 
 def gram_tokens(t1, E1, t2, E2, groups, bias, diagonal, route):
     """K (B1 × B2, or diag: B1) in fp32 for token matrices t1/t2 (token_rows.Tokens) and output
-    gradients E1/E2 (B, T, groups · d_out); t2 is t1 for the symmetric Gram."""
+    gradients E1/E2 (B, T, groups · d_out); t2 is t1 for the symmetric Gram (and its diagonal);
+    the diagonal of a cross-Gram needs B1 = B2."""
     K = torch.empty((t1.B,) if diagonal else (t1.B, t2.B), device=E1.device,
                     dtype=torch.float32)
     if K.numel() == 0:
