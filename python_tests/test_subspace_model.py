@@ -71,7 +71,8 @@ def test_sparse_projection_density_and_columns():
     D, d = 400, 9
     proj = sub.SparseProjection(D, d, seed=2, dtype=torch.float64)
     P = proj.P.to_dense()
-    assert int((P != 0).sum()) == d * math.ceil(D / math.sqrt(D))  # ρ = 1/√D: 20 per column
+    nonzeros = (P != 0).sum(0)  # ρ = 1/√D: 20 draws per column, a few rows drawn twice
+    assert bool(((nonzeros <= 20) & (nonzeros >= 15)).all()), nonzeros
     torch.testing.assert_close(P.norm(dim=0), torch.ones(d, dtype=torch.float64))
 
 

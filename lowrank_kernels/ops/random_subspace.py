@@ -17,7 +17,7 @@ from .. import _checks
 from .._registry import Backend, OpSpec, register
 from ..reference.random_subspace import random_subspace_expand as reference_expand
 from ..reference.random_subspace import random_subspace_project as reference_project
-from .sketch_omega import DISTS, check_dist, check_seed
+from .sketch_omega import check_dist, check_seed
 
 _ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON = {"cpu": (torch.float32, torch.float16),
@@ -169,5 +169,3 @@ def random_subspace_project(g: torch.Tensor, seed: int, d: int, scale: float,
     (float64 for float64). backend: 'auto', 'reference' or 'triton'."""
     return torch.ops.lowrank_kernels.random_subspace_project(g, seed, d, scale, dist, backend)
 
-
-__all__ = ["DISTS", "random_subspace_expand", "random_subspace_project"]

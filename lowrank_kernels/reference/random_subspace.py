@@ -29,8 +29,7 @@ def random_subspace_expand(alpha, seed, D, scale, rademacher, base=None):
     w *= scale
     if base is not None:
         w += base.to(dtype)
-    return w.to(torch.float32 if base is None and dtype != torch.float64 else
-                (base.dtype if base is not None else dtype))
+    return w if base is None else w.to(base.dtype)
 
 
 def random_subspace_project(g, seed, d, scale, rademacher):

@@ -3,7 +3,8 @@ whose forward(coords, base) returns base + P·coords with autograd to coords (P�
 
     DenseProjection     P stored (D×d), Gaussian with unit columns (subspace_expand op)
     SparseProjection    P stored sparse (COO), ±1 entries with density ρ (default 1/√D, the
-                        "very sparse" projection of Li, Hastie & Church), unit columns
+                        "very sparse" projection of Li, Hastie & Church), unit columns;
+                        O(ρ D d) memory
     FastfoodProjection  P = [V₁; …; V_m] / √m truncated to D rows (m = ⌈D/n⌉ blocks),
                         V_j = H G_j Π_j H B_j / (‖G_j‖√n), n = 2^⌈log₂ d⌉, H the Walsh–Hadamard
                         matrix (fwht op), B_j random signs, Π_j a random permutation, G_j
@@ -40,7 +41,8 @@ class DenseProjection(torch.nn.Module):
 
 
 class SparseProjection(torch.nn.Module):
-    """Stored sparse P (COO): each column has ⌈ρD⌉ entries ±1/√(⌈ρD⌉) at random rows."""
+    """Stored sparse P (COO): each column has ⌈ρD⌉ entries ±1 at random rows (drawn with
+    replacement; a repeated row sums its signs), then scaled to unit norm."""
 
     def __init__(self, D, d, seed=0, density=None, dtype=torch.float32, device=None):
         super().__init__()
@@ -49,13 +51,17 @@ class SparseProjection(torch.nn.Module):
             raise ValueError(f"SparseProjection: density must be in (0, 1], got {density}")
         per_col = max(1, math.ceil(density * D))
         g = _generator(seed, "cpu")
-        rows = torch.stack([torch.randperm(D, generator=g)[:per_col] for _ in range(d)], 1)
-        cols = torch.arange(d).expand(per_col, d)
-        signs = torch.randint(0, 2, (per_col, d), generator=g) * 2.0 - 1.0
+        rows = torch.randint(0, D, (d, per_col), generator=g)
+        cols = torch.arange(d)[:, None].expand(d, per_col)
+        signs = torch.randint(0, 2, (d, per_col), generator=g, dtype=torch.float64) * 2 - 1
         P = torch.sparse_coo_tensor(torch.stack([rows.reshape(-1), cols.reshape(-1)]),
-                                    (signs / math.sqrt(per_col)).reshape(-1), (D, d),
+                                    signs.reshape(-1), (D, d), check_invariants=True).coalesce()
+        index, values = P.indices(), P.values()
+        norms = torch.zeros(d, dtype=torch.float64).index_add_(0, index[1], values ** 2).sqrt()
+        values = values / norms.clamp_min(1e-300)[index[1]]  # a column of cancelled signs: 0
+        P = torch.sparse_coo_tensor(index, values, (D, d), is_coalesced=True,
                                     check_invariants=True)
-        self.register_buffer("P", P.coalesce().to(device=device, dtype=dtype))
+        self.register_buffer("P", P.to(device=device, dtype=dtype))
 
     def forward(self, coords, base):
         return base + torch.sparse.mm(self.P, coords.to(self.P.dtype)[:, None])[:, 0]
