@@ -139,3 +139,19 @@ def test_bad_input_errors_name_the_argument():
     bad[1] = float("nan")
     with pytest.raises(ValueError, match=r"g contains non-finite values"):
         lk.subspace_project(P, bad)
+
+
+def test_torch_compile_fullgraph_traces_forward_and_backward():
+    P, base, a = _inputs(41, 6, torch.float32, "cpu", seed=7)
+
+    def loss(alpha):
+        w = lk.subspace_expand(P, alpha, base)
+        return (w * lk.fwht(w[:32])[0]).sum() + lk.subspace_project(P, w).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x = a.clone().requires_grad_(True)
+    y = a.clone().requires_grad_(True)
+    torch.testing.assert_close(compiled(x), loss(y))
+    compiled(x).backward()
+    loss(y).backward()
+    torch.testing.assert_close(x.grad, y.grad)
