@@ -78,7 +78,9 @@ def test_equals_weighted_per_sample_gradients_of_nn_linear(device):
 @pytest.mark.parametrize("device,backend", device_backend_params("weighted_sum_linear"))
 def test_noncontiguous_inputs(device, backend):
     A, E, c = _inputs((5, 6, 14, 9, 4, True), torch.float32, device, seed=3)
-    A, E, c = A[:, ::2, ::2], E.transpose(0, 1).contiguous().transpose(0, 1)[:, ::2], c.T.contiguous().T
+    A = A[:, ::2, ::2]
+    E = E.transpose(0, 1).contiguous().transpose(0, 1)[:, ::2]
+    c = c.T.contiguous().T
     assert not A.is_contiguous() and not E.is_contiguous() and not c.is_contiguous()
     result = lk.weighted_sum_linear(A, E, c, True, backend=backend)
     check_result(result, _expected(A, E, c, True), f"{backend} strided")

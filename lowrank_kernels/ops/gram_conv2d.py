@@ -5,9 +5,10 @@
 with ã_it the receptive field of output pixel t in sample i (im2col of X, one group's channels,
 plus a 1 with bias) and e_it the output gradient there: a linear layer over T = H_out·W_out
 tokens, one per group (the weight is block diagonal). With X2/E2 the cross-Gram (B × B2);
-diagonal=True the per-sample squared gradient norms (with X2/E2 of the same B: ⟨g_i, h_i⟩). Output float32 (float64 for float64
-inputs on the reference backend). The Triton kernels read X by implicit im2col; the route
-(token pair or per sample) is chosen by ops.gram_linear.choose_route.
+diagonal=True the per-sample squared gradient norms (with X2/E2 of the same B: ⟨g_i, h_i⟩).
+Output float32 (float64 for float64 inputs on the reference backend). The Triton kernels read
+X by implicit im2col; the route (token pair or per sample) is chosen by
+ops.gram_linear.choose_route.
 """
 import torch
 

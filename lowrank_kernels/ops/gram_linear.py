@@ -5,8 +5,9 @@
 (T = 1: K = (A Aᵀ + b) ⊙ (E Eᵀ)), ã = [a, 1] and b = 1 with bias=True, A (B, d_in) or
 (B, T, d_in) the layer inputs, E (B[, T], d_out) the gradients of its outputs. With A2/E2 the
 cross-Gram K_ij = ⟨g_i, h_j⟩ (B × B2); diagonal=True returns the B vector diag(K) (per-sample
-squared gradient norms; with A2/E2 of the same B: ⟨g_i, h_i⟩). Output float32 (float64 for float64 inputs on the reference backend);
-for the symmetric K only the tiles on and above the diagonal are computed, the rest mirrored.
+squared gradient norms; with A2/E2 of the same B: ⟨g_i, h_i⟩). Output float32 (float64 for
+float64 inputs on the reference backend); for the symmetric K only the tiles on and above the
+diagonal are computed, the rest mirrored.
 
 route: "token_pair" (2·B²·T²·(d_in + d_out) flops: X = (A Aᵀ + b) ⊙ (E Eᵀ) per sample pair),
 "per_sample" (per-sample gradients built in a bounded workspace, then their Gram:

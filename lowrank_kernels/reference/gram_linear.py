@@ -55,8 +55,9 @@ def gram_linear(A, E, bias=False, A2=None, E2=None, diagonal=False, route="token
     """K_ij = ⟨g_i, h_j⟩ = Σ_{t,s} (a_it·a2_js + b)(e_it·e2_js), the (cross-)Gram of the per-sample
     gradients g_i = Σ_t e_it ã_itᵀ of a linear layer (ã = [a, 1] with bias, b = 1), h_j the same of
     (A2, E2) (default: A, E). A (B, d_in) or (B, T, d_in), E (B, d_out) or (B, T, d_out).
-    diagonal=True returns diag(K) (B; with A2/E2: ⟨g_i, h_i⟩, B2 = B). groups > 1: a block-diagonal weight (grouped conv after
-    unfold): K is the sum of the groups' Grams over their column slices of A and E.
+    diagonal=True returns diag(K) (B; with A2/E2: ⟨g_i, h_i⟩, B2 = B). groups > 1: a
+    block-diagonal weight (grouped conv after unfold): K is the sum of the groups' Grams over
+    their column slices of A and E.
     route: "token_pair" (T×T token products per pair) or "per_sample" (per-sample gradients in
     bounded blocks). float64 in gives float64 out, anything else float32."""
     dtype = torch.float64 if A.dtype == torch.float64 else torch.float32

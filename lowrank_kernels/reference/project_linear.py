@@ -17,7 +17,8 @@ def project_linear(A, E, V, V_bias=None, groups=1):
     out = A.new_zeros((B * T, m))
     for g in range(G):
         d_in = A.shape[-1]
-        Y = A[:, :, g].reshape(B * T, d_in) @ Vm[:, g].reshape(m * d_out, d_in).T  # (B T) × (m d_out)
+        # (B T) × (m d_out)
+        Y = A[:, :, g].reshape(B * T, d_in) @ Vm[:, g].reshape(m * d_out, d_in).T
         if V_bias is not None:
             vb = (V_bias if V_bias.dim() == 2 else V_bias[None]).to(dtype)
             Y = Y + vb.unflatten(1, (G, d_out))[:, g].reshape(1, m * d_out)

@@ -148,8 +148,9 @@ def _per_sample_gradient_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, 
                                 HAS_BIAS: tl.constexpr, BLOCK_O: tl.constexpr,
                                 BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
                                 PRECISION: tl.constexpr):
-    # Wk[b, (u·BLOCK_O + o)·ck + k] (row b of length L) = Σ_t e_bt[g, o0 + o] ã_bt[g, k0 + kt·BLOCK_K + k] for output
-    # tile u of the chunk (group g, rows o0..) and k-tile kt: a per-sample gradient tile.
+    # Wk[b, (u·BLOCK_O + o)·ck + k] (row b of length L)
+    #   = Σ_t e_bt[g, o0 + o] ã_bt[g, k0 + kt·BLOCK_K + k]: a per-sample gradient tile, for
+    # output tile u of the chunk (group g, rows o0..) and k-tile kt.
     b = tl.program_id(0).to(tl.int64)
     u = tl.program_id(1)
     kt = tl.program_id(2)
@@ -225,8 +226,8 @@ def _token_pair(t1, E1, t2, E2, groups, bias, diagonal, K, precision):
         *t1.args(), *t2.args(), E1, *E1.stride(), E2, *E2.stride(),
         K, K.shape[-1], t1.B, t2.B, T, t1.cols, t1.col_step, E1.shape[2] // groups, groups,
         *t1.geometry, **t1.conv, HAS_BIAS=bias, SYMMETRIC=not cross and not diagonal,
-        DIAGONAL=diagonal, HALF=not cross, REDUCE=reduce_mode, SB=sb, SB_PAD=sb_pad, BLOCK=block, BLOCK_K=32,
-        PRECISION=precision)
+        DIAGONAL=diagonal, HALF=not cross, REDUCE=reduce_mode, SB=sb, SB_PAD=sb_pad,
+        BLOCK=block, BLOCK_K=32, PRECISION=precision)
     return K
 
 
