@@ -6,21 +6,12 @@
 #include <vector>
 
 #include "lowrank/gram_linear_core.h"
+#include "expect.h"
 
 using lowrank::core::gram_linear_entry;
 using lowrank::core::outer_product_accumulate;
 using lowrank::core::tile_count;
 
-static int failures = 0;
-#define EXPECT(cond, ...)                     \
-  do {                                        \
-    if (!(cond)) {                            \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);               \
-      std::printf("\n");                      \
-      ++failures;                             \
-    }                                         \
-  } while (0)
 
 template <int MR, int NR>
 void check_outer_product(int kc, int ld, unsigned seed) {

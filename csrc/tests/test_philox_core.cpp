@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "lowrank/philox.h"
+#include "expect.h"
 
 using lowrank::philox::Block4;
 using lowrank::philox::omega_entry;
@@ -13,16 +14,6 @@ using lowrank::philox::omega_group;
 using lowrank::philox::omega_words;
 using lowrank::philox::philox4x32_10;
 
-static int failures = 0;
-#define EXPECT(cond, ...)                                \
-  do {                                                   \
-    if (!(cond)) {                                       \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);   \
-      std::printf(__VA_ARGS__);                          \
-      std::printf("\n");                                 \
-      ++failures;                                        \
-    }                                                    \
-  } while (0)
 
 static void check_kat(Block4 counter, std::uint32_t k0, std::uint32_t k1, Block4 expected) {
   const Block4 got = philox4x32_10(counter, k0, k1);

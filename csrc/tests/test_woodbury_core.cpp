@@ -15,20 +15,11 @@
 #include <vector>
 
 #include "lowrank/woodbury_core.h"
+#include "expect.h"
 
 namespace core = lowrank::core;
 using lowrank::index_t;
 
-static int failures = 0;
-#define EXPECT(cond, ...)                                \
-  do {                                                   \
-    if (!(cond)) {                                       \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);   \
-      std::printf(__VA_ARGS__);                          \
-      std::printf("\n");                                 \
-      ++failures;                                        \
-    }                                                    \
-  } while (0)
 
 // An SPD matrix G Gᵀ/n + shift·I (G n×n normal), upper triangle poisoned with NaN.
 static std::vector<double> spd(int n, double shift, unsigned seed) {
