@@ -11,8 +11,8 @@ float32 rate); on GPUs with slow float64 it makes the generation, not the GEMM, 
 import triton
 import triton.language as tl
 
-_TWO_PI: tl.constexpr = 6.283185307179586
-_TWO_POW_M32: tl.constexpr = 2.3283064365386963e-10
+_TWO_PI = tl.constexpr(6.283185307179586)
+_TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)
 
 
 @triton.jit
