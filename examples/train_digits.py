@@ -170,12 +170,14 @@ def table(results, epochs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     parser.add_argument("--optimizers", nargs="+",
                         default=["sgd", "adamw", "kfac", "fngd", "seng"])
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (the models are tiny; 1 avoids OpenMP "
+                        "oversubscription on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "train_digits.py")
@@ -22,8 +23,13 @@ def _example():
 
 @pytest.fixture(scope="module")
 def example():
+    """The example module and the data; one torch thread meanwhile (tiny models: more threads
+    only spin against other processes on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     module = _example()
-    return module, module.load_digits()
+    yield module, module.load_digits()
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("optimizer", ["fngd", "seng"])

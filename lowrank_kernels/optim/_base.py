@@ -75,7 +75,10 @@ class GuardedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update(self, directions, B):
-        """directions: {id(p): (d, ok)} with ok a 0-dim bool tensor (missing: plain ḡ)."""
+        """directions: {id(p): (d, ok)} with ok a 0-dim bool tensor (missing: plain ḡ).
+        A tensor counts as finite when the sum of its entries is (NaN and ±Inf propagate
+        through the sum; a finite tensor whose sum overflows counts as non-finite, which only
+        makes the guard stricter) — one reduction, no temporary of the parameter's size."""
         fallbacks, skipped = self.state["fallbacks"], self.state["skipped"]
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -83,10 +86,10 @@ class GuardedOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = _captured.mean_grad(self.capture, p, B)
-                grad_ok = torch.isfinite(g).all()
+                grad_ok = torch.isfinite(g.sum())
                 if id(p) in directions:
                     d, ok = directions[id(p)]
-                    ok = ok & torch.isfinite(d).all()
+                    ok = ok & torch.isfinite(d.sum())
                     d = torch.where(ok, d.to(p.dtype), torch.where(grad_ok, g, 0))
                     fallbacks = fallbacks + (~ok).long()
                     skip = ~ok & ~grad_ok
@@ -94,16 +97,17 @@ class GuardedOptimizer(torch.optim.Optimizer):
                     d = torch.where(grad_ok, g, 0)
                     skip = ~grad_ok
                 skipped = skipped + skip.long()
+                keep = (~skip).to(p.dtype)  # d is finite now: d·keep is 0 where skipped
                 if wd != 0:
-                    d = d + wd * p
+                    d = torch.add(d, p, alpha=wd)
                 if mu != 0:
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p)
                     buf = state["momentum_buffer"]
-                    buf.copy_(torch.where(skip, buf, mu * buf + d))
+                    buf.mul_(torch.where(skip, 1.0, mu).to(p.dtype)).addcmul_(d, keep)
                     d = buf
-                p.sub_(torch.where(skip, 0, lr * d))
+                p.addcmul_(d, keep, value=-lr)
         self.state["fallbacks"], self.state["skipped"] = fallbacks, skipped
 
     @staticmethod
