@@ -1,6 +1,7 @@
 """Train a small CNN and an MLP on scikit-learn's digits (1797 real 8×8 images, 10 classes) with
 SGD, AdamW, KFAC, FNGD and SENG; write a plot of loss and accuracy against steps and wall
-time, and a markdown table, to examples/results/.
+time (optimizers_digits.png), a markdown table (optimizers_digits.md) and the histories
+(optimizers_digits.json) to examples/results/.
 
     python examples/train_digits.py              # about a few minutes on 2 CPU cores
     python examples/train_digits.py --epochs 3 --models mlp --optimizers sgd fngd
@@ -189,11 +190,13 @@ def main():
             h = results[(model_kind, name)]
             print(f"{model_kind:4s} {name:6s} test acc {h['test_acc'][-1]:.4f} "
                   f"wall {h['time'][-1]:.1f}s CPU {h['cpu_time'][-1]:.1f}s")
-    plot(results, os.path.join(args.out, "digits.png"))
-    with open(os.path.join(args.out, "digits.md"), "w") as f:
+    plot(results, os.path.join(args.out, "optimizers_digits.png"))
+    with open(os.path.join(args.out, "optimizers_digits.md"), "w") as f:
         f.write(table(results, args.epochs))
-    with open(os.path.join(args.out, "digits.json"), "w") as f:
-        json.dump({f"{m}/{n}": h for (m, n), h in results.items()}, f)
+    with open(os.path.join(args.out, "optimizers_digits.json"), "w") as f:
+        json.dump({f"{m}/{n}": {k: [round(v, 5) if isinstance(v, float) else v for v in vs]
+                                if isinstance(vs, list) else vs for k, vs in h.items()}
+                   for (m, n), h in results.items()}, f)
     print(table(results, args.epochs))
 
 
