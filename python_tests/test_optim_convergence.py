@@ -1,6 +1,7 @@
 """FNGD and SENG learn scikit-learn's digits (real 8×8 images): with the settings of
-examples/train_digits.py and fixed seeds, the MLP reaches ≥ 92% test accuracy within 4
-epochs (runs here: FNGD 95.0%, SENG 94.7–95.0% after 4 epochs; SGD with momentum 95.6% after 3)."""
+examples/train_digits.py and fixed seeds, the MLP reaches >= 92% test accuracy within 3
+epochs (runs here, 1 thread: FNGD 95.0%, SENG 94.7% after epoch 3; SGD with momentum 95.6%)
+and its batch loss falls by 5× or more (2.29 -> 0.19 / 0.21)."""
 import importlib.util
 import os
 
