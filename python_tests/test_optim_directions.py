@@ -59,7 +59,8 @@ def test_fngd_first_epoch_is_natural_gradient(make, blocks):
 def _coefficients(model, grads, B, lam, names):
     U = ref.stacked(grads, names)
     K = U @ U.T
-    return torch.linalg.solve(K + lam * B * torch.eye(B, dtype=K.dtype), torch.ones(B, dtype=K.dtype))
+    eye, ones = torch.eye(B, dtype=K.dtype), torch.ones(B, dtype=K.dtype)
+    return torch.linalg.solve(K + lam * B * eye, ones)
 
 
 @pytest.mark.parametrize("reuse", ["mean", "per_step"])
@@ -149,15 +150,14 @@ def test_seng_sketched_gram_is_gram_of_sketched_gradients():
     x = torch.cat([x, x[:, :4]], 1)
     grads = _grads(opt, model, x, y)
     sketched = {}
-    from lowrank_kernels.optim import _sketch
 
     def spy(contribution_list, size, seed):
         out = original(contribution_list, size, seed)
         sketched["seed"] = seed
         return out
 
-    original = _sketch.sketched_gram
     import lowrank_kernels.optim.seng as seng_module
+    original = seng_module.sketched_gram
     seng_module.sketched_gram = spy
     try:
         update = _step(model, opt, x, y)
@@ -165,7 +165,8 @@ def test_seng_sketched_gram_is_gram_of_sketched_gradients():
         seng_module.sketched_gram = original
     seed = sketched["seed"]  # only "0.weight" (99 > 50 entries) is sketched
     G = grads["0.weight"]  # (B, 11, 9)
-    omega = lambda n, s: lk.sketch_omega(torch.arange(n), k, s, "rademacher", backend="reference").double() / math.sqrt(k)
+    omega = lambda n, s: lk.sketch_omega(torch.arange(n), k, s, "rademacher",
+                                         backend="reference").double() / math.sqrt(k)
     Gs = torch.einsum("eo,bei,ia->boa", omega(11, output_side_seed(seed)), G,
                       omega(9, seed)).flatten(1)
     Gb = grads["0.bias"]

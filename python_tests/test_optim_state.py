@@ -35,7 +35,8 @@ def test_resume_is_bit_for_bit(name, make):
     """N = 4 steps, save; M = 4 more vs a fresh model + optimizer loaded from the save (the
     save falls mid-epoch / mid-curvature period; batches of varying size)."""
     model = make(seed=0, dtype=torch.float32)
-    batches = [ref.batch(model, B, 40 + k, torch.float32) for k, B in enumerate([6, 6, 5, 6, 6, 4, 6, 6])]
+    sizes = [6, 6, 5, 6, 6, 4, 6, 6]
+    batches = [ref.batch(model, B, 40 + k, torch.float32) for k, B in enumerate(sizes)]
     opt = MAKERS[name](model)
     _train(model, opt, batches[:4])
     buffer = io.BytesIO()

@@ -26,8 +26,9 @@ class FNGD(GuardedOptimizer):
     sum of per-sample gradients, the weights c only weigh the samples of a batch against each
     other (the gradients themselves are always fresh), and its experiments found that the
     coefficients can be "shared across epochs without affecting the empirical performance",
-    which removes every inverse after epoch one. What is reused is the normalized weight w = B·c (w ≡ 1/λ when
-    K = 0: the mean gradient scaled by 1/λ), so batches of different sizes are comparable:
+    which removes every inverse after epoch one. What is reused is the normalized weight
+    w = B·c (w ≡ 1/λ when K = 0: the mean gradient scaled by 1/λ), so batches of different
+    sizes are comparable:
       reuse="mean" (default): w̄_k = the mean of w_k over the first-epoch batches that have
         a k-th sample (a smaller last batch contributes to its first positions only); a batch
         of size b gets c = w̄[:b] / b (positions never seen get the mean of all w̄). With a
@@ -61,7 +62,8 @@ class FNGD(GuardedOptimizer):
             raise ValueError(f"FNGD: blocks must be 'layer' or 'model', got {blocks!r}")
         if reuse not in ("mean", "per_step"):
             raise ValueError(f"FNGD: reuse must be 'mean' or 'per_step', got {reuse!r}")
-        if refresh_every is not None and not (isinstance(refresh_every, int) and refresh_every >= 1):
+        if refresh_every is not None and not (isinstance(refresh_every, int)
+                                              and refresh_every >= 1):
             raise ValueError(f"FNGD: refresh_every must be None or an int >= 1, got "
                              f"{refresh_every!r}")
         if not 0 <= momentum < 1:

@@ -105,7 +105,8 @@ class SENG(GuardedOptimizer):
             for p in params:
                 contribution_list = per_param.get(id(p), [])
                 if p.grad is not None and contribution_list:
-                    out[id(p)] = (_captured.weighted_sum(contribution_list, X[l, :, 0], p.shape), ok_l)
+                    d = _captured.weighted_sum(contribution_list, X[l, :, 0], p.shape)
+                    out[id(p)] = (d, ok_l)
         self.state["curvature"] = {
             "K": Ks, "damping": torch.tensor(lams, dtype=Ks.dtype), "batch_size": B,
             "ok": ok & torch.stack([torch.ones_like(ok[0]) if f is None else f for f in finite]),
