@@ -55,11 +55,14 @@ def test_resume_is_bit_for_bit(name, make):
     assert opt2.state["step"] == 8
 
 
+@pytest.mark.parametrize("op_checks", ["1", "0"], ids=["op-checks-on", "op-checks-off"])
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_non_finite_gradients_never_reach_the_weights(name):
+def test_non_finite_gradients_never_reach_the_weights(name, op_checks, monkeypatch):
     """A NaN in one sample's input makes every captured factor, Gram and gradient NaN: all
     parameters are skipped (weights and momentum unchanged) and counted; the next, clean
-    batch trains normally."""
+    batch trains normally. With the ops' own non-finite checks on (they raise) and off (NaN
+    flows into the results)."""
+    monkeypatch.setenv("LOWRANK_CHECK_FINITE", op_checks)
     model = ref.mlp(dtype=torch.float32)
     opt = MAKERS[name](model)
     _train(model, opt, [ref.batch(model, 6, 1, torch.float32)])
