@@ -73,6 +73,11 @@ class FNGD(GuardedOptimizer):
                          by_layer=blocks == "layer")
         self.steps_per_epoch, self.reuse, self.refresh_every = steps_per_epoch, reuse, refresh_every
         self.state["coefficients"] = {}
+        self._reused_cache = {}  # (block, B, position) -> (c, ok): derived from the state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._reused_cache = {}
 
     def computing(self, step=None):
         """Whether this step computes c from its batch's Gram (else it reuses them)."""
@@ -97,6 +102,7 @@ class FNGD(GuardedOptimizer):
         return out
 
     def _solve_batch(self, per_param, B, position):
+        self._reused_cache = {}
         Ks = []
         for name, params in self.blocks:
             grams = [_captured.gram(per_param.get(id(p), [])) for p in params]
@@ -142,6 +148,12 @@ class FNGD(GuardedOptimizer):
     def _reused(self, B, position):
         coefficients, oks = [], []
         for name, _ in self.blocks:
+            key = (name, B, position if self.reuse == "per_step" else None)
+            if key in self._reused_cache:
+                c, ok = self._reused_cache[key]
+                coefficients.append(c)
+                oks.append(ok)
+                continue
             stats = self.state["coefficients"][name]
             if self.reuse == "mean":
                 total, count = stats["sum"], stats["count"]
@@ -155,6 +167,7 @@ class FNGD(GuardedOptimizer):
                 fill = row.mean() if size > 0 else row.new_zeros(())
                 w = torch.cat([row, fill.expand(max(0, B - size))])[:B]
                 ok = stats["ok"][position]
+            self._reused_cache[key] = (w / B, ok)
             coefficients.append(w / B)
             oks.append(ok)
         return coefficients, oks
