@@ -5,6 +5,13 @@ backend and run it.
 Backends: 'reference' (pure PyTorch, float64-capable: the oracle), 'triton', 'native'
 (C++/CUDA in lowrank_kernels._C). 'auto' takes the first backend in the op's per-device
 order that can run; LOWRANK_BACKEND sets the default, the per-call `backend` argument wins.
+
+Per-call cost: what does not depend on the arguments' values (is the backend built, does it
+run on this device and dtype, which backends 'auto' tries) is worked out once per (op,
+device type, dtype, requested backend, TRITON_INTERPRET) and kept in a plan; a call then
+only runs the op's checks, the `supports` predicates of the planned backends, the backend,
+and the result's non-finite check (one reduction, one host sync). The plans read an op's
+`backends` and `auto` when first needed: call `clear_backend_plans()` after changing them.
 """
 import dataclasses
 import os
@@ -13,7 +20,7 @@ from typing import Callable
 import torch
 
 from . import _capabilities as caps
-from ._checks import raise_if_nonfinite
+from ._checks import all_finite, getenv, raise_if_nonfinite
 
 BACKENDS = ("reference", "triton", "native")
 NAMESPACE = "lowrank_kernels"
@@ -48,18 +55,21 @@ class OpSpec:
 REGISTRY: dict[str, OpSpec] = {}
 
 
-def requested_backend(backend):
-    name = backend if backend is not None else os.environ.get("LOWRANK_BACKEND", "auto")
+def _backend_name(raw):
+    """raw: the per-call backend, else $LOWRANK_BACKEND (None when unset)."""
+    name = "auto" if raw is None else raw
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
                          f"got {name!r}")
     return name
 
 
-def unavailable_reason(spec: OpSpec, backend: str, device_type: str, dtype,
-                       args=None) -> str | None:
-    """Why `backend` cannot run `spec` on (device_type, dtype) [with these args]; None when
-    it can."""
+def requested_backend(backend):
+    return _backend_name(backend if backend is not None else getenv("LOWRANK_BACKEND"))
+
+
+def _static_reason(spec: OpSpec, backend: str, device_type: str, dtype) -> str | None:
+    """Why `backend` cannot run `spec` on (device_type, dtype) whatever the arguments."""
     if backend not in spec.backends:
         return f"{spec.name} has no {backend} backend"
     dtypes = spec.backends[backend].dtypes.get(device_type)
@@ -80,30 +90,96 @@ def unavailable_reason(spec: OpSpec, backend: str, device_type: str, dtype,
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         return (f"the {backend} backend of {spec.name} on {device_type} takes {names}, "
                 f"got {dtype}")
+    return None
+
+
+def unavailable_reason(spec: OpSpec, backend: str, device_type: str, dtype,
+                       args=None) -> str | None:
+    """Why `backend` cannot run `spec` on (device_type, dtype) [with these args]; None when
+    it can."""
+    reason = _static_reason(spec, backend, device_type, dtype)
+    if reason is not None:
+        return reason
     supports = spec.backends[backend].supports
     if args is not None and supports is not None:
         return supports(*args)
     return None
 
 
+# A plan: (explicit, candidates, fixed). explicit: the requested backend's name, or None for
+# 'auto'; candidates: ((name, static reason or None, supports or None, run or None), ...), the
+# requested backend alone or spec.auto[device_type] in order; fixed: (name, run) of the first
+# candidate when it can run whatever the arguments (no static reason, no supports), else None.
+_PLANS: dict[str, tuple] = {}  # op name -> (spec, {key: plan}), filled by register
+
+
+def clear_backend_plans():
+    """Forget the cached plans (after changing an OpSpec's backends or auto order)."""
+    for _, plans in _PLANS.values():
+        plans.clear()
+
+
+def _make_plan(spec: OpSpec, device_type: str, dtype, raw):
+    name = _backend_name(raw)  # a bad name raises here, on every call: it is never cached
+
+    def entry(candidate):
+        reason = _static_reason(spec, candidate, device_type, dtype)
+        if reason is not None:
+            return candidate, reason, None, None
+        chosen = spec.backends[candidate]
+        return candidate, None, chosen.supports, chosen.run
+
+    candidates = ((entry(name),) if name != "auto"
+                  else tuple(entry(c) for c in spec.auto.get(device_type, ())))
+    first = candidates[0] if candidates else (None, "", None, None)
+    fixed = (first[0], first[3]) if first[1] is None and first[2] is None else None
+    return (name if name != "auto" else None), candidates, fixed
+
+
+def _plan_key(device_type: str, dtype, backend):
+    raw = backend if backend is not None else getenv("LOWRANK_BACKEND")
+    return (device_type, dtype, raw, getenv("TRITON_INTERPRET")), raw
+
+
+def _plan(spec: OpSpec, device_type: str, dtype, backend):
+    key, raw = _plan_key(device_type, dtype, backend)
+    cached = _PLANS.get(spec.name)
+    if cached is None or cached[0] is not spec:  # not registered: nothing to cache
+        return _make_plan(spec, device_type, dtype, raw)
+    plan = cached[1].get(key)
+    if plan is None:
+        plan = cached[1][key] = _make_plan(spec, device_type, dtype, raw)
+    return plan
+
+
+def _select(spec: OpSpec, plan, device_type: str, dtype, args):
+    """(name, run) of the backend that runs these args (args None: skip `supports`)."""
+    explicit, candidates, fixed = plan
+    if fixed is not None:
+        return fixed
+    reasons = []
+    for name, reason, supports, run in candidates:
+        if reason is None and supports is not None and args is not None:
+            reason = supports(*args)
+        if reason is None:
+            return name, run
+        if explicit is not None:
+            raise BackendUnavailableError(f"{spec.name}: backend {name!r} cannot run: {reason}")
+        reasons.append(reason)
+    raise BackendUnavailableError(
+        f"{spec.name}: no backend runs on {device_type} with {dtype}: " + "; ".join(reasons))
+
+
 def choose_backend(spec: OpSpec, device_type: str, dtype, backend=None, args=None) -> str:
     """The backend that runs spec: `backend` if it can (else an error saying why not), or
     for 'auto' the first of spec.auto[device_type] that can. args: the op's arguments
     (without backend), for the backends' `supports` predicates."""
-    name = requested_backend(backend)
-    if name != "auto":
-        reason = unavailable_reason(spec, name, device_type, dtype, args)
-        if reason is not None:
-            raise BackendUnavailableError(f"{spec.name}: backend {name!r} cannot run: {reason}")
-        return name
-    reasons = []
-    for candidate in spec.auto.get(device_type, ()):
-        reason = unavailable_reason(spec, candidate, device_type, dtype, args)
-        if reason is None:
-            return candidate
-        reasons.append(reason)
-    raise BackendUnavailableError(
-        f"{spec.name}: no backend runs on {device_type} with {dtype}: " + "; ".join(reasons))
+    plan = _plan(spec, device_type, dtype, backend)
+    return _select(spec, plan, device_type, dtype, args)[0]
+
+
+def _device_type(t: torch.Tensor) -> str:
+    return "cpu" if t.is_cpu else ("cuda" if t.is_cuda else t.device.type)
 
 
 def register(spec: OpSpec) -> OpSpec:
@@ -113,24 +189,45 @@ def register(spec: OpSpec) -> OpSpec:
     names = [a.name for a in arguments]
     assert names[-1] == "backend", f"{spec.name}: the schema's last argument must be backend"
     _LIB.define(spec.name + spec.schema)
+    count = len(arguments)
+    defaults = tuple(a.default_value for a in arguments)  # None where there is none
+    list_defaults = any(isinstance(d, list) for d in defaults)
+    missing = [n for n in spec.finite_inputs if n not in names]
+    assert not missing, f"{spec.name}: finite_inputs {missing} are not arguments of the schema"
+    finite_at = tuple(names.index(n) for n in spec.finite_inputs)
 
     def complete(args, kwargs):
         # The dispatcher drops trailing arguments left at their defaults: put them back.
-        args = list(args)
-        for a in arguments[len(args):]:
-            args.append(kwargs[a.name] if a.name in kwargs else a.default_value)
-        return args
+        if len(args) == count and not kwargs:
+            return args
+        if not kwargs and not list_defaults:
+            return args + defaults[len(args):]
+        tail = [kwargs[a.name] if a.name in kwargs else defaults[i]
+                for i, a in enumerate(arguments[len(args):], len(args))]
+        if list_defaults:  # a fresh list per call, as the schema would give
+            tail = [list(d) if isinstance(d, list) else d for d in tail]
+        return tuple(args) + tuple(tail)
+
+    plans = {}
+    _PLANS[spec.name] = (spec, plans)
 
     def kernel(*args, **kwargs):
-        args = complete(args, kwargs)
-        lead = spec.check(*args[:-1])
-        chosen = choose_backend(spec, lead.device.type, lead.dtype, args[-1], args[:-1])
-        result = spec.backends[chosen].run(*args[:-1])
-        if spec.finite_inputs:
-            named = dict(zip(names, args))
-            inputs = [(n, named[n]) for n in spec.finite_inputs]
+        if len(args) != count or kwargs:
+            args = complete(args, kwargs)
+        inputs = args[:-1]
+        lead = spec.check(*inputs)
+        device_type = "cpu" if lead.is_cpu else _device_type(lead)
+        dtype = lead.dtype
+        key, raw = _plan_key(device_type, dtype, args[-1])
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _make_plan(spec, device_type, dtype, raw)
+        run = (plan[2] or _select(spec, plan, device_type, dtype, inputs))[1]
+        result = run(*inputs)
+        if finite_at and getenv("LOWRANK_CHECK_FINITE") != "0":
             for out in result if isinstance(result, tuple) else (result,):
-                raise_if_nonfinite(spec.name, out, inputs)
+                if not all_finite(out):
+                    raise_if_nonfinite(spec.name, out, [(names[i], args[i]) for i in finite_at])
         return result
 
     def fake(*args, **kwargs):
