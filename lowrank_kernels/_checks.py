@@ -70,19 +70,23 @@ def finite_checks_enabled() -> bool:
     return getenv("LOWRANK_CHECK_FINITE", "1") != "0"
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """True iff t has no NaN and no ±Inf (exact), at the cost of one reduction and one host
-    sync for a float32/float64/float16/bfloat16 t.
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True iff no tensor has NaN or ±Inf (exact), at the cost of one reduction per
+    float32/float64/float16/bfloat16 tensor and one host sync in all.
 
     The sum is the test: NaN and ±Inf propagate through every addition (Inf + finite = Inf,
-    Inf − Inf = NaN, NaN + anything = NaN), so a finite sum means finite elements. A sum of
-    finite elements that overflows is not finite either: then torch.isfinite decides, so
-    overflow never gives a false alarm. Integer and bool tensors are always finite."""
-    if t.dtype in FLOAT_DTYPES:
-        return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
-    if t.is_floating_point() or t.is_complex():  # float8 and complex: no shortcut
-        return bool(torch.isfinite(t).all())
-    return True
+    Inf − Inf = NaN, NaN + anything = NaN), so a finite sum of the sums means finite elements.
+    A sum of finite elements that overflows is not finite either: then torch.isfinite decides,
+    so overflow never gives a false alarm. Integer and bool tensors are always finite."""
+    total = None
+    for t in tensors:
+        if t.dtype in FLOAT_DTYPES:
+            total = t.sum() if total is None else total + t.sum()
+        elif (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            return False  # float8 and complex: no shortcut
+    if total is None or math.isfinite(total.item()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.dtype in FLOAT_DTYPES)
 
 
 def raise_if_nonfinite(op, result, named_inputs):

@@ -10,11 +10,10 @@ Per-call cost: what does not depend on the arguments' values (is the backend bui
 run on this device and dtype, which backends 'auto' tries) is worked out once per (op,
 device type, dtype, requested backend, TRITON_INTERPRET) and kept in a plan; a call then
 only runs the op's checks, the `supports` predicates of the planned backends, the backend,
-and the result's non-finite check (one reduction, one host sync). The plans read an op's
+and the results' non-finite check (a reduction each, one host sync). The plans read an op's
 `backends` and `auto` when first needed: call `clear_backend_plans()` after changing them.
 """
 import dataclasses
-import os
 from typing import Callable
 
 import torch
@@ -225,9 +224,11 @@ def register(spec: OpSpec) -> OpSpec:
         run = (plan[2] or _select(spec, plan, device_type, dtype, inputs))[1]
         result = run(*inputs)
         if finite_at and getenv("LOWRANK_CHECK_FINITE") != "0":
-            for out in result if isinstance(result, tuple) else (result,):
-                if not all_finite(out):
-                    raise_if_nonfinite(spec.name, out, [(names[i], args[i]) for i in finite_at])
+            outs = result if isinstance(result, tuple) else (result,)
+            if not all_finite(*outs):  # one host sync for all the outputs
+                named = [(names[i], args[i]) for i in finite_at]
+                for out in outs:  # the first non-finite output raises
+                    raise_if_nonfinite(spec.name, out, named)
         return result
 
     def fake(*args, **kwargs):

@@ -234,6 +234,20 @@ def test_all_finite_is_exact(dtype):
     assert not _checks.all_finite(torch.tensor([top, float("nan")], dtype=dtype))
 
 
+def test_all_finite_of_several_tensors():
+    top16 = torch.full((3,), torch.finfo(torch.float16).max, dtype=torch.float16)
+    ok = (torch.randn(4, 3), top16, torch.arange(5), torch.randn(2, dtype=torch.float64))
+    assert _checks.all_finite(*ok)
+    assert _checks.all_finite()
+    for i in (0, 1, 3):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            tensors = [t.clone() for t in ok]
+            tensors[i].view(-1)[-1] = bad
+            assert not _checks.all_finite(*tensors), (i, bad)
+    inf = torch.tensor([float("inf")])
+    assert not _checks.all_finite(inf, -inf)  # the sums' sum is NaN, not a cancellation
+
+
 def test_all_finite_other_dtypes():
     assert _checks.all_finite(torch.tensor([2 ** 62, 2 ** 62], dtype=torch.int64))
     assert _checks.all_finite(torch.tensor([True, False]))
