@@ -25,18 +25,22 @@ def _sketch_matmul_kernel(M, sm0, sm1, m, n, Y, k, seed, row_offset, inner_per_s
     # This program's share of the inner dimension (split-K): [start, end).
     start = split.to(tl.int64) * inner_per_split
     end = tl.minimum(start + inner_per_split, n)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The tile is accumulated transposed, (Ω-tile)ᵀ (M-tile)ᵀ: with the generated Ω tile as
+    # the B operand, the sm_90 compiler (Triton 3.9, TF32 wgmma tiles) rejects the shared
+    # layout of its join/reshape ("Illegal shared layout" in TritonGPUOptimizeDotOperands).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
         inner = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         a = tl.load(M + rows[:, None] * sm0 + inner[None, :] * sm1,
                     mask=(rows[:, None] < m) & (inner[None, :] < end), other=0.0)
         # Rows of Ω past `end` meet zero columns of M: no mask needed on the generated tile.
         omega = omega_tile(seed, row_offset + inner, groups, RADEMACHER)
-        acc = tl.dot(a.to(tl.float32), omega, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans(omega), tl.trans(a.to(tl.float32)), acc,
+                     input_precision=PRECISION)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     Y += split.to(tl.int64) * m * k  # this split's partial sum
-    tl.store(Y + rows[:, None] * k + cols[None, :], acc,
-             mask=(rows[:, None] < m) & (cols[None, :] < k))
+    tl.store(Y + rows[None, :] * k + cols[:, None], acc,
+             mask=(rows[None, :] < m) & (cols[:, None] < k))
 
 
 def _splits(tiles, inner, block_k, device):
