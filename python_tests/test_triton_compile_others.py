@@ -18,7 +18,7 @@ import torch
 import triton_compile
 
 MODULES = triton_compile.COVERAGE[Path(__file__).name]
-H100_SMS = 132  # the split-K factor sketch_matmul would choose on an H100 SXM
+H100_SMS = 132  # an H100 SXM: sketch_matmul chooses its split-K factor from the SM count
 
 
 @contextlib.contextmanager
@@ -173,9 +173,7 @@ def test_every_kernel_module_is_compiled_by_exactly_one_file():
         source = (here / file).read_text()
         assert "triton_compile.COVERAGE[Path(__file__).name]" in source, file
         assert "triton_compile.main(CASES)" in source, file
-    helpers = triton_compile.jit_helper_modules()
-    assert helpers == ["philox", "token_rows"]
-    for helper in helpers:
+    for helper in triton_compile.jit_helper_modules():
         users = [module for module in listed
                  if f"from .{helper} import" in (triton_compile.TRITON_DIR
                                                  / f"{module}.py").read_text()]
