@@ -6,8 +6,9 @@ import contextlib
 import torch
 from torch import nn
 
+from ._factors import Factors
 from ._fallback import FallbackHandler
-from ._kinds import cross_gram
+from ._kinds import sum_gram
 from ._layers import HANDLERS as LAYER_HANDLERS
 from ._norms import HANDLERS as NORM_HANDLERS
 
@@ -55,6 +56,9 @@ class Capture:
       cap.project(V)                  Uᵀ V (B,) for V {param: tensor}; (B, m) for a list of m
       cap.weighted_sum({block: c_b}, by="module")   block-diagonal: U_b c_b per module
       cap.project(V, by="module")     {module name: U_bᵀ V_b}
+      cap.factors()                   {param: Factors}: one parameter's U in factored form
+                                      (Gram, U c, Uᵀ V, layer tokens, sketch; kept after
+                                      release — see lowrank_kernels.capture.Factors)
       lowrank_kernels.ng_solve(cap, λ)   (F + λI)⁻¹ ḡ (or v) through the Woodbury identity
 
     loss_reduction: how the loss that is backpropagated depends on the per-sample losses ℓ_i:
@@ -118,6 +122,7 @@ class Capture:
         self._seen = set()  # ids of parameters that received a gradient while capturing
         self._active = False
         self._cache = None
+        self._factors = None  # (the _contributions() dict it was built from, {param: Factors})
 
     # ---- recording ---------------------------------------------------------------------
     def __enter__(self):
@@ -240,6 +245,20 @@ class Capture:
         self._contributions()
         return self._batch_size
 
+    def factors(self) -> dict:
+        """{param: Factors} in model order: each captured parameter's per-sample gradients
+        U = [g_1 … g_B] in factored form, summed over the calls that used it (see
+        lowrank_kernels.capture.Factors: gram, weighted_sum, project, tokens, sketch,
+        state_dict). A parameter that got no per-sample gradient from this batch (its module
+        was not called) has no entry. The same objects come back until the next batch or
+        `release()`; they hold the captured tensors, so they stay valid after both."""
+        per_param = self._contributions()
+        if self._factors is None or self._factors[0] is not per_param:
+            built = {p: Factors(per_param[key]) for key, (_, p) in self._param_names.items()
+                     if per_param.get(key)}
+            self._factors = (per_param, built)
+        return dict(self._factors[1])
+
     def parameters(self):
         """[(name, param)] of the captured (trainable) parameters, in model order."""
         return list(self._param_names.values())
@@ -270,7 +289,7 @@ class Capture:
         shape = (B,) if diagonal else (B, B2)
         results = {}
         for key, (name, p) in self._param_names.items():
-            K = _param_gram(mine.get(key, []), None if theirs is None else theirs.get(key, []),
+            K = sum_gram(mine.get(key, []), None if theirs is None else theirs.get(key, []),
                             diagonal)
             label = {"model": None, "module": self._owner.get(key), "parameter": name}[by]
             if K is not None:
@@ -399,25 +418,3 @@ def _contribution_dtype(c):
 def _operand_dtype(c):
     """The dtype in which weights c and directions V enter an op for this contribution."""
     return torch.float64 if _contribution_dtype(c) == torch.float64 else torch.float32
-
-
-def _param_gram(mine, theirs, diagonal):
-    """Σ over the pairs of contributions to one parameter: K = Σ_{a,b} Uₐᵀ U_b (with itself:
-    the diagonal blocks plus each off-diagonal pair and its transpose). None when empty."""
-    total = None
-
-    def add(K):
-        nonlocal total
-        total = K if total is None else total + K.to(total.dtype)
-
-    if theirs is None:
-        for a_index, a in enumerate(mine):
-            add(a.gram(None, diagonal=diagonal))
-            for b in mine[a_index + 1:]:
-                K = cross_gram(a, b, diagonal)
-                add(2 * K if diagonal else K + K.T)
-    else:
-        for a in mine:
-            for b in theirs:
-                add(cross_gram(a, b, diagonal))
-    return total

@@ -8,7 +8,8 @@ through the public ops, never materializing U unless the kind is `Dense` (small 
 norm-layer affine parameters, biases, the torch.func fallback). Two contributions to one
 parameter meet through `cross_gram`: the ops' cross-Gram for one kind, a token-pair formula
 for a tied embedding and output layer, else one projected on the other's materialized
-per-sample gradients.
+per-sample gradients; `sum_gram` sums a parameter's pairs. The public face of these is
+`capture.Factors` (one per parameter, over all its calls).
 """
 import torch
 
@@ -245,3 +246,26 @@ def cross_gram(a, b, diagonal=False):
     else:
         K = a.project(materialize(b))
     return K.diagonal() if diagonal else K
+
+
+def sum_gram(mine, theirs, diagonal=False):
+    """K = Σ_{a,b} Uₐᵀ U_b over the contributions to one parameter (sequences): with itself
+    (theirs None) the diagonal blocks plus each off-diagonal pair and its transpose, else
+    every pair of mine × theirs (the cross-Gram of two batches). None when empty."""
+    total = None
+
+    def add(K):
+        nonlocal total
+        total = K if total is None else total + K.to(total.dtype)
+
+    if theirs is None:
+        for a_index, a in enumerate(mine):
+            add(a.gram(None, diagonal=diagonal))
+            for b in mine[a_index + 1:]:
+                K = cross_gram(a, b, diagonal)
+                add(2 * K if diagonal else K + K.T)
+    else:
+        for a in mine:
+            for b in theirs:
+                add(cross_gram(a, b, diagonal))
+    return total

@@ -42,7 +42,8 @@ class GuardedOptimizer(torch.optim.Optimizer):
     """Base class: subclasses set self.blocks and implement _directions(...)."""
 
     def __init__(self, model_or_params, capture, defaults, *, loss_reduction, by_layer):
-        params, self.capture, model = _captured.start(model_or_params, capture, loss_reduction)
+        params, self.capture, model, self._recording = _captured.start(
+            model_or_params, capture, loss_reduction)
         super().__init__(params, defaults)
         mine = [p for g in self.param_groups for p in g["params"]]
         self.blocks = _captured.layer_blocks(model, mine, by_layer)
@@ -54,7 +55,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
 
     def close(self):
         """Remove the capture's hooks (the optimizer cannot step afterwards)."""
-        self.capture.__exit__(None, None, None)
+        self._recording.close()
         self.capture.release()
 
     def group_of(self, p):

@@ -1,26 +1,31 @@
 """What the optimizers need from a Capture, per parameter and per layer.
 
-The public Capture API gives whole-model or per-module Grams and one weighted sum U c for
-all parameters. The optimizers need a different coefficient vector per layer (block-diagonal
-natural gradient), per-parameter Grams (to sketch the big ones) and factors kept across steps
-(SENG reuses a refresh batch's U; KFAC reads a, e). So this module reads the capture's
-per-parameter contributions (its factored per-sample gradients, `Capture._contributions()`)
-and calls their `gram` / `weighted_sum` / `project`, which run the public ops.
+The optimizers need a different coefficient vector per layer (block-diagonal natural
+gradient), per-parameter Grams (to sketch the big ones) and factors kept across steps (SENG
+reuses a refresh batch's U; KFAC reads the layer tokens a, e). All of it comes from the
+public `Capture.factors()`: one immutable `Factors` per parameter, whose `gram` /
+`weighted_sum` / `project` run the public ops. Here a parameter's per-sample gradients are a
+list of Factors whose gradients add up (the capture gives one; [] when the parameter got
+none), and an op that refuses non-finite data gives a NaN result instead of raising, so that
+the optimizers fall back.
 
-Factors are stored as plain dicts of tensors (`pack` / `unpack`) so that an optimizer's
-state_dict saves with torch.save and loads with torch.load(weights_only=True).
+Factors are stored as plain lists of dicts of tensors (`pack` / `unpack`, through
+Factors.state_dict) so that an optimizer's state_dict saves with torch.save and loads with
+torch.load(weights_only=True).
 """
+import contextlib
+
 import torch
 from torch import nn
 
-from ..capture import Capture
-from ..capture import _kinds
-from ..capture._capture import _param_gram
+from ..capture import Capture, Factors
 
 
 def start(model_or_params, capture, loss_reduction):
-    """(params or groups, capture, model or None): the capture is built from the model when
-    the optimizer is built from one, and entered (its hooks stay on until `close`)."""
+    """(params or groups, capture, model, recording): the capture is built from the model
+    when the optimizer is built from one, and entered; its hooks stay on until
+    `recording.close()` (an ExitStack that exits the capture, also when the caller had
+    already entered it)."""
     if isinstance(model_or_params, nn.Module):
         if capture is not None:
             raise ValueError("optimizer: pass either a model or (params, capture=...), not both")
@@ -32,11 +37,13 @@ def start(model_or_params, capture, loss_reduction):
             raise TypeError("optimizer: built from parameters, it needs capture=Capture(model) "
                             f"(got {type(capture).__name__}); or pass the model itself")
         model, params = capture.model, model_or_params
+    recording = contextlib.ExitStack()
     try:
-        capture.__enter__()
+        recording.enter_context(capture)
     except RuntimeError:
-        pass  # already active: the caller runs forward and backward inside its own `with`
-    return params, capture, model
+        # already active: the caller runs forward and backward inside its own `with`
+        recording.push(capture)
+    return params, capture, model, recording
 
 
 def layer_blocks(model, params, by_layer=True):
@@ -59,31 +66,38 @@ def layer_blocks(model, params, by_layer=True):
 
 
 def contributions(capture):
-    """{id(param): [contribution, ...]} of the last captured batch, and its batch size."""
-    per_param = capture._contributions()
+    """{id(param): [Factors]} of the last captured batch, and its batch size."""
+    per_param = {id(p): [f] for p, f in capture.factors().items()}
     return per_param, capture.batch_size
 
 
-def operand_dtype(contribution_list):
-    return (torch.float64 if any(_dtype(c) == torch.float64 for c in contribution_list)
+def operand_dtype(factors_list):
+    return (torch.float64 if any(f.dtype == torch.float64 for f in factors_list)
             else torch.float32)
 
 
-def _dtype(c):
-    return c.G.dtype if isinstance(c, _kinds.Dense) else c.E.dtype
-
-
-def gram(contribution_list):
-    """K = UᵀU (B × B) of one parameter's per-sample gradients (None when it has none)."""
-    if not contribution_list:
+def gram(factors_list):
+    """K = UᵀU (B × B) of one parameter's per-sample gradients U = Σ U_a (None when it has
+    none): K = Σ_a U_aᵀU_a + Σ_{a<b} (U_aᵀU_b + its transpose)."""
+    if not factors_list:
         return None
-    dtype = operand_dtype(contribution_list)
-    B = contribution_list[0].batch_size
-    return _finite_or_nan(lambda: _param_gram(contribution_list, None, False).to(dtype),
-                          (B, B), dtype, _device(contribution_list[0]))
+    dtype = operand_dtype(factors_list)
+    B = factors_list[0].batch_size
+
+    def compute():
+        K = None
+        for index, a in enumerate(factors_list):
+            own = a.gram().to(dtype)
+            K = own if K is None else K + own
+            for b in factors_list[index + 1:]:
+                cross = a.gram(b).to(dtype)
+                K = K + cross + cross.T
+        return K
+
+    return finite_or_nan(compute, (B, B), dtype, factors_list[0].device)
 
 
-def _finite_or_nan(compute, shape, dtype, device):
+def finite_or_nan(compute, shape, dtype, device):
     """compute(), or a NaN tensor of `shape` where an op refused non-finite data (the ops
     raise ValueError on NaN/Inf unless LOWRANK_CHECK_FINITE=0): the optimizers then see a
     non-finite result, whichever way the ops are configured, and fall back."""
@@ -95,36 +109,32 @@ def _finite_or_nan(compute, shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def _device(c):
-    return c.G.device if isinstance(c, _kinds.Dense) else c.E.device
-
-
-def weighted_sum(contribution_list, c, shape):
-    """U c (param `shape` for c (B,), (m, *shape) for c (B, m)), summed over the calls."""
-    dtype = operand_dtype(contribution_list)
+def weighted_sum(factors_list, c, shape):
+    """U c (param `shape` for c (B,), (m, *shape) for c (B, m)), summed over the list."""
+    dtype = operand_dtype(factors_list)
 
     def compute():
         total = None
-        for contribution in contribution_list:
-            term = contribution.weighted_sum(c.to(dtype)).to(dtype)
+        for factors in factors_list:
+            term = factors.weighted_sum(c.to(dtype)).to(dtype)
             total = term if total is None else total + term
         return total
 
-    return _finite_or_nan(compute, (*c.shape[1:], *shape), dtype, c.device)
+    return finite_or_nan(compute, (*c.shape[1:], *shape), dtype, c.device)
 
 
-def project(contribution_list, V):
-    """Uᵀ V (B,) for V of the parameter's shape, summed over the calls."""
-    dtype = operand_dtype(contribution_list)
+def project(factors_list, V):
+    """Uᵀ V (B,) for V of the parameter's shape, summed over the list."""
+    dtype = operand_dtype(factors_list)
 
     def compute():
         total = None
-        for contribution in contribution_list:
-            term = contribution.project(V.to(dtype)[None]).to(dtype).reshape(-1)
+        for factors in factors_list:
+            term = factors.project(V.to(dtype)).to(dtype)
             total = term if total is None else total + term
         return total
 
-    return _finite_or_nan(compute, (contribution_list[0].batch_size,), dtype, V.device)
+    return finite_or_nan(compute, (factors_list[0].batch_size,), dtype, V.device)
 
 
 def mean_grad(capture, p, B):
@@ -135,38 +145,12 @@ def mean_grad(capture, p, B):
     return p.grad if scale == 1.0 else p.grad / scale
 
 
-def pack(contribution_list):
-    """Plain-tensor description of contributions (for state_dict)."""
-    out = []
-    for c in contribution_list:
-        if isinstance(c, _kinds.Linear):
-            out.append({"kind": "linear", "A": c.A, "E": c.E})
-        elif isinstance(c, _kinds.Conv2d):
-            kernel_size, stride, padding, dilation, groups = c.geometry
-            out.append({"kind": "conv2d", "X": c.X, "E": c.E, "kernel_size": list(kernel_size),
-                        "stride": list(stride), "padding": list(padding),
-                        "dilation": list(dilation), "groups": groups})
-        elif isinstance(c, _kinds.Embedding):
-            out.append({"kind": "embedding", "idx": c.idx, "E": c.E,
-                        "num_embeddings": c.num_embeddings, "padding_idx": c.padding_idx})
-        else:
-            out.append({"kind": "dense", "G": c.G})
-    return out
+def pack(factors_list):
+    """Plain-tensor description of a parameter's factors (for state_dict): the entries of
+    Factors.state_dict() of every element, in order ([] for none)."""
+    return [entry for factors in factors_list for entry in factors.state_dict()]
 
 
 def unpack(packed, backend=None):
-    out = []
-    for d in packed:
-        kind = d["kind"]
-        if kind == "linear":
-            out.append(_kinds.Linear(d["A"], d["E"], backend))
-        elif kind == "conv2d":
-            geometry = (tuple(d["kernel_size"]), tuple(d["stride"]), tuple(d["padding"]),
-                        tuple(d["dilation"]), d["groups"])
-            out.append(_kinds.Conv2d(d["X"], d["E"], geometry, backend))
-        elif kind == "embedding":
-            out.append(_kinds.Embedding(d["idx"], d["E"], d["num_embeddings"], d["padding_idx"],
-                                        backend))
-        else:
-            out.append(_kinds.Dense(d["G"]))
-    return out
+    """The list of Factors that `pack` described ([] or one Factors holding every entry)."""
+    return [Factors.from_state_dict(packed, backend=backend)] if packed else []

@@ -96,9 +96,9 @@ class FNGD(GuardedOptimizer):
         out = {}
         for (name, params), c, ok in zip(self.blocks, coefficients, oks):
             for p in params:
-                contribution_list = per_param.get(id(p), [])
-                if p.grad is not None and contribution_list:
-                    out[id(p)] = (_captured.weighted_sum(contribution_list, c, p.shape), ok)
+                factors = per_param.get(id(p), [])
+                if p.grad is not None and factors:
+                    out[id(p)] = (_captured.weighted_sum(factors, c, p.shape), ok)
         return out
 
     def _solve_batch(self, per_param, B, position):

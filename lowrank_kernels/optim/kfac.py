@@ -3,9 +3,7 @@ same captures as FNGD and SENG so that the comparison runs in our own benchmarks
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..capture import _kinds
 from . import _captured
 from ._base import GuardedOptimizer
 
@@ -51,10 +49,10 @@ class KFAC(GuardedOptimizer):
         step = self.state["step"]
         out = {}
         for name, params in self.blocks:
-            weight, bias = _split(params, per_param)
+            weight, bias, tokens = _split(params, per_param)
             if weight is None:
                 continue
-            a, e = _tokens(per_param[id(weight)], bias is not None)
+            a, e = _flat_tokens(tokens, bias is not None)
             A_batch = a.T @ a / a.shape[0]
             G_batch = e.T @ e / B
             layer = self.state["kfac"].get(name)
@@ -86,32 +84,27 @@ class KFAC(GuardedOptimizer):
 
 
 def _split(params, per_param):
-    """(weight, bias) of a Linear / Conv2d (groups = 1) block, or (None, None)."""
+    """(weight, bias, LayerTokens) of a Linear / Conv2d (groups = 1) block whose weight's
+    per-sample gradients are one token set (Factors.tokens()), or (None, None, None)."""
     weight = next((p for p in params if p.grad is not None and p.dim() in (2, 4)), None)
     if weight is None:
-        return None, None
-    kinds = per_param.get(id(weight), [])
-    if len(kinds) != 1 or not (isinstance(kinds[0], _kinds.Linear) or (
-            isinstance(kinds[0], _kinds.Conv2d) and kinds[0].geometry[4] == 1)):
-        return None, None
+        return None, None, None
+    factors = per_param.get(id(weight), [])
+    tokens = factors[0].tokens() if len(factors) == 1 else None
+    if tokens is None:
+        return None, None, None
     bias = next((p for p in params if p is not weight and p.dim() == 1
                  and p.shape[0] == weight.shape[0] and p.grad is not None), None)
-    return weight, bias
+    return weight, bias, tokens
 
 
-def _tokens(contribution_list, with_bias):
+def _flat_tokens(tokens, with_bias):
     """(ā (N, d_in[+1]), e (N, d_out)): the layer's input tokens (unfolded patches for a
-    convolution) and output-gradient tokens, in fp32 (fp64 for fp64 models)."""
-    (c,) = contribution_list
-    dtype = torch.float64 if c.E.dtype == torch.float64 else torch.float32
-    if isinstance(c, _kinds.Linear):
-        a = c.A.reshape(-1, c.A.shape[-1]).to(dtype)
-        e = c.E.reshape(-1, c.E.shape[-1]).to(dtype)
-    else:
-        kernel_size, stride, padding, dilation, _ = c.geometry
-        patches = F.unfold(c.X.to(dtype), kernel_size, dilation, padding, stride)  # (B, C·k, L)
-        a = patches.transpose(1, 2).reshape(-1, patches.shape[1])
-        e = c.E.to(dtype).flatten(2).transpose(1, 2).reshape(-1, c.E.shape[1])
+    convolution) and output-gradient tokens over the batch, in fp32 (fp64 for fp64 models)."""
+    inputs, output_grads = tokens
+    dtype = torch.float64 if output_grads.dtype == torch.float64 else torch.float32
+    a = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
+    e = output_grads.reshape(-1, output_grads.shape[-1]).to(dtype)
     if with_bias:
         a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
     return a, e

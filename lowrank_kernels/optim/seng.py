@@ -75,23 +75,21 @@ class SENG(GuardedOptimizer):
         return self._precondition(per_param, B)
 
     def _refresh(self, per_param, B, step):
-        Ks, finite, index = [], [], 0
+        Ks, index = [], 0
         for name, params in self.blocks:
-            K, ok = None, None
+            K = None
             for p in params:
-                contribution_list = per_param.get(id(p), [])
+                factors = per_param.get(id(p), [])
                 index += 1
-                if not contribution_list:
+                if not factors:
                     continue
                 if p.numel() > self.sketch_threshold:
                     seed = (self.seed * 1_000_003 + step * 4099 + index * 64) % 2 ** 62
-                    Kp, okp = sketched_gram(contribution_list, self.sketch_size, seed)
-                    ok = okp if ok is None else ok & okp
+                    Kp = sketched_gram(factors, self.sketch_size, seed)
                 else:
-                    Kp = _captured.gram(contribution_list)
+                    Kp = _captured.gram(factors)
                 K = Kp if K is None else K + Kp.to(K.dtype)
             Ks.append(K)
-            finite.append(ok)
         template = next(K for K in Ks if K is not None)
         Ks = torch.stack([template.new_zeros(B, B) if K is None else K.to(template.dtype)
                           for K in Ks])
@@ -101,15 +99,13 @@ class SENG(GuardedOptimizer):
                                                     device=Ks.device))
         out = {}
         for l, (name, params) in enumerate(self.blocks):
-            ok_l = ok[l] if finite[l] is None else ok[l] & finite[l]
             for p in params:
-                contribution_list = per_param.get(id(p), [])
-                if p.grad is not None and contribution_list:
-                    d = _captured.weighted_sum(contribution_list, X[l, :, 0], p.shape)
-                    out[id(p)] = (d, ok_l)
+                factors = per_param.get(id(p), [])
+                if p.grad is not None and factors:
+                    d = _captured.weighted_sum(factors, X[l, :, 0], p.shape)
+                    out[id(p)] = (d, ok[l])
         self.state["curvature"] = {
-            "K": Ks, "damping": torch.tensor(lams, dtype=Ks.dtype), "batch_size": B,
-            "ok": ok & torch.stack([torch.ones_like(ok[0]) if f is None else f for f in finite]),
+            "K": Ks, "damping": torch.tensor(lams, dtype=Ks.dtype), "batch_size": B, "ok": ok,
             "factors": [[_captured.pack(per_param.get(id(p), [])) for p in params]
                         for _, params in self.blocks]}
         return out
