@@ -30,18 +30,29 @@ class WoodburySolveResult(NamedTuple):
     damping_used: torch.Tensor
 
 
+_FEW = 64  # a CPU damping of at most this many values is checked in Python (no kernels)
+
+
 def _check_damping_values(damping):
-    """λ ≥ 0 and finite: free for a CPU scalar, one device sync for a GPU tensor."""
-    if damping.device.type == "meta" or is_fake(damping) or damping.numel() == 0:
+    """0 ≤ λ < ∞ (NaN fails): free for a small CPU tensor, one device sync for a GPU tensor,
+    nothing for a meta or fake tensor (no values)."""
+    # A plain CPU tensor has values: decided first, without is_fake (which costs microseconds).
+    # The registered kernels get plain tensors (fake and functorch wrappers are unwrapped by
+    # the dispatcher before them), the fake kernel FakeTensors, whose type is a subclass.
+    if type(damping) is torch.Tensor and damping.is_cpu and damping.numel() <= _FEW:
+        values = (float(damping),) if damping.dim() == 0 else damping.tolist()
+        bad = not all(0.0 <= value < math.inf for value in values)
+    elif damping.is_meta or is_fake(damping) or damping.numel() == 0:
         return
-    if damping.dim() == 0 and damping.device.type == "cpu":
-        value = float(damping)
-        bad = not (math.isfinite(value) and value >= 0)
-    else:
-        bad = not bool(torch.isfinite(damping).all()) or bool((damping < 0).any())
+    else:  # one reduction, one host sync
+        bad = not bool(torch.logical_and(damping >= 0, damping < math.inf).all())
     if bad:
         raise ValueError(f"{OP}: damping must be finite and >= 0, got "
                          f"{damping.detach().cpu().flatten()[:8].tolist()}")
+
+
+_R_SHAPES_BATCHED = "b x n x r or b x n: the right-hand sides"
+_R_SHAPES = "n x r or n: the right-hand sides"
 
 
 def check(K, damping, R, jitter, max_tries):
@@ -51,8 +62,8 @@ def check(K, damping, R, jitter, max_tries):
         raise ValueError(f"{OP}: K must be square in its last two dims, got shape "
                          f"{tuple(K.shape)}")
     batched = K.dim() == 3
-    shapes = "b x n x r or b x n" if batched else "n x r or n"
-    _checks.check_tensor(OP, "R", R, (K.dim(), K.dim() - 1), f"{shapes}: the right-hand sides")
+    _checks.check_tensor(OP, "R", R, (3, 2) if batched else (2, 1),
+                         _R_SHAPES_BATCHED if batched else _R_SHAPES)
     _checks.check_float(OP, "R", R, _DTYPES)
     _checks.check_same(OP, ("K", "R"), (K, R), "device")
     _checks.check_same(OP, ("K", "R"), (K, R), "dtype")
@@ -62,7 +73,7 @@ def check(K, damping, R, jitter, max_tries):
     _checks.check_dim_match(OP, "K", K.shape[-1], "R", rows, "size n (K's last dim, R's rows)")
     _checks.check_tensor(OP, "damping", damping, (0, 1), "a float, 0-d or (b,) tensor")
     _checks.check_float(OP, "damping", damping)
-    if not (damping.dim() == 0 and damping.device.type == "cpu"):  # a CPU scalar goes anywhere
+    if not (damping.dim() == 0 and damping.is_cpu):  # a CPU scalar goes with any device
         _checks.check_same(OP, ("K", "damping"), (K, damping), "device")
     if damping.dim() == 1 and damping.shape[0] != (K.shape[0] if batched else 1):
         raise ValueError(f"{OP}: damping must have one value per batch member "
@@ -149,7 +160,9 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float |
         if not isinstance(damping, (int, float)):
             raise TypeError(f"{OP}: damping must be a float or a tensor, got "
                             f"{type(damping).__name__}")
-        # A CPU scalar: checked without a device sync, filled on K's device by the backend.
-        damping = torch.tensor(float(damping), dtype=torch.float64)
+        # A CPU scalar (on the CPU whatever torch.set_default_device says): checked without a
+        # device sync, filled on K's device by the backend. torch.scalar_tensor: the same 0-d
+        # tensor as torch.tensor, without its parsing of nested data (microseconds).
+        damping = torch.scalar_tensor(float(damping), dtype=torch.float64, device="cpu")
     return WoodburySolveResult(
         *torch.ops.lowrank_kernels.woodbury_solve(K, damping, R, jitter, max_tries, backend))

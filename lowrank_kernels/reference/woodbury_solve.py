@@ -17,22 +17,26 @@ def default_jitter(dtype: torch.dtype) -> float:
 
 
 def batched(K, damping, R):
-    """(K b×n×n, damping (b,) in K's dtype, R b×n×r, unbatch) for any accepted shapes:
+    """(K b×n×n, damping (b,) in K's dtype on K's device (possibly strided: a view of the
+    argument where no copy is needed), R b×n×r, unbatch) for any accepted shapes:
     K (b, n, n) with R (b, n, r) or (b, n); K (n, n) with R (n, r) or (n,); damping a float,
     a 0-d tensor or a (b,) tensor. unbatch(X, info, used) gives back R's shape for X and
     shape () (unbatched) or (b,) for info and used."""
     is_batched = K.dim() == 3
-    Kb = K if is_batched else K.unsqueeze(0)
+    Kb = K if is_batched else K[None]
     vector_rhs = R.dim() == K.dim() - 1
     Rb = R.unsqueeze(-1) if vector_rhs else R
     if not is_batched:
-        Rb = Rb.unsqueeze(0)
+        Rb = Rb[None]
     b = Kb.shape[0]
-    if isinstance(damping, torch.Tensor) and not (damping.dim() == 0
-                                                  and damping.device.type == "cpu"):
-        lam = damping.to(device=K.device, dtype=K.dtype).reshape(-1).expand(b).contiguous()
-    else:  # a float or a CPU scalar: filled on K's device, no host-device copy
+    if not isinstance(damping, torch.Tensor) or (damping.dim() == 0 and damping.is_cpu
+                                                 and not K.is_cpu):
+        # a float, or a CPU scalar for a GPU K: filled on K's device, no host-device copy
         lam = torch.full((b,), float(damping), dtype=K.dtype, device=K.device)
+    else:  # a view where it can be (a CPU scalar for a CPU K: stride 0), else a copy
+        lam = damping.to(device=K.device, dtype=K.dtype)
+        if lam.dim() == 0 or lam.shape[0] != b:
+            lam = lam.expand(b)
 
     def unbatch(X, info, used):
         if vector_rhs:
