@@ -1,8 +1,8 @@
 """The subspace family's Triton kernels compile for a GPU (sm_90, PTX through Triton's own
 ptxas down to a cubin) — no GPU needed, so a kernel that only the interpreter has run cannot
 hide a compile-time error (constexpr rules, layouts, dtypes) until a GPU turns up. Written-out
-signatures and constexprs for each kernel; for fwht also the launches its launcher makes for
-fp32, fp16 and bf16 inputs (recorded, python_tests/triton_compile.py). Each family compiles in
+signatures and constexprs for each kernel, and the launches the launchers make for fp32, fp16
+and bf16 inputs (recorded, python_tests/triton_compile.py). Each family compiles in
 a child process without TRITON_INTERPRET."""
 from pathlib import Path
 
@@ -47,7 +47,19 @@ def _subspace_project():
             {"P": f"*{dt}", "sp0": "i64", "sp1": "i64", "alpha": "*fp32", "sa": "i64",
              "base": f"*{dt}", "sb": "i64", "out": f"*{dt}", "D": "i64", "K": "i32"},
             {"HAS_BASE": True, "BLOCK_D": 64, "BLOCK_K": 64}))
-    return launches
+    from lowrank_kernels.triton import subspace_project
+
+    def drive():
+        # Narrow (k = 5: 8-wide tiles) and wide (k = 100) bases, with and without base.
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for k, with_base in ((5, True), (100, False)):
+                P = torch.zeros(300, k, dtype=dtype)
+                subspace_project.subspace_project(P, torch.zeros(300, dtype=dtype))
+                subspace_project.subspace_expand(P, torch.zeros(k),
+                                                 torch.zeros(300, dtype=dtype) if with_base
+                                                 else None)
+
+    return launches + triton_compile.record([subspace_project], drive)
 
 
 def _random_subspace():
@@ -65,7 +77,22 @@ def _random_subspace():
             {"g": "*fp32", "sg": "i64", "partial": "*fp32", "D": "i64", "d": "i32",
              "rows_per_program": "i64", "seed": "i64"},
             {"RADEMACHER": rademacher, "BLOCK_D": 64, "BLOCK_C": 64}))
-    return launches
+    from lowrank_kernels.triton import random_subspace
+
+    def drive():
+        # fp32: d = 3 (the narrowest tile: one column group), 13 and 100 (the widest); 32-bit
+        # and 64-bit seeds; with and without base. fp16 and bf16 g / base: the widest tile.
+        configs = [(3, 7, False, True), (13, 2 ** 40, True, False), (100, 12345, True, True)]
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for d, seed, rademacher, with_base in (configs if dtype == torch.float32
+                                                   else configs[-1:]):
+                random_subspace.random_subspace_project(torch.zeros(300, dtype=dtype), seed, d,
+                                                        0.1, rademacher)
+                random_subspace.random_subspace_expand(
+                    torch.zeros(d), seed, 300, 0.1, rademacher,
+                    torch.zeros(300, dtype=dtype) if with_base else None)
+
+    return launches + triton_compile.record([random_subspace], drive)
 
 
 CASES = {"fwht": _fwht, "subspace_project": _subspace_project,

@@ -204,11 +204,12 @@ def compile_sm90(launch):
 
 
 def main(cases):
-    """Child-process entry: compile every launch of case sys.argv[1], print the kernels
-    compiled; a launch that fails does not stop the others: all failures are listed last (on
-    stderr, exit status 1)."""
+    """Child-process entry: `file case [shard shards]` compiles launch shard, shard + shards, ...
+    of the case (all without a shard), prints the kernels compiled; a launch that fails does
+    not stop the others: all failures are listed last (on stderr, exit status 1)."""
     assert "TRITON_INTERPRET" not in os.environ, "compile in a process without the interpreter"
-    launches = cases[sys.argv[1]]()
+    shard, shards = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
+    launches = sorted(cases[sys.argv[1]](), key=Launch.key)[shard::shards]
     failures = []
     for launch in launches:
         try:
@@ -223,13 +224,35 @@ def main(cases):
 
 
 def compile_in_child(test_file, case, timeout=900):
-    """Run `test_file case` (whose __main__ calls main(CASES)) without TRITON_INTERPRET; the
-    "module:kernel" names it compiled. Skips where Triton has no CUDA backend."""
+    """Run `test_file case shard shards` (whose __main__ calls main(CASES)) without
+    TRITON_INTERPRET in one child process per CPU (at most 4), each compiling its share of the
+    launches; the "module:kernel" names compiled. Skips where Triton has no CUDA backend."""
     import pytest
 
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(test_file), case], env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-8000:]
-    return done.stdout.split()
+    shards = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count() or 1))
+    logs = [(tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+"))
+            for _ in range(shards)]
+    children = [subprocess.Popen([sys.executable, str(test_file), case, str(shard), str(shards)],
+                                 env=env, stdout=out, stderr=err, text=True)
+                for shard, (out, err) in enumerate(logs)]
+    names, errors = set(), []
+    try:
+        for child, (out, err) in zip(children, logs):
+            child.wait(timeout=timeout)
+            out.seek(0)
+            names.update(out.read().split())
+            if child.returncode != 0:
+                err.seek(0)
+                errors.append(err.read()[-8000:])
+    finally:
+        for child, (out, err) in zip(children, logs):
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+            out.close()
+            err.close()
+    assert not errors, "\n".join(errors)
+    return sorted(names)
