@@ -7,7 +7,9 @@ A test file names the kernel modules it covers (COVERAGE) and its cases: functio
 the launches to compile. `compile_in_child(file, case)` runs the file as a script in a child
 process without TRITON_INTERPRET (where @triton.jit gives compilable functions, not
 interpreted ones); the script calls `main(CASES)`, which compiles every launch of the case and
-prints the kernels compiled as "module:kernel".
+prints the kernels compiled as "module:kernel", and lists every launch that failed (its argument
+types, constexprs and the compiler's first diagnostic). The launches are shared among up to 4
+children (one per CPU).
 
 A launch is either recorded — `record(modules, drive)` runs launcher code with a recorder in
 place of every `_..._kernel` of the modules, and each distinct `kernel[grid](*args, **kwargs)`
@@ -107,11 +109,11 @@ def _backend():
 
 def specialize(fn, args, kwargs, grid=()):
     """The Launch of fn[grid](*args, **kwargs) on an sm_90 GPU: Triton's own binder and
-    argument packing (as in JITFunction.run), so types and specializations match a real launch
-    (CPU tensors stand in for CUDA ones: the same dtypes, the same alignment of views)."""
-    from triton.runtime.jit import create_function_from_signature
-
+    argument packing (as in JITFunction.run; Triton internals of 3.9), so types and
+    specializations match a real launch (CPU tensors stand in for CUDA ones: the same dtypes,
+    the same alignment of views)."""
     from triton import knobs
+    from triton.runtime.jit import create_function_from_signature
 
     kwargs = dict(kwargs)  # the compile options JITFunction.run adds to every launch
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
