@@ -29,14 +29,14 @@ def batched(K, damping, R):
     if not is_batched:
         Rb = Rb[None]
     b = Kb.shape[0]
-    if not isinstance(damping, torch.Tensor) or (damping.dim() == 0 and damping.is_cpu
-                                                 and not K.is_cpu):
-        # a float, or a CPU scalar for a GPU K: filled on K's device, no host-device copy
-        lam = torch.full((b,), float(damping), dtype=K.dtype, device=K.device)
-    else:  # a view where it can be (a CPU scalar for a CPU K: stride 0), else a copy
-        lam = damping.to(device=K.device, dtype=K.dtype)
+    if isinstance(damping, torch.Tensor) and not (damping.dim() == 0 and damping.is_cpu):
+        lam = damping.to(device=K.device, dtype=K.dtype)  # a view where it can be, else a copy
         if lam.dim() == 0 or lam.shape[0] != b:
             lam = lam.expand(b)
+    elif K.is_cpu and isinstance(damping, torch.Tensor) and damping.dtype == K.dtype:
+        lam = damping.expand(b)  # a CPU scalar for a CPU K: a view (stride 0), no copy
+    else:  # a float or a CPU scalar: filled on K's device, no host-device copy
+        lam = torch.full((b,), float(damping), dtype=K.dtype, device=K.device)
 
     def unbatch(X, info, used):
         if vector_rhs:
