@@ -81,7 +81,8 @@ def test_bad_damping_message_lists_the_values():
     K, R = _problem(70, 2, 1)
     lam = torch.full((70,), 0.5, dtype=torch.float64)
     lam[1] = -2.0
-    with pytest.raises(ValueError, match=r"got \[0\.5, -2\.0, 0\.5, 0\.5, 0\.5, 0\.5, 0\.5, 0\.5\]"):
+    listed = r"got \[0\.5, -2\.0" + r", 0\.5" * 6 + r"\]$"  # the first 8 of the 70
+    with pytest.raises(ValueError, match=listed):
         lk.woodbury_solve(K, lam, R)
 
 
