@@ -28,6 +28,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-matrix tests (more threads only contend on a
+    shared 2-core machine, making such files several times slower); restored afterwards.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def backends_for(op, device, dtype=torch.float32):
     """The backends of `op` that can run on (device, dtype) here."""
     spec = REGISTRY[op]

@@ -9,13 +9,7 @@ from numerics import U32, assert_within, gamma
 import lowrank_kernels as lk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: torch's intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = [(1, 1, 1), (3, 5, 4), (67, 45, 13), (17, 130, 33), (130, 9, 70)]

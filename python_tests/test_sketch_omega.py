@@ -11,13 +11,7 @@ import lowrank_kernels as lk
 from lowrank_kernels.reference.sketch_omega import omega_words, philox4x32_10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: torch's intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Random123 kat_vectors, philox4x32_10: (counter, key, output).

@@ -18,13 +18,7 @@ from conftest import backends_for
 import lowrank_kernels as lk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These matrices are tiny: torch's intra-op threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(B=5, T=3, d_in=6, d_out=4, seed=0, dtype=torch.float64):

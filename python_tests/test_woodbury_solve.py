@@ -23,14 +23,7 @@ C = 4.0
 NATIVE = lk.native_build_info() != "not built"
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These matrices are small: one intra-op thread (on a shared machine oversubscribed
-    threads make this file ~7× slower), restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dtype_id(d):
