@@ -162,7 +162,11 @@ def table(rows):
 
 
 def plot(rows, path, title):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no PNG plot (the table and JSON are written)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

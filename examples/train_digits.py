@@ -14,12 +14,31 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from lowrank_kernels.optim import FNGD, KFAC, SENG
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BATCH = 64
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **values):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total, desc, enabled):
+    """A tqdm progress bar (tqdm is imported only when one is shown)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
 
 
 def load_digits(device="cpu", dtype=torch.float32):
@@ -80,8 +99,7 @@ def train(model_kind, opt_name, epochs, data, seed=0, progress=True):
     history = {"step": [], "loss": [], "time": [], "cpu_time": [], "eval_step": [],
                "eval_time": [], "test_loss": [], "test_acc": []}
     elapsed, cpu, step = 0.0, 0.0, 0
-    bar = tqdm(total=epochs * steps_per_epoch, desc=f"{model_kind}/{opt_name}",
-               disable=not progress, leave=False)
+    bar = _progress_bar(epochs * steps_per_epoch, f"{model_kind}/{opt_name}", progress)
     for _ in range(epochs):
         order = torch.randperm(len(y_train), generator=g)
         for k in range(steps_per_epoch):
