@@ -1,7 +1,11 @@
 """Training-step time (forward + backward + optimizer step + zero_grad) of SGD, AdamW, KFAC,
-FNGD (first epoch: Gram + solve + weighted sum; after: weighted sum only) and SENG (refresh
-step; step between refreshes) on a ResNet-18-for-CIFAR-shaped model (B = 128, 3×32×32) and a
-GPT-2-small-shaped model (B = 8, T = 512), in one run. Without a GPU (and without
+FNGD (first epoch: Gram + solve + weighted sum; after: weighted sum only; after, with
+blocks="model"; after, reuse_via_backward=True: the direction from the backward itself, no
+capture and no weighted sum) and SENG (refresh step; step between refreshes) on a
+ResNet-18-for-CIFAR-shaped model (B = 128, 3×32×32), the same with GroupNorm for BatchNorm
+(a model without batch-mixing layers, where reuse_via_backward applies; with train-mode
+BatchNorm it takes the weighted-sum path, so that pair is not run) and a GPT-2-small-shaped
+model (B = 8, T = 512), in one run. Without a GPU (and without
 LOWRANK_BENCH_FULL=1) both models are reduced (widths, depth, batch, image / sequence size;
 the shape label says which). Targets on a GPU: FNGD after its first epoch ≤ 1.15× SGD,
 FNGD first epoch ≥ 2× faster than KFAC, SENG ≤ 2× SGD.
@@ -20,16 +24,16 @@ from lowrank_kernels.optim import FNGD, KFAC, SENG
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
+    def __init__(self, c_in, c_out, stride, norm):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn1 = norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = norm(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+                                          norm(c_out))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -37,16 +41,17 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 for CIFAR (3×3 stem, no max-pool), widths w, 2w, 4w, 8w (w = 64 full)."""
+    """ResNet-18 for CIFAR (3×3 stem, no max-pool), widths w, 2w, 4w, 8w (w = 64 full);
+    norm(channels): nn.BatchNorm2d, or GroupNorm (8 groups)."""
 
-    def __init__(self, width=64, classes=10):
+    def __init__(self, width=64, classes=10, norm=nn.BatchNorm2d):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
+                                  norm(width), nn.ReLU())
         blocks, c = [], width
         for k, stride in enumerate([1, 2, 2, 2]):
             c_out = width * 2 ** k
-            blocks += [BasicBlock(c, c_out, stride), BasicBlock(c_out, c_out, 1)]
+            blocks += [BasicBlock(c, c_out, stride, norm), BasicBlock(c_out, c_out, 1, norm)]
             c = c_out
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(c, classes)
@@ -89,13 +94,16 @@ class GPT(nn.Module):
         return self.head(self.ln(self.blocks(x)))
 
 
-def _resnet_case():
+def _resnet_case(groupnorm=False):
     if FULL:
         width, B, size, label = 64, 128, 32, "ResNet-18 CIFAR B=128 3x32x32"
     else:
         width, B, size, label = 16, 32, 16, "ResNet-18 CIFAR REDUCED (width 16, B=32, 3x16x16)"
+    norm = (lambda c: nn.GroupNorm(8, c)) if groupnorm else nn.BatchNorm2d
+    if groupnorm:
+        label = label.replace("ResNet-18", "ResNet-18 GroupNorm")
     torch.manual_seed(0)
-    model = ResNet18(width).to(DEVICE)
+    model = ResNet18(width, norm=norm).to(DEVICE)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 3, size, size, generator=g).to(DEVICE)
     y = torch.randint(0, 10, (B,), generator=g).to(DEVICE)
@@ -121,7 +129,8 @@ def _gpt_case():
     return model, loss, 1.0 / (B * T), label  # token mean: loss = (1/(B·T)) Σ_i ℓ_i
 
 
-CASES = {"resnet18": _resnet_case, "gpt2": _gpt_case}
+CASES = {"resnet18": _resnet_case, "resnet18-groupnorm": lambda: _resnet_case(True),
+         "gpt2": _gpt_case}
 
 # ---- optimizers: (name, constructor, steps to run before timing) ---------------------------
 HUGE = 10 ** 9
@@ -136,6 +145,11 @@ OPTIMIZERS = {
                                              loss_reduction=r), 0),
     "fngd (after first epoch)": (lambda m, r: FNGD(m, lr=1e-3, steps_per_epoch=1,
                                                    loss_reduction=r), 1),
+    "fngd (after first epoch, blocks=model)": (lambda m, r: FNGD(
+        m, lr=1e-3, steps_per_epoch=1, blocks="model", loss_reduction=r), 1),
+    "fngd (after first epoch, via backward)": (lambda m, r: FNGD(
+        m, lr=1e-3, steps_per_epoch=1, blocks="model", reuse_via_backward=True,
+        loss_reduction=r), 1),
     "seng (refresh)": (lambda m, r: SENG(m, lr=1e-3, update_freq=1, loss_reduction=r), 0),
     "seng (between refreshes)": (lambda m, r: SENG(m, lr=1e-3, update_freq=HUGE,
                                                    loss_reduction=r), 1),
@@ -159,8 +173,12 @@ def _setup(monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("case", list(CASES))
+VIA_BACKWARD = "fngd (after first epoch, via backward)"
+PAIRS = [(case, name) for case in CASES for name in OPTIMIZERS
+         if (case, name) != ("resnet18", VIA_BACKWARD)]  # train-mode BatchNorm: not fused
+
+
+@pytest.mark.parametrize("case,opt_name", PAIRS, ids=[f"{c}-{n}" for c, n in PAIRS])
 def test_optim_step(benchmark, case, opt_name):
     model, loss_fn, reduction, label = CASES[case]()
     make, warm_steps = OPTIMIZERS[opt_name]
@@ -183,4 +201,6 @@ def test_optim_step(benchmark, case, opt_name):
             baseline=opt_name in ("sgd", "adamw"))
     if hasattr(opt, "close"):
         assert int(opt.state["fallbacks"]) == 0 and int(opt.state["skipped"]) == 0
+        if opt_name == VIA_BACKWARD:  # every timed step went through the backward
+            assert opt.state["weighted_sum_steps"] == 0
         opt.close()

@@ -75,6 +75,11 @@ class GuardedOptimizer(torch.optim.Optimizer):
         self.capture.release()
         return loss
 
+    def _mean_grad(self, p, B):
+        """ḡ for p (the fallback direction), or None where the step has none (then every
+        parameter with a .grad must get a direction, and a non-finite one is skipped)."""
+        return _captured.mean_grad(self.capture, p, B)
+
     def _update(self, directions, B):
         """directions: {id(p): (d, ok)} with ok a 0-dim bool tensor (missing: plain ḡ).
         A tensor counts as finite when the sum of its entries is (NaN and ±Inf propagate
@@ -86,12 +91,16 @@ class GuardedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = _captured.mean_grad(self.capture, p, B)
-                grad_ok = torch.isfinite(g.sum())
+                g = self._mean_grad(p, B)
+                if g is None:  # no ḡ this step: a non-finite d skips the parameter
+                    grad_ok = torch.zeros((), dtype=torch.bool, device=p.device)
+                else:
+                    grad_ok = torch.isfinite(g.sum())
                 if id(p) in directions:
                     d, ok = directions[id(p)]
                     ok = ok & torch.isfinite(d.sum())
-                    d = torch.where(ok, d.to(p.dtype), torch.where(grad_ok, g, 0))
+                    d = torch.where(ok, d.to(p.dtype),
+                                    0 if g is None else torch.where(grad_ok, g, 0))
                     fallbacks = fallbacks + (~ok).long()
                     skip = ~ok & ~grad_ok
                 else:

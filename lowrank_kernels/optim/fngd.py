@@ -1,5 +1,6 @@
 """FNGD — Fast Natural Gradient Descent (arXiv 2403.03473)."""
 import torch
+from torch import nn
 
 from . import _captured
 from ._base import GuardedOptimizer
@@ -7,7 +8,8 @@ from ._base import GuardedOptimizer
 
 class FNGD(GuardedOptimizer):
     """FNGD(model, lr, damping=1e-3, *, steps_per_epoch, momentum=0, weight_decay=0,
-            blocks="layer", reuse="mean", refresh_every=None, loss_reduction="mean")
+            blocks="layer", reuse="mean", refresh_every=None, loss_reduction="mean",
+            reuse_via_backward=False)
     FNGD(params, lr, ..., capture=Capture(model))
 
     Natural gradient as a weighted sum of the per-sample gradients g_i = ∇ℓ_i (U = [g_i]):
@@ -47,11 +49,34 @@ class FNGD(GuardedOptimizer):
     mean gradient for that layer's parameters (state["fallbacks"]); a failed batch does not
     enter the average. The capture records every forward run with gradients enabled; step()
     consumes the batch and releases it (evaluate under torch.no_grad()).
+
+    reuse_via_backward=True (needs blocks="model"): in a reuse step the direction comes out
+    of the normal backward itself. With loss = s·Σ_i ℓ_i (s = 1/B for "mean", 1 for "sum",
+    the number s otherwise) the gradient reaching row i of the model output y is s·∂ℓ_i/∂y_i;
+    a tensor hook registered on y during the forward multiplies row i by w_i = c_i / s
+    (B·c_i under "mean"), so autograd leaves
+
+        p.grad = Σ_i c_i ∇_p ℓ_i = (U c)_p      for every parameter p
+
+    with no weighted-sum op, and the capture's hooks are paused for that forward (nothing is
+    recorded). Forwards under torch.no_grad() or inside opt.capture.paused() are untouched.
+    Exact when (1) sample i's loss depends on θ only through row i of the output (dim 0 =
+    batch of a tensor output) and (2) samples do not interact in the forward. (2) fails for
+    normalization over the batch: when a module subclassing nn.modules.batchnorm._NormBase
+    (BatchNorm, and conservatively InstanceNorm) is in train mode at the forward, that step
+    takes the weighted-sum path instead (capture on, as without the option) and
+    state["weighted_sum_steps"] counts it. Other batch-mixing operations are not detected:
+    do not use the option with them. Every model parameter's .grad holds U c after backward
+    (also those outside this optimizer). Safety: ḡ is not computed in such a step, so the
+    fallback differs — when no first-epoch solve succeeded (the weighted-sum path's fallback
+    to ḡ) the weights c_i = 1/B give ḡ through the same backward (counted per parameter in
+    state["fallbacks"]); a parameter whose U c is not finite is skipped (weights and momentum
+    unchanged) and counted in state["fallbacks"] and state["skipped"].
     """
 
     def __init__(self, model_or_params, lr, damping=1e-3, *, steps_per_epoch, momentum=0.0,
                  weight_decay=0.0, blocks="layer", reuse="mean", refresh_every=None,
-                 loss_reduction="mean", capture=None):
+                 loss_reduction="mean", capture=None, reuse_via_backward=False):
         if not lr > 0:
             raise ValueError(f"FNGD: lr must be > 0, got {lr}")
         if not damping > 0:
@@ -68,16 +93,119 @@ class FNGD(GuardedOptimizer):
                              f"{refresh_every!r}")
         if not 0 <= momentum < 1:
             raise ValueError(f"FNGD: momentum must be in [0, 1), got {momentum}")
+        if reuse_via_backward not in (False, True):
+            raise ValueError(f"FNGD: reuse_via_backward must be a bool, got "
+                             f"{reuse_via_backward!r}")
+        if reuse_via_backward and blocks != "model":
+            raise ValueError("FNGD: reuse_via_backward=True needs blocks='model' (one "
+                             f"coefficient vector for all parameters), got blocks={blocks!r}")
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
                          by_layer=blocks == "layer")
         self.steps_per_epoch, self.reuse, self.refresh_every = steps_per_epoch, reuse, refresh_every
         self.state["coefficients"] = {}
         self._reused_cache = {}  # (block, B, position) -> (c, ok): derived from the state
+        self.reuse_via_backward = reuse_via_backward
+        self.state["weighted_sum_steps"] = 0
+        self._pending = None  # (step, B, ok) of a forward whose output gradient is scaled
+        self._paused = None  # the capture's paused() context during such a forward
+        self._fused_step = False  # inside _update of a step whose direction came from backward
+        self._model_hooks = []
+        if reuse_via_backward:
+            model = self.capture.model
+            self._norms = [m for m in model.modules()
+                           if isinstance(m, nn.modules.batchnorm._NormBase)]
+            self._model_hooks = [model.register_forward_pre_hook(self._before_forward),
+                                 model.register_forward_hook(self._after_forward)]
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        self.state.setdefault("weighted_sum_steps", 0)
         self._reused_cache = {}
+        self._pending = None
+
+    def close(self):
+        for h in self._model_hooks:
+            h.remove()
+        self._model_hooks = []
+        self._resume_capture()
+        super().close()
+
+    # ---- reuse_via_backward --------------------------------------------------------------
+    def _resume_capture(self):
+        if self._paused is not None:
+            self._paused.__exit__(None, None, None)
+            self._paused = None
+
+    def _before_forward(self, module, args):
+        """A forward the capture records (grad enabled, capture not paused) in a reuse step
+        runs with the capture paused, unless a batch-norm module is in train mode."""
+        self._resume_capture()  # a forward that raised left it paused
+        if not (torch.is_grad_enabled() and self.capture._active) or self.computing():
+            return
+        self._pending = None
+        if not any(m.training for m in self._norms):
+            self._paused = self.capture.paused()
+            self._paused.__enter__()
+
+    def _after_forward(self, module, args, output):
+        if self._paused is None:
+            return
+        self._resume_capture()
+        if not (isinstance(output, torch.Tensor) and output.dim() >= 1 and output.requires_grad):
+            raise TypeError("FNGD(reuse_via_backward=True): the model must return one tensor "
+                            "with the batch in dim 0 that requires grad, got "
+                            f"{type(output).__name__}")
+        B = output.shape[0]
+        (c,), (ok,) = self._reused(B, self.state["step"] % self.steps_per_epoch)
+        c = torch.where(ok, c, 1.0 / B)  # no solved batch: ḡ, as the weighted-sum path
+        w = (c / self.capture._scale(B)).to(device=output.device)
+        self._pending = (self.state["step"], B, ok)
+
+        def scale(grad):
+            return grad * w.to(grad.dtype).reshape(B, *([1] * (grad.dim() - 1)))
+
+        output.register_hook(scale)
+
+    def _mean_grad(self, p, B):
+        return None if self._fused_step else super()._mean_grad(p, B)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step from the batch captured by the last forward and backward (with
+        reuse_via_backward, in a reuse step: from the .grad that backward left, U c)."""
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            return self._step(loss)
+        return self._step(None)
+
+    def _step(self, loss):
+        pending, self._pending = self._pending, None
+        if not self.reuse_via_backward or self.computing():
+            super().step()
+            return loss
+        if pending is None or pending[0] != self.state["step"]:
+            self.state["weighted_sum_steps"] += 1
+            super().step()
+            return loss
+        _, B, ok = pending
+        directions = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:  # _update checks that U c is finite
+                    directions[id(p)] = (p.grad, torch.ones((), dtype=torch.bool,
+                                                            device=p.device))
+        self.state["fallbacks"] = self.state["fallbacks"] + (~ok).long().to(
+            self.state["fallbacks"].device) * len(directions)
+        self._fused_step = True
+        try:
+            self._update(directions, B)
+        finally:
+            self._fused_step = False
+        self.state["step"] += 1
+        self.capture.release()
+        return loss
 
     def computing(self, step=None):
         """Whether this step computes c from its batch's Gram (else it reuses them)."""
