@@ -241,6 +241,15 @@ class Capture:
         return per_param
 
     @property
+    def recording(self) -> bool:
+        """True while the `with` block is active and not paused()."""
+        return self._active
+
+    def loss_scale(self, batch_size: int) -> float:
+        """s in loss = s·Σ_i ℓ_i under this capture's loss_reduction (1/B, 1, or the number)."""
+        return self._scale(batch_size)
+
+    @property
     def batch_size(self) -> int:
         self._contributions()
         return self._batch_size

@@ -141,7 +141,7 @@ class FNGD(GuardedOptimizer):
         """A forward the capture records (grad enabled, capture not paused) in a reuse step
         runs with the capture paused, unless a batch-norm module is in train mode."""
         self._resume_capture()  # a forward that raised left it paused
-        if not (torch.is_grad_enabled() and self.capture._active) or self.computing():
+        if not (torch.is_grad_enabled() and self.capture.recording) or self.computing():
             return
         self._pending = None
         if not any(m.training for m in self._norms):
@@ -159,7 +159,7 @@ class FNGD(GuardedOptimizer):
         B = output.shape[0]
         (c,), (ok,) = self._reused(B, self.state["step"] % self.steps_per_epoch)
         c = torch.where(ok, c, 1.0 / B)  # no solved batch: ḡ, as the weighted-sum path
-        w = (c / self.capture._scale(B)).to(device=output.device)
+        w = (c / self.capture.loss_scale(B)).to(device=output.device)
         self._pending = (self.state["step"], B, ok)
 
         def scale(grad):
