@@ -9,36 +9,11 @@
 #include <tuple>
 #include <vector>
 
+#include "lowrank/woodbury_checks.h"
 #include "lowrank/woodbury_core.h"
 
 namespace lowrank {
 namespace {
-
-constexpr const char* kOp = "lowrank_native::woodbury_solve";
-
-void check_woodbury_args(const at::Tensor& K, const at::Tensor& damping, const at::Tensor& R,
-                         int64_t max_tries, double jitter) {
-  TORCH_CHECK(K.dim() == 3 && K.size(1) == K.size(2), kOp,
-              ": K must be a 3-D tensor (b x n x n), got shape ", K.sizes());
-  TORCH_CHECK(R.dim() == 3 && R.size(0) == K.size(0) && R.size(1) == K.size(1), kOp,
-              ": R must be a 3-D tensor (b x n x r) matching K ", K.sizes(), ", got shape ",
-              R.sizes());
-  TORCH_CHECK(damping.dim() == 1 && damping.size(0) == K.size(0), kOp,
-              ": damping must be a 1-D tensor of b = ", K.size(0), " values, got shape ",
-              damping.sizes());
-  TORCH_CHECK(K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble, kOp,
-              ": K must be float32 or float64, got ", K.scalar_type());
-  TORCH_CHECK(R.scalar_type() == K.scalar_type() && damping.scalar_type() == K.scalar_type(),
-              kOp, ": K, damping and R must have the same dtype, got ", K.scalar_type(), ", ",
-              damping.scalar_type(), " and ", R.scalar_type());
-  TORCH_CHECK(R.device() == K.device() && damping.device() == K.device(), kOp,
-              ": K, damping and R must be on the same device, got ", K.device(), ", ",
-              damping.device(), " and ", R.device());
-  TORCH_CHECK(max_tries >= 0 && max_tries <= 64, kOp,
-              ": max_tries must be in [0, 64], got ", max_tries);
-  TORCH_CHECK(jitter >= 0.0 && jitter < 1e300, kOp,
-              ": jitter must be finite and >= 0, got ", jitter);
-}
 
 template <typename T>
 void woodbury_solve_cpu_impl(const at::Tensor& K, const at::Tensor& damping, const at::Tensor& R,
@@ -71,9 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> woodbury_solve_cpu(const at::Tens
                                                                   const at::Tensor& R,
                                                                   double jitter,
                                                                   int64_t max_tries) {
-  check_woodbury_args(K, damping, R, max_tries, jitter);
-  TORCH_CHECK(K.device().is_cpu(), kOp, ": K must be a CPU tensor for the CPU kernel, got ",
-              K.device());
+  check_woodbury_args(K, damping, R, max_tries, jitter, /*cuda=*/false);
   at::Tensor X = at::empty({R.size(0), R.size(1), R.size(2)}, R.options());
   at::Tensor info = at::empty({K.size(0)}, K.options().dtype(at::kInt));
   at::Tensor used = at::empty({K.size(0)}, K.options());

@@ -21,13 +21,13 @@ LK_HD void outer_product_accumulate(const float* pi, const float* pj, int kc, in
   for (int k = 0; k < kc; ++k) {
     float a[MR];
     float b[NR];
-#pragma unroll
+LK_UNROLL
     for (int r = 0; r < MR; ++r) a[r] = pi[k * ld + r];
-#pragma unroll
+LK_UNROLL
     for (int c = 0; c < NR; ++c) b[c] = pj[k * ld + c];
-#pragma unroll
+LK_UNROLL
     for (int r = 0; r < MR; ++r) {
-#pragma unroll
+LK_UNROLL
       for (int c = 0; c < NR; ++c) acc[r][c] += a[r] * b[c];
     }
   }

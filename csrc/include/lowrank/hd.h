@@ -5,8 +5,10 @@
 
 #if defined(__CUDACC__)
 #define LK_HD __host__ __device__ __forceinline__
+#define LK_UNROLL _Pragma("unroll")
 #else
 #define LK_HD inline
+#define LK_UNROLL  // host compilers unroll these fixed-size loops at -O3 on their own
 #endif
 
 namespace lowrank {

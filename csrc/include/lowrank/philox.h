@@ -48,7 +48,7 @@ LK_HD Block4 philox_round(const Block4& c, std::uint32_t k0, std::uint32_t k1) {
 // Philox4x32-10 (Salmon et al., SC'11): 10 rounds, the key bumped by the Weyl constants
 // between rounds.
 LK_HD Block4 philox4x32_10(Block4 counter, std::uint32_t k0, std::uint32_t k1) {
-#pragma unroll
+LK_UNROLL
   for (int r = 0; r < 10; ++r) {
     counter = philox_round(counter, k0, k1);
     k0 += kWeyl0;
@@ -80,7 +80,7 @@ LK_HD void omega_group(std::uint64_t seed, std::uint64_t i, std::uint64_t g, boo
                        float out[4]) {
   const Block4 w = omega_words(seed, i, g);
   if (rademacher) {
-#pragma unroll
+LK_UNROLL
     for (int q = 0; q < 4; ++q) out[q] = 1.0f - 2.0f * static_cast<float>(w.x[q] >> 31);
     return;
   }
