@@ -15,20 +15,15 @@ import os
 import torch
 
 from lowrank_kernels.compress import compress
+from train_digits import load_digits as digits_split  # the one digits loader
 
 TRAIN_STEPS, FINETUNE_STEPS = 600, 150
 
 
-def load_digits(seed=0):
-    from sklearn.datasets import load_digits as sk_digits
-
-    X, y = sk_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    X, y = X[perm], y[perm]
-    split = int(0.8 * len(y))
-    return (X[:split], y[:split]), (X[split:], y[split:])
+def load_digits():
+    """((X_train, y_train), (X_test, y_test)): images (N, 1, 8, 8), the examples' 80/20 split."""
+    x_train, y_train, x_test, y_test = digits_split()
+    return (x_train, y_train), (x_test, y_test)
 
 
 def build_model():

@@ -15,21 +15,16 @@ import time
 import torch
 
 import lowrank_kernels.subspace as sub
+from train_digits import load_digits as digits_split  # the one digits loader
 
 DIMS = [5, 10, 20, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000]
 STEPS = 400
 
 
-def load_digits(seed=0):
-    from sklearn.datasets import load_digits as sk_digits
-
-    X, y = sk_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    X, y = X[perm], y[perm]
-    split = int(0.8 * len(y))
-    return (X[:split], y[:split]), (X[split:], y[split:])
+def load_digits():
+    """((X_train, y_train), (X_test, y_test)): flat pixels (N, 64), the examples' 80/20 split."""
+    x_train, y_train, x_test, y_test = digits_split()
+    return (x_train.flatten(1), y_train), (x_test.flatten(1), y_test)
 
 
 def build_model():
