@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from ..ops.sketch_matmul import sketch_matmul
 from ..sketch import kronecker_sketch
 from ..sketch.per_sample import output_side_seed
-from ._kinds import Conv2d, Dense, Embedding, Linear, sum_gram
+from ._kinds import Conv2dFactors, DenseFactors, EmbeddingFactors, LinearFactors, sum_gram
 
-_KINDS = (Linear, Conv2d, Embedding, Dense)
+_KINDS = (LinearFactors, Conv2dFactors, EmbeddingFactors, DenseFactors)
 
 
 class LayerTokens(NamedTuple):
@@ -49,15 +49,15 @@ class LayerTokens(NamedTuple):
 
 
 def _dtype_of(part):
-    return part.G.dtype if isinstance(part, Dense) else part.E.dtype
+    return part.G.dtype if isinstance(part, DenseFactors) else part.E.dtype
 
 
 def _shape_of(part):
-    if isinstance(part, Linear):
+    if isinstance(part, LinearFactors):
         return (part.E.shape[-1], part.A.shape[-1])
-    if isinstance(part, Conv2d):
+    if isinstance(part, Conv2dFactors):
         return (part.E.shape[1], part.X.shape[1] // part.geometry[4], *part.geometry[0])
-    if isinstance(part, Embedding):
+    if isinstance(part, EmbeddingFactors):
         return (part.num_embeddings, part.E.shape[-1])
     return tuple(part.G.shape[1:])
 
@@ -109,7 +109,7 @@ class Factors:
     @property
     def device(self) -> torch.device:
         part = self._parts[0]
-        return (part.G if isinstance(part, Dense) else part.E).device
+        return (part.G if isinstance(part, DenseFactors) else part.E).device
 
     # ---- Gram, weighted sums, projections ------------------------------------------------
     def gram(self, other=None, *, diagonal=False) -> torch.Tensor:
@@ -180,9 +180,9 @@ class Factors:
         if len(self._parts) != 1:
             return None
         (part,) = self._parts
-        if isinstance(part, Linear):
+        if isinstance(part, LinearFactors):
             return LayerTokens(part.A, part.E)
-        if isinstance(part, Conv2d) and part.geometry[4] == 1:
+        if isinstance(part, Conv2dFactors) and part.geometry[4] == 1:
             kernel_size, stride, padding, dilation, _ = part.geometry
             patches = F.unfold(part.X, kernel_size, dilation, padding, stride)  # (B, C·k, L)
             return LayerTokens(patches.transpose(1, 2), part.E.flatten(2).transpose(1, 2))
@@ -203,7 +203,7 @@ class Factors:
         LOWRANK_CHECK_FINITE=0."""
         if not (isinstance(size, int) and size >= 1):
             raise ValueError(f"Factors.sketch: size must be an int >= 1, got {size!r}")
-        if not all(isinstance(p, Linear) or (isinstance(p, Conv2d) and p.geometry[4] == 1)
+        if not all(isinstance(p, LinearFactors) or (isinstance(p, Conv2dFactors) and p.geometry[4] == 1)
                    for p in self._parts):
             return self
         return Factors(_sketch_part(p, size, seed, dist) for p in self._parts)
@@ -214,15 +214,15 @@ class Factors:
         torch.save writes and torch.load(weights_only=True) reads back."""
         out = []
         for c in self._parts:
-            if isinstance(c, Linear):
+            if isinstance(c, LinearFactors):
                 out.append({"kind": "linear", "A": c.A, "E": c.E})
-            elif isinstance(c, Conv2d):
+            elif isinstance(c, Conv2dFactors):
                 kernel_size, stride, padding, dilation, groups = c.geometry
                 out.append({"kind": "conv2d", "X": c.X, "E": c.E,
                             "kernel_size": list(kernel_size), "stride": list(stride),
                             "padding": list(padding), "dilation": list(dilation),
                             "groups": groups})
-            elif isinstance(c, Embedding):
+            elif isinstance(c, EmbeddingFactors):
                 out.append({"kind": "embedding", "idx": c.idx, "E": c.E,
                             "num_embeddings": c.num_embeddings, "padding_idx": c.padding_idx})
             else:
@@ -239,16 +239,16 @@ class Factors:
         for d in state:
             kind = d.get("kind") if isinstance(d, dict) else None
             if kind == "linear":
-                parts.append(Linear(d["A"], d["E"], backend))
+                parts.append(LinearFactors(d["A"], d["E"], backend))
             elif kind == "conv2d":
                 geometry = (tuple(d["kernel_size"]), tuple(d["stride"]), tuple(d["padding"]),
                             tuple(d["dilation"]), d["groups"])
-                parts.append(Conv2d(d["X"], d["E"], geometry, backend))
+                parts.append(Conv2dFactors(d["X"], d["E"], geometry, backend))
             elif kind == "embedding":
-                parts.append(Embedding(d["idx"], d["E"], d["num_embeddings"], d["padding_idx"],
+                parts.append(EmbeddingFactors(d["idx"], d["E"], d["num_embeddings"], d["padding_idx"],
                                        backend))
             elif kind == "dense":
-                parts.append(Dense(d["G"]))
+                parts.append(DenseFactors(d["G"]))
             else:
                 raise ValueError(f"Factors.from_state_dict: unknown entry kind {kind!r} "
                                  "(expected 'linear', 'conv2d', 'embedding' or 'dense')")
@@ -257,11 +257,11 @@ class Factors:
 
 def _sketch_part(part, size, seed, dist):
     """One Linear or Conv2d (groups = 1) call's factors, sketched on both sides."""
-    if isinstance(part, Linear):
+    if isinstance(part, LinearFactors):
         A, E = part.A, part.E
         A2, E2 = kronecker_sketch(A.to(E.dtype), E, min(size, A.shape[-1]),
                                   min(size, E.shape[-1]), seed=seed, dist=dist)
-        return Linear(A2.to(E.dtype), E2.to(E.dtype), part.backend)
+        return LinearFactors(A2.to(E.dtype), E2.to(E.dtype), part.backend)
     X, E = part.X, part.E
 
     def channels(Y, s):  # (B, C, H, W) -> (B, min(size, C), H, W): Y's channels times Sᵀ
@@ -270,5 +270,5 @@ def _sketch_part(part, size, seed, dist):
         mixed = sketch_matmul(flat, k, s, dist) / math.sqrt(k)
         return mixed.reshape(Y.shape[0], Y.shape[2], Y.shape[3], -1).permute(0, 3, 1, 2)
 
-    return Conv2d(channels(X, seed).to(E.dtype), channels(E, output_side_seed(seed)).to(E.dtype),
+    return Conv2dFactors(channels(X, seed).to(E.dtype), channels(E, output_side_seed(seed)).to(E.dtype),
                   part.geometry, part.backend)

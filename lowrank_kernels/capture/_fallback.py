@@ -9,7 +9,7 @@ modules that treat samples independently; costs B copies of those parameters, so
 small modules."""
 import torch
 
-from ._kinds import Dense
+from ._kinds import DenseFactors
 
 
 class FallbackHandler:
@@ -40,7 +40,7 @@ class FallbackHandler:
             per_sample = torch.func.vmap(torch.func.grad(sample_product),
                                          in_dims=(None, in_dims, grad_in_dims))(values, args, grads)
         dtype = torch.float64 if values[0].dtype == torch.float64 else torch.float32
-        return [(self.params[n], Dense(G.to(dtype))) for n, G in zip(names, per_sample)]
+        return [(self.params[n], DenseFactors(G.to(dtype))) for n, G in zip(names, per_sample)]
 
 
 def grads_batch_size(grads):

@@ -4,7 +4,7 @@ Each kind answers, for the per-sample gradients g_1 … g_B that it stands for (
     gram(other, diagonal)  UᵀU, or the cross-Gram Uᵀ U' with `other` of the same kind
     weighted_sum(c)        U c, c (B,) -> param shape, c (B, m) -> (m, *param shape)
     project(V)             Uᵀ V, V (m, *param shape) -> (B, m)
-through the public ops, never materializing U unless the kind is `Dense` (small parameters:
+through the public ops, never materializing U unless the kind is `DenseFactors` (small parameters:
 norm-layer affine parameters, biases, the torch.func fallback). Two contributions to one
 parameter meet through `cross_gram`: the ops' cross-Gram for one kind, a token-pair formula
 for a tied embedding and output layer, else one projected on the other's materialized
@@ -23,7 +23,7 @@ def _common_dtype(*tensors):
     return dtype
 
 
-class Linear:
+class LinearFactors:
     """g_i = Σ_t e_it a_itᵀ (d_out × d_in): A (B, T, d_in) inputs, E (B, T, d_out) output grads."""
 
     def __init__(self, A, E, backend):
@@ -35,12 +35,12 @@ class Linear:
         return self.A.shape[0]
 
     def can_merge(self, other):
-        return isinstance(other, Linear)
+        return isinstance(other, LinearFactors)
 
     def merge(self, other):
         """The calls' per-sample gradients add up: concatenate their tokens."""
         A = torch.cat([self.A, other.A.to(self.A.dtype)], dim=1)
-        return Linear(A, torch.cat([self.E, other.E.to(self.E.dtype)], dim=1), self.backend)
+        return LinearFactors(A, torch.cat([self.E, other.E.to(self.E.dtype)], dim=1), self.backend)
 
     def _args(self):
         # T = 1 goes to the plain (B, d) form.
@@ -50,7 +50,7 @@ class Linear:
 
     def can_cross(self, other):
         # gram_linear's cross-Gram takes two batches with the same token count
-        return isinstance(other, Linear) and other.A.shape[1:] == self.A.shape[1:]
+        return isinstance(other, LinearFactors) and other.A.shape[1:] == self.A.shape[1:]
 
     def gram(self, other=None, diagonal=False):
         A, E = self._args()
@@ -67,7 +67,7 @@ class Linear:
         return ops.project_linear(A, E, V, None, backend=self.backend)
 
 
-class Conv2d:
+class Conv2dFactors:
     """g_i = Σ_p e_ip patch_ip ᵀ of a 2-D convolution: X (B, C_in, H, W) inputs (already padded
     when the layer pads asymmetrically or not with zeros), E (B, C_out, H_out, W_out).
     Calls are not merged (their patches do not concatenate): several calls meet through
@@ -86,7 +86,7 @@ class Conv2d:
 
     def can_cross(self, other):
         # gram_conv2d's cross-Gram takes two batches of the same layer and image size
-        return (isinstance(other, Conv2d) and other.geometry == self.geometry
+        return (isinstance(other, Conv2dFactors) and other.geometry == self.geometry
                 and other.X.shape[1:] == self.X.shape[1:] and other.E.shape[1:] == self.E.shape[1:])
 
     def gram(self, other=None, diagonal=False):
@@ -104,7 +104,7 @@ class Conv2d:
                                   dilation, groups, backend=self.backend)
 
 
-class Embedding:
+class EmbeddingFactors:
     """g_i = Σ_t onehot(idx_it) e_itᵀ (num_embeddings × d): idx (B, T) int64, E (B, T, d)."""
 
     def __init__(self, idx, E, num_embeddings, padding_idx, backend):
@@ -119,12 +119,12 @@ class Embedding:
         return self.can_cross(other)
 
     def merge(self, other):
-        return Embedding(torch.cat([self.idx, other.idx], dim=1),
+        return EmbeddingFactors(torch.cat([self.idx, other.idx], dim=1),
                          torch.cat([self.E, other.E.to(self.E.dtype)], dim=1),
                          self.num_embeddings, self.padding_idx, self.backend)
 
     def can_cross(self, other):
-        return isinstance(other, Embedding) and other.padding_idx == self.padding_idx
+        return isinstance(other, EmbeddingFactors) and other.padding_idx == self.padding_idx
 
     def gram(self, other=None, diagonal=False):
         kw = {} if other is None else {"idx2": other.idx, "E2": other.E.to(self.E.dtype)}
@@ -139,7 +139,7 @@ class Embedding:
         return ops.project_embedding(self.idx, self.E, V, self.padding_idx, backend=self.backend)
 
 
-class Dense:
+class DenseFactors:
     """Materialized per-sample gradients G (B, *param shape), for small parameters."""
 
     def __init__(self, G):
@@ -150,13 +150,13 @@ class Dense:
         return self.G.shape[0]
 
     def can_merge(self, other):
-        return isinstance(other, Dense)
+        return isinstance(other, DenseFactors)
 
     def merge(self, other):
-        return Dense(self.G + other.G.to(self.G.dtype))
+        return DenseFactors(self.G + other.G.to(self.G.dtype))
 
     def can_cross(self, other):
-        return isinstance(other, Dense)
+        return isinstance(other, DenseFactors)
 
     def gram(self, other=None, diagonal=False):
         G = self.G.flatten(1)
@@ -175,7 +175,7 @@ class Dense:
 
 def materialize(contribution):
     """The per-sample gradients U as a (B, *param shape) tensor: U I (identity weights)."""
-    if isinstance(contribution, Dense):
+    if isinstance(contribution, DenseFactors):
         return contribution.G
     B = contribution.batch_size
     eye = torch.eye(B, dtype=torch.float64 if _dtype_of(contribution) == torch.float64
@@ -184,13 +184,11 @@ def materialize(contribution):
 
 
 def _dtype_of(contribution):
-    return {Linear: lambda c: c.E.dtype, Conv2d: lambda c: c.E.dtype,
-            Embedding: lambda c: c.E.dtype, Dense: lambda c: c.G.dtype}[type(contribution)](
-                contribution)
+    return contribution.G.dtype if isinstance(contribution, DenseFactors) else contribution.E.dtype
 
 
 def _device_of(contribution):
-    return (contribution.G if isinstance(contribution, Dense) else contribution.E).device
+    return (contribution.G if isinstance(contribution, DenseFactors) else contribution.E).device
 
 
 # Largest (samples × tokens × samples × tokens) block of the tied embedding/linear cross term.
@@ -230,18 +228,18 @@ def cross_gram(a, b, diagonal=False):
     kinds' own cross-Gram when they share a kind, the tied embedding/linear formula, else
     one side projected on the other's materialized per-sample gradients (the dense side
     when there is one)."""
-    if isinstance(a, Embedding) and isinstance(b, Linear):
+    if isinstance(a, EmbeddingFactors) and isinstance(b, LinearFactors):
         return embedding_linear_cross(a, b, diagonal)
-    if isinstance(a, Linear) and isinstance(b, Embedding):
+    if isinstance(a, LinearFactors) and isinstance(b, EmbeddingFactors):
         K = embedding_linear_cross(b, a, diagonal)
         return K if diagonal else K.T
     if a.can_cross(b):
-        if diagonal and isinstance(a, (Linear, Conv2d)):
+        if diagonal and isinstance(a, (LinearFactors, Conv2dFactors)):
             # the linear/conv ops' diagonal option is for a batch with itself only: the
             # diagonal of a cross-Gram comes from the full block
             return a.gram(b).diagonal()
         return a.gram(b, diagonal=diagonal)
-    if isinstance(a, Dense) and not isinstance(b, Dense):
+    if isinstance(a, DenseFactors) and not isinstance(b, DenseFactors):
         K = b.project(a.G).T
     else:
         K = a.project(materialize(b))

@@ -33,9 +33,9 @@ class LinearHandler:
         out = []
         if "weight" in self.params:
             A = x.reshape(B, -1, x.shape[-1])
-            out.append((self.params["weight"], _kinds.Linear(A, E, backend)))
+            out.append((self.params["weight"], _kinds.LinearFactors(A, E, backend)))
         if "bias" in self.params:
-            out.append((self.params["bias"], _kinds.Dense(_dense_dtype(E, E.sum(1)))))
+            out.append((self.params["bias"], _kinds.DenseFactors(_dense_dtype(E, E.sum(1)))))
         return out
 
 
@@ -69,9 +69,9 @@ class Conv2dHandler:
         x, geometry = saved
         out = []
         if "weight" in self.params:
-            out.append((self.params["weight"], _kinds.Conv2d(x, E, geometry, backend)))
+            out.append((self.params["weight"], _kinds.Conv2dFactors(x, E, geometry, backend)))
         if "bias" in self.params:
-            out.append((self.params["bias"], _kinds.Dense(_dense_dtype(E, E.sum((2, 3))))))
+            out.append((self.params["bias"], _kinds.DenseFactors(_dense_dtype(E, E.sum((2, 3))))))
         return out
 
 
@@ -95,7 +95,7 @@ class EmbeddingHandler:
         E = E.reshape(B, idx.shape[1], E.shape[-1])
         m = self.module
         return [(self.params["weight"],
-                 _kinds.Embedding(idx, E, m.num_embeddings, m.padding_idx, backend))]
+                 _kinds.EmbeddingFactors(idx, E, m.num_embeddings, m.padding_idx, backend))]
 
 
 def _dense_dtype(reference, G):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._kinds import Dense
+from ._kinds import DenseFactors
 
 
 def _float_dtype(x):
@@ -44,9 +44,9 @@ class _AffineNormHandler:
         x, E = x.to(dtype), E.to(dtype)
         out = []
         if "weight" in self.params:
-            out.append((self.params["weight"], Dense(self.reduce(self.normalized(x, state) * E))))
+            out.append((self.params["weight"], DenseFactors(self.reduce(self.normalized(x, state) * E))))
         if "bias" in self.params:
-            out.append((self.params["bias"], Dense(self.reduce(E))))
+            out.append((self.params["bias"], DenseFactors(self.reduce(E))))
         return out
 
 
