@@ -39,7 +39,9 @@ def _extensions():
     build_cuda = want_cuda == "1" or (want_cuda == "auto" and has_toolkit)
 
     sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3"]  # the C++ standard: the one cpp_extension picks for this torch
+    # One C++ standard for setup.py, CMakeLists.txt and the suite's nvcc check: C++20 (what
+    # torch >= 2.13 needs; older torch headers build with it too).
+    cxx = ["-O3", "-std=c++20"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not build_cuda:
         ext = cpp_extension.CppExtension(
@@ -56,7 +58,7 @@ def _extensions():
     ext = cpp_extension.CUDAExtension(
         "lowrank_kernels._C", sources, include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx + defines,
-                            "nvcc": ["-O3"] + defines})
+                            "nvcc": ["-O3", "-std=c++20"] + defines})
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

@@ -1,74 +1,84 @@
-"""The op table: each public op is declared once in torch.ops.lowrank_kernels, with a fake
-kernel (torch.compile traces it) and CPU/CUDA kernels that check the arguments, pick a
-backend and run it.
+"""The op table, routed by PyTorch's dispatcher.
 
-Backends: 'reference' (pure PyTorch, float64-capable: the oracle), 'triton', 'native'
-(C++/CUDA in lowrank_kernels._C). 'auto' takes the first backend in the op's per-device
-order that can run; LOWRANK_BACKEND sets the default, the per-call `backend` argument wins.
+Each public op is declared once in torch.ops.lowrank_kernels (`register(spec)`), with
+- a fake kernel (shapes and dtypes only: torch.compile and FakeTensor trace it),
+- a default kernel on every device (CompositeExplicitAutograd): the op's PyTorch reference,
+- per-device overrides on the same schema: a Python kernel (a Triton launcher, a CPU
+  formulation) registered here, or a C++/CUDA kernel registered from C++
+  (`TORCH_LIBRARY_IMPL(lowrank_kernels, CPU|CUDA, m)` in csrc/), which never enters Python.
+The dispatcher picks the kernel by device; nothing in Python decides per call. Which kernel
+each device gets is fixed at import from the op's `auto` order: the first backend that is
+built and can run there (`python -m lowrank_kernels` prints the table). A Python override
+whose backend cannot take some arguments (a dtype, an option) hands them to the reference.
 
-Per-call cost: what does not depend on the arguments' values (is the backend built, does it
-run on this device and dtype, which backends 'auto' tries) is worked out once per (op,
-device type, dtype, requested backend, TRITON_INTERPRET) and kept in a plan; a call then
-only runs the op's checks, the `supports` predicates of the planned backends, the backend,
-and the results' non-finite check (a reduction each, one host sync). The plans read an op's
-`backends` and `auto` when first needed: call `clear_backend_plans()` after changing them.
+Forcing a backend, for tests and benchmarks: `with lowrank_kernels.use_backend("triton"):`
+(or LOWRANK_BACKEND=triton set before the import) routes every op to that backend through a
+TorchDispatchMode, with a BackendUnavailableError saying why it cannot run. Strict mode
+(`with lowrank_kernels.strict():`, LOWRANK_STRICT=1) also checks every result for NaN/Inf
+(one host sync per op) and raises NonFiniteError naming the non-finite input. Outside these
+modes none of it is paid: the default path syncs nothing and reports non-finite results as
+they are (the optimizers test their directions on the device).
 """
+import contextlib
 import dataclasses
+import os
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _capabilities as caps
-from ._checks import all_finite, getenv, raise_if_nonfinite
 
-BACKENDS = ("reference", "triton", "native")
+BACKENDS = ("reference", "cpu", "triton", "native")
 NAMESPACE = "lowrank_kernels"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend is not built, or cannot run on these inputs."""
 
 
+class NonFiniteError(FloatingPointError, ValueError):
+    """Strict mode: an op's result has NaN/Inf. `argument` names the first non-finite input
+    (None when every input is finite: the fp32 accumulator overflowed)."""
+
+    def __init__(self, message, op, argument=None):
+        super().__init__(message)
+        self.op, self.argument = op, argument
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    run: Callable
+    run: Callable | None  # run(*args): the op's arguments in schema order; None for a native
+    # kernel registered from C++ (then the op itself runs it)
     dtypes: dict  # device type ("cpu"/"cuda") -> tuple of supported input dtypes
-    # supports(*args) -> None, or why this backend cannot take these arguments (a shape,
-    # an option it lacks); 'auto' then moves on to the next backend.
+    # supports(*args) -> None, or why this backend cannot take these arguments (a shape, an
+    # option it lacks): the device kernel then runs the reference.
     supports: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
     name: str
-    schema: str  # "(Tensor A, ..., str? backend=None) -> Tensor": backend comes last
+    schema: str  # "(Tensor A, ...) -> Tensor"
     check: Callable  # check(*args) raises on bad input; returns the tensor that sets device/dtype
     fake: Callable
-    backends: dict  # backend name -> Backend
+    backends: dict  # backend name -> Backend; "reference" runs everywhere
     auto: dict  # device type -> backend names in order of preference
-    finite_inputs: tuple = ()  # argument names whose NaN/Inf is reported when the result has any
-    doc: str = ""
+    finite_inputs: tuple = ()  # argument names strict mode blames for a non-finite result
 
 
 REGISTRY: dict[str, OpSpec] = {}
+_BY_OVERLOAD: dict = {}  # OpOverload -> (spec, argument names, defaults)
+_KERNELS: dict = {}  # (op, device type) -> the backend the dispatcher runs there
 
 
-def _backend_name(raw):
-    """raw: the per-call backend, else $LOWRANK_BACKEND (None when unset)."""
-    name = "auto" if raw is None else raw
-    if name != "auto" and name not in BACKENDS:
+def static_reason(spec: OpSpec, backend: str, device_type: str, dtype=None) -> str | None:
+    """Why `backend` cannot run `spec` on device_type [and dtype], whatever the arguments."""
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; "
-                         f"got {name!r}")
-    return name
-
-
-def requested_backend(backend):
-    return _backend_name(backend if backend is not None else getenv("LOWRANK_BACKEND"))
-
-
-def _static_reason(spec: OpSpec, backend: str, device_type: str, dtype) -> str | None:
-    """Why `backend` cannot run `spec` on (device_type, dtype) whatever the arguments."""
+                         f"got {backend!r}")
     if backend not in spec.backends:
         return f"{spec.name} has no {backend} backend"
     dtypes = spec.backends[backend].dtypes.get(device_type)
@@ -85,7 +95,7 @@ def _static_reason(spec: OpSpec, backend: str, device_type: str, dtype) -> str |
         if device_type == "cpu" and not caps.triton_interpreter():
             return ("Triton kernels run on CPU tensors only under its interpreter: set "
                     "TRITON_INTERPRET=1 before importing lowrank_kernels")
-    if dtype not in dtypes:
+    if dtype is not None and dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         return (f"the {backend} backend of {spec.name} on {device_type} takes {names}, "
                 f"got {dtype}")
@@ -96,85 +106,33 @@ def unavailable_reason(spec: OpSpec, backend: str, device_type: str, dtype,
                        args=None) -> str | None:
     """Why `backend` cannot run `spec` on (device_type, dtype) [with these args]; None when
     it can."""
-    reason = _static_reason(spec, backend, device_type, dtype)
-    if reason is not None:
-        return reason
-    supports = spec.backends[backend].supports
+    reason = static_reason(spec, backend, device_type, dtype)
+    supports = spec.backends[backend].supports if reason is None else None
     if args is not None and supports is not None:
         return supports(*args)
-    return None
+    return reason
 
 
-# A plan: (explicit, candidates, fixed). explicit: the requested backend's name, or None for
-# 'auto'; candidates: ((name, static reason or None, supports or None, run or None), ...), the
-# requested backend alone or spec.auto[device_type] in order; fixed: (name, run) of the first
-# candidate when it can run whatever the arguments (no static reason, no supports), else None.
-_PLANS: dict[str, tuple] = {}  # op name -> (spec, {key: plan}), filled by register
-
-
-def clear_backend_plans():
-    """Forget the cached plans (after changing an OpSpec's backends or auto order)."""
-    for _, plans in _PLANS.values():
-        plans.clear()
-
-
-def _make_plan(spec: OpSpec, device_type: str, dtype, raw):
-    name = _backend_name(raw)  # a bad name raises here, on every call: it is never cached
-
-    def entry(candidate):
-        reason = _static_reason(spec, candidate, device_type, dtype)
-        if reason is not None:
-            return candidate, reason, None, None
-        chosen = spec.backends[candidate]
-        return candidate, None, chosen.supports, chosen.run
-
-    candidates = ((entry(name),) if name != "auto"
-                  else tuple(entry(c) for c in spec.auto.get(device_type, ())))
-    first = candidates[0] if candidates else (None, "", None, None)
-    fixed = (first[0], first[3]) if first[1] is None and first[2] is None else None
-    return (name if name != "auto" else None), candidates, fixed
-
-
-def _plan_key(device_type: str, dtype, backend):
-    raw = backend if backend is not None else getenv("LOWRANK_BACKEND")
-    return (device_type, dtype, raw, getenv("TRITON_INTERPRET")), raw
-
-
-def _plan(spec: OpSpec, device_type: str, dtype, backend):
-    key, raw = _plan_key(device_type, dtype, backend)
-    cached = _PLANS.get(spec.name)
-    if cached is None or cached[0] is not spec:  # not registered: nothing to cache
-        return _make_plan(spec, device_type, dtype, raw)
-    plan = cached[1].get(key)
-    if plan is None:
-        plan = cached[1][key] = _make_plan(spec, device_type, dtype, raw)
-    return plan
-
-
-def _select(spec: OpSpec, plan, device_type: str, dtype, args):
-    """(name, run) of the backend that runs these args (args None: skip `supports`)."""
-    explicit, candidates, fixed = plan
-    if fixed is not None:
-        return fixed
-    reasons = []
-    for name, reason, supports, run in candidates:
-        if reason is None and supports is not None and args is not None:
-            reason = supports(*args)
-        if reason is None:
-            return name, run
-        if explicit is not None:
-            raise BackendUnavailableError(f"{spec.name}: backend {name!r} cannot run: {reason}")
-        reasons.append(reason)
-    raise BackendUnavailableError(
-        f"{spec.name}: no backend runs on {device_type} with {dtype}: " + "; ".join(reasons))
+def kernel_backend(spec: OpSpec, device_type: str) -> str:
+    """The backend the dispatcher runs for `spec` on device_type (fixed at import)."""
+    for name in spec.auto.get(device_type, ()):
+        if static_reason(spec, name, device_type) is None:
+            return name
+    return "reference"
 
 
 def choose_backend(spec: OpSpec, device_type: str, dtype, backend=None, args=None) -> str:
-    """The backend that runs spec: `backend` if it can (else an error saying why not), or
-    for 'auto' the first of spec.auto[device_type] that can. args: the op's arguments
-    (without backend), for the backends' `supports` predicates."""
-    plan = _plan(spec, device_type, dtype, backend)
-    return _select(spec, plan, device_type, dtype, args)[0]
+    """The backend that runs spec on (device_type, dtype[, args]): `backend` if it can (else
+    BackendUnavailableError saying why not); for None/'auto' the device's kernel, or the
+    reference where that cannot take these inputs."""
+    if backend is None or backend == "auto":
+        name = kernel_backend(spec, device_type)
+        return name if unavailable_reason(spec, name, device_type, dtype, args) is None \
+            else "reference"
+    reason = unavailable_reason(spec, backend, device_type, dtype, args)
+    if reason is not None:
+        raise BackendUnavailableError(f"{spec.name}: backend {backend!r} cannot run: {reason}")
+    return backend
 
 
 def _device_type(t: torch.Tensor) -> str:
@@ -182,82 +140,184 @@ def _device_type(t: torch.Tensor) -> str:
 
 
 def register(spec: OpSpec) -> OpSpec:
-    """Declare spec's schema in torch.ops.lowrank_kernels with its fake and device kernels."""
+    """Declare spec in torch.ops.lowrank_kernels: schema, fake kernel, the reference as the
+    default kernel, and the Python override of each device whose auto backend is not native
+    (native kernels are registered from C++ on the same schema)."""
     qualname = f"{NAMESPACE}::{spec.name}"
-    arguments = torch._C.parse_schema(qualname + spec.schema).arguments
-    names = [a.name for a in arguments]
-    assert names[-1] == "backend", f"{spec.name}: the schema's last argument must be backend"
     _LIB.define(spec.name + spec.schema)
-    count = len(arguments)
-    defaults = tuple(a.default_value for a in arguments)  # None where there is none
-    list_defaults = any(isinstance(d, list) for d in defaults)
+    overload = getattr(torch.ops.lowrank_kernels, spec.name).default
+    arguments = overload._schema.arguments
+    names = tuple(a.name for a in arguments)
+    for name, backend in list(spec.backends.items()):
+        if backend.run is None:  # registered from C++ on this schema
+            spec.backends[name] = dataclasses.replace(backend, run=overload)
     missing = [n for n in spec.finite_inputs if n not in names]
     assert not missing, f"{spec.name}: finite_inputs {missing} are not arguments of the schema"
-    finite_at = tuple(names.index(n) for n in spec.finite_inputs)
-
-    def complete(args, kwargs):
-        # The dispatcher drops trailing arguments left at their defaults: put them back.
-        if len(args) == count and not kwargs:
-            return args
-        if not kwargs and not list_defaults:
-            return args + defaults[len(args):]
-        tail = [kwargs[a.name] if a.name in kwargs else defaults[i]
-                for i, a in enumerate(arguments[len(args):], len(args))]
-        if list_defaults:  # a fresh list per call, as the schema would give
-            tail = [list(d) if isinstance(d, list) else d for d in tail]
-        return tuple(args) + tuple(tail)
-
-    plans = {}
-    _PLANS[spec.name] = (spec, plans)
-
-    def kernel(*args, **kwargs):
-        if len(args) != count or kwargs:
-            args = complete(args, kwargs)
-        inputs = args[:-1]
-        lead = spec.check(*inputs)
-        device_type = "cpu" if lead.is_cpu else _device_type(lead)
-        dtype = lead.dtype
-        key, raw = _plan_key(device_type, dtype, args[-1])
-        plan = plans.get(key)
-        if plan is None:
-            plan = plans[key] = _make_plan(spec, device_type, dtype, raw)
-        run = (plan[2] or _select(spec, plan, device_type, dtype, inputs))[1]
-        result = run(*inputs)
-        if finite_at and getenv("LOWRANK_CHECK_FINITE") != "0":
-            outs = result if isinstance(result, tuple) else (result,)
-            if not all_finite(*outs):  # one host sync for all the outputs
-                named = [(names[i], args[i]) for i in finite_at]
-                for out in outs:  # the first non-finite output raises
-                    raise_if_nonfinite(spec.name, out, named)
-        return result
+    reference = spec.backends["reference"].run
+    check = spec.check
+    count = len(arguments)
 
     def fake(*args, **kwargs):
-        args = complete(args, kwargs)
-        spec.check(*args[:-1])
-        return spec.fake(*args[:-1])
+        if len(args) != count or kwargs:
+            args = _complete(arguments, args, kwargs)
+        check(*args)
+        return spec.fake(*args)
 
-    for device_type in ("cpu", "cuda"):
-        torch.library.impl(qualname, device_type, lib=_LIB)(kernel)
+    def default(*args, **kwargs):
+        if len(args) != count or kwargs:  # the dispatcher drops trailing defaults
+            args = _complete(arguments, args, kwargs)
+        check(*args)
+        return reference(*args)
+
     torch.library.register_fake(qualname, lib=_LIB)(fake)
+    _LIB.impl(spec.name, default, "CompositeExplicitAutograd")
+    for device_type in ("cpu", "cuda"):
+        name = kernel_backend(spec, device_type)
+        _KERNELS[spec.name, device_type] = name
+        if name in ("reference", "native"):
+            continue  # the default kernel, or registered from C++
+        _LIB.impl(spec.name, _override(spec, arguments, spec.backends[name], device_type,
+                                       reference), device_type.upper())
     REGISTRY[spec.name] = spec
+    _BY_OVERLOAD[overload] = (spec, arguments)
     return spec
 
 
+def _override(spec, arguments, backend, device_type, reference):
+    """The device kernel of a Python backend: checks, then the backend where it can take the
+    inputs (dtype, `supports`), else the reference."""
+    check, run, supports = spec.check, backend.run, backend.supports
+    dtypes = backend.dtypes[device_type]
+    count = len(arguments)
+    if supports is None:
+        def kernel(*args, **kwargs):
+            if len(args) != count or kwargs:  # the dispatcher drops trailing defaults
+                args = _complete(arguments, args, kwargs)
+            lead = check(*args)
+            return run(*args) if lead.dtype in dtypes else reference(*args)
+    else:
+        def kernel(*args, **kwargs):
+            if len(args) != count or kwargs:
+                args = _complete(arguments, args, kwargs)
+            lead = check(*args)
+            ok = lead.dtype in dtypes and supports(*args) is None
+            return run(*args) if ok else reference(*args)
+    kernel.__name__ = f"{spec.name}_{device_type}"
+    return kernel
+
+
+# ---- forcing a backend; strict mode --------------------------------------------------------
+def _complete(arguments, args, kwargs):
+    """The op's arguments in schema order, defaults filled in."""
+    if len(args) == len(arguments) and not kwargs:
+        return args
+    out = list(args)
+    for a in arguments[len(args):]:
+        if a.name in kwargs:
+            out.append(kwargs[a.name])
+        else:
+            default = a.default_value
+            out.append(list(default) if isinstance(default, list) else default)
+    return tuple(out)
+
+
+def _is_plain(t):
+    return not isinstance(t, torch.Tensor) or (type(t) is torch.Tensor and not t.is_meta)
+
+
+class _Routing(TorchDispatchMode):
+    """Routes torch.ops.lowrank_kernels.* to a forced backend and/or checks their results
+    (strict); every other op, and calls on fake/meta tensors, pass through."""
+
+    def __init__(self, backend=None, strict=False):
+        super().__init__()
+        if backend is not None and backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of 'auto', "
+                             f"{', '.join(map(repr, BACKENDS))}; got {backend!r}")
+        self.backend = None if backend == "auto" else backend
+        self.strict = strict
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        entry = _BY_OVERLOAD.get(func)
+        if entry is None or not all(_is_plain(a) for a in args):
+            return func(*args, **(kwargs or {}))
+        spec, arguments = entry
+        args = _complete(arguments, args, kwargs or {})
+        lead = spec.check(*args)
+        if self.backend is None:
+            result = func(*args)
+        else:
+            name = choose_backend(spec, _device_type(lead), lead.dtype, self.backend, args)
+            result = spec.backends[name].run(*args)
+        if self.strict:
+            raise_if_nonfinite(spec, result, arguments, args)
+        return result
+
+
+def _all_finite(tensors):
+    floats = [t for t in tensors if isinstance(t, torch.Tensor) and t.dtype in _FLOAT]
+    return all(bool(torch.isfinite(t).all()) for t in floats)
+
+
+def raise_if_nonfinite(spec, result, arguments, args):
+    """Strict mode's check: NonFiniteError when a result has NaN/Inf, naming the first
+    non-finite input of spec.finite_inputs."""
+    outs = result if isinstance(result, tuple) else (result,)
+    if _all_finite(outs):
+        return
+    for a, value in zip(arguments, args):
+        if a.name in spec.finite_inputs and value is not None and not _all_finite([value]):
+            raise NonFiniteError(f"{spec.name}: {a.name} contains non-finite values (NaN or "
+                                 "Inf)", spec.name, a.name)
+    raise NonFiniteError(f"{spec.name}: the result is not finite although every input is "
+                         "(overflow of the fp32 accumulator: rescale the inputs)", spec.name)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Run every lowrank_kernels op inside the block on `backend` ('reference', 'cpu',
+    'triton', 'native'; 'auto': the default kernels), raising BackendUnavailableError where
+    it cannot run."""
+    with _Routing(backend=backend):
+        yield
+
+
+@contextlib.contextmanager
+def strict():
+    """Check the result of every lowrank_kernels op inside the block for NaN/Inf (one host
+    sync per op) and raise NonFiniteError naming the non-finite input."""
+    with _Routing(strict=True):
+        yield
+
+
+def call(op, backend, *args):
+    """op(*args) on `backend` (None: the default kernels) — the `backend=` argument of the
+    Python entry points."""
+    if backend is None:
+        return op(*args)
+    with _Routing(backend=backend):
+        return op(*args)
+
+
+def _environment_mode():
+    """LOWRANK_BACKEND / LOWRANK_STRICT=1 set before the import: one mode for the process."""
+    backend = os.environ.get("LOWRANK_BACKEND") or None
+    strict_on = os.environ.get("LOWRANK_STRICT", "0") == "1"
+    if backend is None and not strict_on:
+        return None
+    mode = _Routing(backend=backend, strict=strict_on)
+    mode.__enter__()  # left on for the process
+    return mode
+
+
 def backend_table():
-    """{op: {device: backend auto picks, or the reason none can}} for the bug report."""
+    """{op: {device: the backend its kernel runs}} for the bug report."""
     table = {}
-    for name, spec in REGISTRY.items():
+    for name in REGISTRY:
         row = {}
         for device_type in ("cpu", "cuda"):
-            if device_type == "cuda" and not caps.cuda_available():
-                dtype = torch.float32
-                picks = [b for b in spec.auto.get("cuda", ())
-                         if unavailable_reason(spec, b, "cuda", dtype) is None]
-                row[device_type] = (picks[0] + " (no GPU here)") if picks else "none"
-                continue
-            try:
-                row[device_type] = choose_backend(spec, device_type, torch.float32, "auto")
-            except BackendUnavailableError as exc:
-                row[device_type] = f"none ({exc})"
+            backend = _KERNELS[name, device_type]
+            row[device_type] = backend + ("" if device_type == "cpu" or caps.cuda_available()
+                                          else " (no GPU here)")
         table[name] = row
     return table

@@ -36,7 +36,7 @@ def test_cu_compiles_for_sm90(source, tmp_path):
         if os.environ.get("CI") == "true":
             pytest.fail("nvcc not found: CI must compile every .cu (install the CUDA toolkit)")
         pytest.skip("nvcc not found on this machine")
-    cmd = [NVCC, "-c", "-std=c++17", "-O2", "-arch=sm_90", f"-I{ROOT / 'csrc' / 'include'}",
+    cmd = [NVCC, "-c", "-std=c++20", "-O2", "-arch=sm_90", f"-I{ROOT / 'csrc' / 'include'}",
            f"-I{source.parent}", str(source), "-o", str(tmp_path / (source.stem + ".o"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{proc.stderr[-4000:]}"
@@ -68,7 +68,7 @@ def test_cuda_glue_parses_against_torch_cuda_headers(source, tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-DLOWRANK_WITH_CUDA", f"-I{tmp_path}",
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DLOWRANK_WITH_CUDA", f"-I{tmp_path}",
            *(f"-I{p}" for p in cpp_extension.include_paths()), f"-I{cuda_include}",
            f"-I{ROOT / 'csrc' / 'include'}", f"-I{source.parent}", str(source)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

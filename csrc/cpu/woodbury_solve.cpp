@@ -1,4 +1,4 @@
-// CPU kernel of lowrank_native::woodbury_solve: X = (K + λ'I)⁻¹ R per batch member (λ' = λ or
+// CPU kernel of lowrank_kernels::woodbury_solve: X = (K + λ'I)⁻¹ R per batch member (λ' = λ or
 // the first rung of the jitter ladder that factors), in parallel over the members. Each member
 // runs the shared core (lowrank/woodbury_core.h) with SerialExec — the same schedule, tile by
 // tile and item by item, that every thread of the CUDA kernel follows.
@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -41,27 +42,26 @@ void woodbury_solve_cpu_impl(const at::Tensor& K, const at::Tensor& damping, con
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> woodbury_solve_cpu(const at::Tensor& K,
-                                                                  const at::Tensor& damping,
-                                                                  const at::Tensor& R,
-                                                                  double jitter,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> woodbury_solve_cpu(const at::Tensor& K_in,
+                                                                  const at::Tensor& damping_in,
+                                                                  const at::Tensor& R_in,
+                                                                  std::optional<double> jitter,
                                                                   int64_t max_tries) {
-  check_woodbury_args(K, damping, R, max_tries, jitter, /*cuda=*/false);
+  const WoodburyArgs a = woodbury_args(K_in, damping_in, R_in, jitter, max_tries);
+  const at::Tensor &K = a.K, &R = a.R;
   at::Tensor X = at::empty({R.size(0), R.size(1), R.size(2)}, R.options());
   at::Tensor info = at::empty({K.size(0)}, K.options().dtype(at::kInt));
   at::Tensor used = at::empty({K.size(0)}, K.options());
   if (K.scalar_type() == at::kDouble) {
-    woodbury_solve_cpu_impl<double>(K, damping, R, jitter, static_cast<int>(max_tries), X, info,
-                                    used);
+    woodbury_solve_cpu_impl<double>(K, a.damping, R, a.jitter, a.max_tries, X, info, used);
   } else {
-    woodbury_solve_cpu_impl<float>(K, damping, R, jitter, static_cast<int>(max_tries), X, info,
-                                   used);
+    woodbury_solve_cpu_impl<float>(K, a.damping, R, a.jitter, a.max_tries, X, info, used);
   }
-  return {X, info, used};
+  return woodbury_unbatch(a, X, info, used);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowrank_native, CPU, m) { m.impl("woodbury_solve", &woodbury_solve_cpu); }
+TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) { m.impl("woodbury_solve", &woodbury_solve_cpu); }
 
 }  // namespace lowrank

@@ -9,7 +9,7 @@ dimension). H_n is symmetric, so the gradient is H_n ḡ.
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import Backend, OpSpec, call, register
 from ..reference.fwht import fwht as reference_fwht
 
 OP = "fwht"
@@ -40,7 +40,7 @@ def _triton(x):
 _ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor x, str? backend=None) -> Tensor",
+    schema="(Tensor x) -> Tensor",
     check=check,
     fake=fake,
     backends={
@@ -51,23 +51,22 @@ SPEC = register(OpSpec(
     },
     auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
     finite_inputs=("x",),
-    doc="y = H_n x",
 ))
 
 
-def _setup(ctx, inputs, output):
-    ctx.backend = inputs[1]
+_OP = torch.ops.lowrank_kernels.fwht.default
 
 
 def _backward(ctx, grad):
-    return torch.ops.lowrank_kernels.fwht(grad, ctx.backend), None
+    return _OP(grad)  # H_n is symmetric
 
 
-torch.library.register_autograd("lowrank_kernels::fwht", _backward, setup_context=_setup)
+torch.library.register_autograd("lowrank_kernels::fwht", _backward)
 
 
 def fwht(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """y = H_n x along the last dimension (n = 2^m; unnormalized Sylvester Hadamard matrix,
     (H_n)_{ij} = (−1)^{popcount(i & j)}). Returns x's shape and dtype (fp32 arithmetic;
-    fp64 for fp64 on the reference backend). backend: 'auto', 'reference' or 'triton'."""
-    return torch.ops.lowrank_kernels.fwht(x, backend)
+    fp64 for fp64 on the reference backend). backend: None (the device's kernel), or force
+    'reference' / 'triton' (see use_backend)."""
+    return call(_OP, backend, x)

@@ -13,10 +13,9 @@ ops.gram_linear.choose_route.
 import torch
 
 from .. import _checks
-from .._registry import OpSpec, register
+from .._registry import OpSpec, call, register
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
-from ._conv2d import check_conv2d, pair
-from .gram_linear import check_cross, choose_route, reference_and_triton
+from ._common import check_conv2d, check_cross, choose_route, layer_backends, pair
 
 OP = "gram_conv2d"
 
@@ -59,13 +58,13 @@ SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor X, Tensor E, int[2] kernel_size, int[2] stride=1, int[2] padding=0, "
            "int[2] dilation=1, int groups=1, bool bias=False, Tensor? X2=None, "
-           "Tensor? E2=None, bool diagonal=False, str? backend=None) -> Tensor",
+           "Tensor? E2=None, bool diagonal=False) -> Tensor",
     check=check,
     fake=fake,
-    **reference_and_triton(_reference, _triton),
+    **layer_backends(_reference, _triton),
     finite_inputs=("X", "E", "X2", "E2"),
-    doc="K_ij = Σ_g Σ_{t,s} (ã_it·ã_js)(e_it·e_js), ã = im2col(X)",
 ))
+_OP = torch.ops.lowrank_kernels.gram_conv2d.default
 
 
 def gram_conv2d(X: torch.Tensor, E: torch.Tensor, kernel_size, stride=1, padding=0,
@@ -77,10 +76,10 @@ def gram_conv2d(X: torch.Tensor, E: torch.Tensor, kernel_size, stride=1, padding
     X: (B, C_in, H, W) layer input, E: (B, C_out, H_out, W_out) output gradient; kernel_size,
     stride, padding, dilation: ints or pairs (zero padding, as nn.Conv2d's numeric padding).
     X2/E2: a second batch, for the cross-Gram (B × B2). diagonal: return diag(K) (B).
-    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'.
+    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 inputs)."""
     kernel_size = pair(OP, "kernel_size", kernel_size, 1)
     stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
     dilation = pair(OP, "dilation", dilation, 1)
-    return torch.ops.lowrank_kernels.gram_conv2d(X, E, kernel_size, stride, padding, dilation,
-                                                 groups, bias, X2, E2, diagonal, backend)
+    return call(_OP, backend, X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2,
+                diagonal)

@@ -12,51 +12,12 @@ backend). The checks here are shared by the embedding weighted sum and projectio
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, call, register
 from ..reference.gram_embedding import gram_embedding as reference_gram_embedding
+from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
+                      normalized_padding)
 
 OP = "gram_embedding"
-ALL_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# The interpreter computes bf16 wrongly (DESIGN §4): bf16 Triton is GPU-only; the kernels
-# accumulate in fp32, so float64 goes to the reference.
-TRITON_DTYPES = {"cpu": (torch.float32, torch.float16),
-                 "cuda": (torch.float32, torch.float16, torch.bfloat16)}
-AUTO = {"cpu": ("reference",), "cuda": ("triton", "reference")}
-
-
-def check_idx_E(op, idx_name, idx, E_name, E):
-    """idx (B, T) int64 and E (B, T, d) floating, on one device."""
-    _checks.check_tensor(op, idx_name, idx, 2, "B x T: token indices")
-    if idx.dtype != torch.int64:
-        raise TypeError(f"{op}: {idx_name} must be an int64 tensor of indices, got {idx.dtype}")
-    _checks.check_tensor(op, E_name, E, 3, "B x T x d: gradients of the embedding outputs")
-    _checks.check_float(op, E_name, E)
-    _checks.check_same(op, (idx_name, E_name), (idx, E), "device")
-    if tuple(E.shape[:2]) != tuple(idx.shape):
-        raise ValueError(f"{op}: {idx_name} and {E_name} must have the same (B, T) leading "
-                         f"dims, got {tuple(idx.shape)} and {tuple(E.shape)}")
-
-
-def check_num_embeddings(op, num_embeddings, padding_idx):
-    if num_embeddings < 1:
-        raise ValueError(f"{op}: num_embeddings must be positive, got {num_embeddings}")
-    if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"{op}: padding_idx must be in [-num_embeddings, num_embeddings) = "
-                         f"[{-num_embeddings}, {num_embeddings}), got {padding_idx}")
-
-
-def normalized_padding(padding_idx, num_embeddings):
-    """padding_idx as nn.Embedding stores it (a negative one counts from the end)."""
-    if padding_idx is None or padding_idx >= 0:
-        return padding_idx
-    return padding_idx + num_embeddings
-
-
-def check_index_range(op, name, idx, num_embeddings):
-    """Every index in [0, num_embeddings) (a device sync; run by the real kernels only)."""
-    if idx.numel() and (bool(idx.min() < 0) or bool(idx.max() >= num_embeddings)):
-        raise IndexError(f"{op}: {name} must hold indices in [0, {num_embeddings}), got values "
-                         f"in [{int(idx.min())}, {int(idx.max())}]")
 
 
 def check(idx, E, num_embeddings, padding_idx, idx2, E2, diagonal):
@@ -102,18 +63,13 @@ def _triton(*args):
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor idx, Tensor E, int num_embeddings, int? padding_idx=None, *, "
-           "Tensor? idx2=None, Tensor? E2=None, bool diagonal=False, str? backend=None) -> Tensor",
+           "Tensor? idx2=None, Tensor? E2=None, bool diagonal=False) -> Tensor",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(_prepared(reference_gram_embedding), {"cpu": ALL_FLOAT,
-                                                                    "cuda": ALL_FLOAT}),
-        "triton": Backend(_prepared(_triton), TRITON_DTYPES),
-    },
-    auto=AUTO,
+    **layer_backends(_prepared(reference_gram_embedding), _prepared(_triton)),
     finite_inputs=("E", "E2"),
-    doc="K_ij = Σ_{t,s} [idx_it = idx_js ≠ pad] e_it·e_js",
 ))
+_OP = torch.ops.lowrank_kernels.gram_embedding.default
 
 
 def gram_embedding(idx: torch.Tensor, E: torch.Tensor, num_embeddings: int,
@@ -126,8 +82,6 @@ def gram_embedding(idx: torch.Tensor, E: torch.Tensor, num_embeddings: int,
     idx: (B, T) int64 token indices, E: (B, T, d) gradients of the embedding outputs.
     idx2/E2: a second batch (B2, T2[, d]) for the cross-Gram Uᵀ V (B × B2).
     diagonal: return diag(K) (B), the per-sample squared gradient norms.
-    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'.
+    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 E on the reference backend)."""
-    return torch.ops.lowrank_kernels.gram_embedding(
-        idx, E, num_embeddings, padding_idx, idx2=idx2, E2=E2, diagonal=diagonal,
-        backend=backend)
+    return call(_OP, backend, idx, E, num_embeddings, padding_idx, idx2, E2, diagonal)

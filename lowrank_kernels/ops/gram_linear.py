@@ -15,73 +15,11 @@ route: "token_pair" (2·B²·T²·(d_in + d_out) flops: X = (A Aᵀ + b) ⊙ (E 
 """
 import torch
 
-from .. import _capabilities as caps
-from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, call, register
 from ..reference.gram_linear import gram_linear as reference_gram_linear
+from ._common import check_cross, check_linear_layer, check_route, choose_route, layer_backends
 
 OP = "gram_linear"
-ROUTES = ("auto", "token_pair", "per_sample")
-# Flops one byte of workspace traffic is worth in the route model (the per-sample route writes
-# and reads its fp32 per-sample gradients once): about a GPU's L2 flop/byte balance.
-_FLOPS_PER_BYTE = 16
-
-
-def choose_route(B1, B2, T, d_in, d_out, groups, bias, cross, diagonal):
-    """The cheaper route for these sizes (per group: d_in, d_out) by a flop/byte model."""
-    pairs = B1 if diagonal else (B1 * B2 if cross else B1 * (B1 + 1) // 2)
-    samples = B1 + B2 if cross else B1
-    params = d_out * (d_in + int(bias))
-    token_pair = groups * pairs * T * T * 2 * (d_in + d_out)
-    per_sample = groups * (2 * samples * T * params + 2 * pairs * params
-                           + _FLOPS_PER_BYTE * 8 * samples * params)
-    return "token_pair" if token_pair <= per_sample else "per_sample"
-
-
-def check_route(op, route):
-    if route not in ROUTES:
-        raise ValueError(f"{op}: route must be one of {', '.join(map(repr, ROUTES))}, "
-                         f"got {route!r}")
-
-
-def check_cross(op, names, first, second, diagonal):
-    """The optional second batch (names: its two argument names) comes whole and agrees with
-    the first in device, dtype and every dimension but the batch (and in that too with
-    diagonal=True: ⟨g_i, h_i⟩ pairs sample i of one batch with sample i of the other)."""
-    given = [t is not None for t in second]
-    if any(given) and not all(given):
-        raise ValueError(f"{op}: {names[0]} and {names[1]} must be given together "
-                         f"(the second batch of the cross-Gram)")
-    if not all(given):
-        return
-    for name, t, ref in zip(names, second, first):
-        _checks.check_tensor(op, name, t)
-        _checks.check_same(op, (name, "the first batch"), (t, ref), "device")
-        _checks.check_same(op, (name, "the first batch"), (t, ref), "dtype")
-        if t.dim() != ref.dim() or t.shape[1:] != ref.shape[1:]:
-            raise ValueError(f"{op}: {name} must have the first batch's shape but for dim 0, "
-                             f"got {tuple(t.shape)} against {tuple(ref.shape)}")
-    if second[0].shape[0] != second[1].shape[0]:
-        raise ValueError(f"{op}: {names[0]} and {names[1]} must have the same batch size "
-                         f"(dim 0), got {second[0].shape[0]} and {second[1].shape[0]}")
-    if diagonal and second[0].shape[0] != first[0].shape[0]:
-        raise ValueError(f"{op}: diagonal=True with {names[0]}/{names[1]} needs the first "
-                         f"batch's size {first[0].shape[0]}, got {second[0].shape[0]}")
-
-
-def check_linear_layer(op, A, E):
-    """A (B[, T], d_in) and E (B[, T], d_out) of one linear layer: same dtype, device, B, T."""
-    _checks.check_tensor(op, "A", A, (2, 3), "B x d_in or B x T x d_in: layer inputs")
-    _checks.check_tensor(op, "E", E, (2, 3),
-                         "B x d_out or B x T x d_out: gradients of the layer outputs")
-    _checks.check_float(op, "A", A)
-    _checks.check_float(op, "E", E)
-    _checks.check_same(op, ("A", "E"), (A, E), "device")
-    _checks.check_same(op, ("A", "E"), (A, E), "dtype")
-    _checks.check_dim_match(op, "A", A.shape[0], "E", E.shape[0], "batch size B (dim 0)")
-    _checks.check_dim_match(op, "A", A.dim(), "E", E.dim(), "number of dims")
-    if A.dim() == 3:
-        _checks.check_dim_match(op, "A", A.shape[1], "E", E.shape[1], "token count T (dim 1)")
 
 
 def check(A, E, bias, A2, E2, diagonal, route):
@@ -121,55 +59,16 @@ def _triton(A, E, bias, A2, E2, diagonal, route):
                               resolve_route(A, E, bias, A2, diagonal, route))
 
 
-def _native(A, E, bias, A2, E2, diagonal, route):
-    return torch.ops.lowrank_native.gram_linear(A, E, bias)
-
-
-def _native_supports(A, E, bias, A2, E2, diagonal, route):
-    if A.dim() != 2:
-        return "the native kernel takes T = 1 (2-D A and E)"
-    if A2 is not None or diagonal:
-        return "the native kernel computes the symmetric Gram only (no A2/E2, no diagonal)"
-    if route == "per_sample":
-        return "the native kernel has the token-pair route only"
-    return None
-
-
-if caps.native_built():
-    @torch.library.register_fake("lowrank_native::gram_linear")
-    def _native_fake(A, E, bias):
-        return A.new_empty((A.shape[0], A.shape[0]), dtype=torch.float32)
-
-
-_ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# The interpreter computes bf16 wrongly (see DESIGN §4): bf16 Triton is GPU-only.
-TRITON_DTYPES = {"cpu": (torch.float32, torch.float16),
-                 "cuda": (torch.float32, torch.float16, torch.bfloat16)}
-
-
-def reference_and_triton(reference, triton):
-    """OpSpec backends of a layer op without a native kernel: the reference (every device and
-    dtype; auto on CPU, where it is BLAS GEMMs) and Triton (auto on CUDA)."""
-    return dict(backends={"reference": Backend(reference, {"cpu": _ALL, "cuda": _ALL}),
-                          "triton": Backend(triton, TRITON_DTYPES)},
-                auto={"cpu": ("reference",), "cuda": ("triton", "reference")})
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor A, Tensor E, bool bias=False, Tensor? A2=None, Tensor? E2=None, "
-           "bool diagonal=False, str route=\"auto\", str? backend=None) -> Tensor",
+           "bool diagonal=False, str route=\"auto\") -> Tensor",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
-        "triton": Backend(_triton, TRITON_DTYPES),
-        "native": Backend(_native, {"cpu": (torch.float32, torch.float16),
-                                    "cuda": (torch.float32, torch.float16, torch.bfloat16)},
-                          _native_supports),
-    },
-    auto={"cpu": ("native", "reference"), "cuda": ("triton", "native", "reference")},
+    **layer_backends(_reference, _triton),
     finite_inputs=("A", "E", "A2", "E2"),
-    doc="K_ij = Σ_{t,s} (a_it·a_js + b)(e_it·e_js)",
 ))
+_OP = torch.ops.lowrank_kernels.gram_linear.default
 
 
 def gram_linear(A: torch.Tensor, E: torch.Tensor, bias: bool = False, *, A2=None, E2=None,
@@ -182,6 +81,6 @@ def gram_linear(A: torch.Tensor, E: torch.Tensor, bias: bool = False, *, A2=None
     diagonal: return diag(K) (B), the per-sample squared gradient norms (with A2/E2 of the
     same batch size: ⟨g_i, h_i⟩).
     route: 'auto' (default), 'token_pair' or 'per_sample' (see the module docstring).
-    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference', 'triton' or 'native'.
+    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 inputs)."""
-    return torch.ops.lowrank_kernels.gram_linear(A, E, bias, A2, E2, diagonal, route, backend)
+    return call(_OP, backend, A, E, bias, A2, E2, diagonal, route)

@@ -8,11 +8,9 @@ reference backend).
 import torch
 
 from .. import _checks
-from .._registry import OpSpec, register
+from .._registry import OpSpec, call, register
 from ..reference.project_conv2d import project_conv2d as reference_project
-from ._conv2d import check_conv2d, pair
-from .gram_linear import reference_and_triton
-from .project_linear import check_directions, fake_projection
+from ._common import check_conv2d, check_directions, fake_projection, layer_backends, pair
 
 OP = "project_conv2d"
 
@@ -39,13 +37,13 @@ def _triton(X, E, V, V_bias, stride, padding, dilation, groups):
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor X, Tensor E, Tensor V, Tensor? V_bias=None, int[2] stride=1, "
-           "int[2] padding=0, int[2] dilation=1, int groups=1, str? backend=None) -> Tensor",
+           "int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
     check=check,
     fake=fake,
-    **reference_and_triton(reference_project, _triton),
+    **layer_backends(reference_project, _triton),
     finite_inputs=("X", "E", "V", "V_bias"),
-    doc="(Uᵀ V)_i = Σ_g Σ_t e_itᵀ V_g im2col(X)_it",
 ))
+_OP = torch.ops.lowrank_kernels.project_conv2d.default
 
 
 def project_conv2d(X: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=None,
@@ -56,7 +54,7 @@ def project_conv2d(X: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=Non
     X: (B, C_in, H, W) layer input, E: (B, C_out, H_out, W_out) output gradient;
     V: (C_out, C_in/groups, kh, kw) -> (B,), or (m, C_out, C_in/groups, kh, kw) -> (B, m);
     V_bias: (C_out,) or (m, C_out). kernel_size: optional, must equal V's (kh, kw).
-    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'.
+    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 inputs)."""
     if kernel_size is not None:
         kernel_size = pair(OP, "kernel_size", kernel_size, 1)
@@ -65,5 +63,4 @@ def project_conv2d(X: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=Non
                              f"(kh, kw), got V of shape {tuple(V.shape)}")
     stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
     dilation = pair(OP, "dilation", dilation, 1)
-    return torch.ops.lowrank_kernels.project_conv2d(X, E, V, V_bias, stride, padding, dilation,
-                                                    groups, backend)
+    return call(_OP, backend, X, E, V, V_bias, stride, padding, dilation, groups)

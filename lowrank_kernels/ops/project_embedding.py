@@ -9,10 +9,10 @@ Output float32 (float64 for float64 E on the reference backend).
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, call, register
 from ..reference.project_embedding import project_embedding as reference_project_embedding
-from .gram_embedding import (ALL_FLOAT, AUTO, TRITON_DTYPES, check_idx_E, check_index_range,
-                             check_num_embeddings, normalized_padding)
+from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
+                      normalized_padding)
 
 OP = "project_embedding"
 
@@ -48,19 +48,14 @@ def _triton(*args):
 
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor idx, Tensor E, Tensor V, int? padding_idx=None, *, str? backend=None) "
+    schema="(Tensor idx, Tensor E, Tensor V, int? padding_idx=None) "
            "-> Tensor",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(_prepared(reference_project_embedding),
-                             {"cpu": ALL_FLOAT, "cuda": ALL_FLOAT}),
-        "triton": Backend(_prepared(_triton), TRITON_DTYPES),
-    },
-    auto=AUTO,
+    **layer_backends(_prepared(reference_project_embedding), _prepared(_triton)),
     finite_inputs=("E", "V"),
-    doc="(Uᵀ V)_i = Σ_t e_it · V[idx_it]",
 ))
+_OP = torch.ops.lowrank_kernels.project_embedding.default
 
 
 def project_embedding(idx: torch.Tensor, E: torch.Tensor, V: torch.Tensor,
@@ -69,6 +64,7 @@ def project_embedding(idx: torch.Tensor, E: torch.Tensor, V: torch.Tensor,
     (Uᵀ V)_i = Σ_t [idx_it ≠ padding_idx] e_it · V[idx_it].
 
     idx: (B, T) int64, E: (B, T, d), V: (num_embeddings, d) -> (B,) or
-    (m, num_embeddings, d) -> (B, m). backend: 'auto', 'reference' or 'triton'.
-    Returns float32 (float64 for float64 E on the reference backend)."""
-    return torch.ops.lowrank_kernels.project_embedding(idx, E, V, padding_idx, backend=backend)
+    (m, num_embeddings, d) -> (B, m). backend: None (the device's kernel), or force
+    'reference' / 'triton' (see use_backend). Returns float32 (float64 for float64 E on the
+    reference backend)."""
+    return call(_OP, backend, idx, E, V, padding_idx)

@@ -14,10 +14,10 @@ of project s·Ω ḡ for g.
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import Backend, OpSpec, call, register
 from ..reference.random_subspace import random_subspace_expand as reference_expand
 from ..reference.random_subspace import random_subspace_project as reference_project
-from .sketch_omega import check_dist, check_seed
+from ._common import check_dist, check_seed
 
 _ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON = {"cpu": (torch.float32, torch.float16),
@@ -86,7 +86,7 @@ def _no_cpu_bf16(*args):
 SPEC_EXPAND = register(OpSpec(
     name="random_subspace_expand",
     schema=("(Tensor alpha, int seed, int D, float scale, str dist='gaussian', "
-            "Tensor? base=None, str? backend=None) -> Tensor"),
+            "Tensor? base=None) -> Tensor"),
     check=check_expand,
     fake=fake_expand,
     backends={
@@ -94,14 +94,14 @@ SPEC_EXPAND = register(OpSpec(
             a, s, D, sc, dist == "rademacher", b), {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_expand, _TRITON, supports=_no_cpu_bf16),
     },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    auto={"cpu": (), "cuda": ("triton",)},
     finite_inputs=("alpha", "base"),
-    doc="w = base + s·Ω α",
 ))
+_EXPAND = torch.ops.lowrank_kernels.random_subspace_expand.default
 
 SPEC_PROJECT = register(OpSpec(
     name="random_subspace_project",
-    schema="(Tensor g, int seed, int d, float scale, str dist='gaussian', str? backend=None) -> Tensor",
+    schema="(Tensor g, int seed, int d, float scale, str dist='gaussian') -> Tensor",
     check=check_project,
     fake=fake_project,
     backends={
@@ -109,41 +109,39 @@ SPEC_PROJECT = register(OpSpec(
             g, s, d, sc, dist == "rademacher"), {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_project, _TRITON, supports=_no_cpu_bf16),
     },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    auto={"cpu": (), "cuda": ("triton",)},
     finite_inputs=("g",),
-    doc="c = s·Ωᵀ g",
 ))
+_PROJECT = torch.ops.lowrank_kernels.random_subspace_project.default
 
 
 def _setup_expand(ctx, inputs, output):
-    alpha, seed, D, scale, dist, base, backend = inputs
-    ctx.args = (seed, alpha.shape[0], scale, dist, backend)
+    alpha, seed, D, scale, dist, base = inputs
+    ctx.args = (seed, alpha.shape[0], scale, dist)
     ctx.alpha_dtype = alpha.dtype
     ctx.base_dtype = None if base is None else base.dtype
 
 
 def _backward_expand(ctx, grad):
-    seed, d, scale, dist, backend = ctx.args
+    seed, d, scale, dist = ctx.args
     grad_alpha = grad_base = None
     if ctx.needs_input_grad[0]:
-        grad_alpha = torch.ops.lowrank_kernels.random_subspace_project(
-            grad, seed, d, scale, dist, backend).to(ctx.alpha_dtype)
+        grad_alpha = _PROJECT(grad, seed, d, scale, dist).to(ctx.alpha_dtype)
     if ctx.base_dtype is not None and ctx.needs_input_grad[5]:
         grad_base = grad.to(ctx.base_dtype)
-    return grad_alpha, None, None, None, None, grad_base, None
+    return grad_alpha, None, None, None, None, grad_base
 
 
 def _setup_project(ctx, inputs, output):
-    g, seed, d, scale, dist, backend = inputs
-    ctx.args = (seed, g.shape[0], scale, dist, backend)
+    g, seed, d, scale, dist = inputs
+    ctx.args = (seed, g.shape[0], scale, dist)
     ctx.g_dtype = g.dtype
 
 
 def _backward_project(ctx, grad):
-    seed, D, scale, dist, backend = ctx.args
-    grad_g = torch.ops.lowrank_kernels.random_subspace_expand(grad, seed, D, scale, dist, None,
-                                                              backend)
-    return grad_g.to(ctx.g_dtype), None, None, None, None, None
+    seed, D, scale, dist = ctx.args
+    grad_g = _EXPAND(grad, seed, D, scale, dist, None)
+    return grad_g.to(ctx.g_dtype), None, None, None, None
 
 
 torch.library.register_autograd("lowrank_kernels::random_subspace_expand", _backward_expand,
@@ -158,14 +156,15 @@ def random_subspace_expand(alpha: torch.Tensor, seed: int, D: int, scale: float,
     """w = base + s·Ω α with Ω (D×d) the counter-based sketch matrix Ω_ij = f(seed, i, j)
     (see sketch_omega; dist 'gaussian' or 'rademacher'), generated in the kernel, never
     stored. α: d coordinates; base: D vector or None. Returns D in base's dtype (float32
-    without base; float64 for float64). backend: 'auto', 'reference' or 'triton'."""
-    return torch.ops.lowrank_kernels.random_subspace_expand(alpha, seed, D, scale, dist, base,
-                                                            backend)
+    without base; float64 for float64). backend: None (the device's kernel), or force
+    'reference' / 'triton' (see use_backend)."""
+    return call(_EXPAND, backend, alpha, seed, D, scale, dist, base)
 
 
 def random_subspace_project(g: torch.Tensor, seed: int, d: int, scale: float,
                             dist: str = "gaussian", backend: str | None = None) -> torch.Tensor:
     """c = s·Ωᵀ g with Ω (D×d) as in random_subspace_expand. g: D vector. Returns d, float32
-    (float64 for float64). backend: 'auto', 'reference' or 'triton'."""
-    return torch.ops.lowrank_kernels.random_subspace_project(g, seed, d, scale, dist, backend)
+    (float64 for float64). backend: None (the device's kernel), or force 'reference' /
+    'triton' (see use_backend)."""
+    return call(_PROJECT, backend, g, seed, d, scale, dist)
 

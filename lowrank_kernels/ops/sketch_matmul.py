@@ -13,7 +13,7 @@ float64 M, reference backend).
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import Backend, OpSpec, call, register
 from ..reference.sketch_matmul import sketch_matmul as reference_sketch_matmul
 from .sketch_omega import check_dist, check_seed
 
@@ -42,9 +42,15 @@ def _reference(M, k, seed, dist, transpose, row_offset):
     return reference_sketch_matmul(M, k, seed, dist == "rademacher", transpose, row_offset)
 
 
-def _native(M, k, seed, dist, transpose, row_offset):
+def _cpu(M, k, seed, dist, transpose, row_offset):
+    """The reference's row blocks with Ω from the sketch_omega op (the C++ Philox on CPU)."""
     return reference_sketch_matmul(M, k, seed, dist == "rademacher", transpose, row_offset,
-                                   omega=torch.ops.lowrank_native.sketch_omega)
+                                   omega=_omega)
+
+
+def _omega(rows, k, seed, rademacher, col_offset):
+    return torch.ops.lowrank_kernels.sketch_omega.default(
+        rows, k, seed, "rademacher" if rademacher else "gaussian", col_offset)
 
 
 def _triton(M, k, seed, dist, transpose, row_offset):
@@ -58,19 +64,19 @@ _LOW = (torch.float32, torch.float16, torch.bfloat16)
 SPEC = register(OpSpec(
     name=OP,
     schema=("(Tensor M, int k, int seed=0, str dist='gaussian', bool transpose=False, "
-            "int row_offset=0, str? backend=None) -> Tensor"),
+            "int row_offset=0) -> Tensor"),
     check=check,
     fake=fake,
     backends={
         "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
         # The interpreter computes bf16 wrongly (see DESIGN §4): bf16 Triton is GPU-only.
         "triton": Backend(_triton, {"cpu": (torch.float32, torch.float16), "cuda": _LOW}),
-        "native": Backend(_native, {"cpu": _LOW}),
+        "cpu": Backend(_cpu, {"cpu": _LOW}),
     },
-    auto={"cpu": ("native", "reference"), "cuda": ("triton", "reference")},
+    auto={"cpu": ("cpu",), "cuda": ("triton",)},
     finite_inputs=("M",),
-    doc="Y = M Ω or Ωᵀ M, Ω generated from (seed, row, column)",
 ))
+_OP = torch.ops.lowrank_kernels.sketch_matmul.default
 
 
 def sketch_matmul(M: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussian",
@@ -80,6 +86,6 @@ def sketch_matmul(M: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussian"
     the counter-based sketch matrix (see sketch_omega; 'gaussian' N(0,1) or 'rademacher' ±1
     entries, unscaled: E[Ω Ωᵀ] = k·I). Ω is generated, never stored (Triton: in registers;
     native/reference: in row blocks of ≤ 2²⁰ entries). M: 2-D, any strides.
+    backend: None (the device's kernel), or force 'reference' / 'cpu' / 'triton'.
     Returns float32 (float64 for float64 M)."""
-    return torch.ops.lowrank_kernels.sketch_matmul(M, k, seed, dist, transpose, row_offset,
-                                                   backend)
+    return call(_OP, backend, M, k, seed, dist, transpose, row_offset)

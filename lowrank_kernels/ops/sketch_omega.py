@@ -4,23 +4,16 @@ Rademacher signs; see lowrank_kernels/reference/sketch_omega.py). The fused sket
 never store Ω; this op materializes rows of it for tests, debugging and operator inputs."""
 import torch
 
-from .. import _capabilities as caps
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import Backend, OpSpec, call, register
 from ..reference.sketch_omega import sketch_omega as reference_sketch_omega
+from ._common import DISTS, check_dist, check_seed  # noqa: F401  (DISTS: for the sketch API)
 
 OP = "sketch_omega"
-DISTS = ("gaussian", "rademacher")
 
 
-def check_dist(op, dist):
-    if dist not in DISTS:
-        raise ValueError(f"{op}: dist must be 'gaussian' or 'rademacher', got {dist!r}")
 
 
-def check_seed(op, seed):
-    if not 0 <= seed < 2 ** 63:
-        raise ValueError(f"{op}: seed must be in [0, 2**63), got {seed}")
 
 
 def check(rows, k, seed, dist, col_offset):
@@ -38,9 +31,9 @@ def check(rows, k, seed, dist, col_offset):
 
 
 def _check_rows_nonnegative(rows):
-    # A value check (one sync): run by the backends, not by check(), which fake tensors see.
-    if rows.numel() and int(rows.min()) < 0:
-        raise ValueError(f"{OP}: rows must be >= 0")
+    # A value check, asserted on the device (no host sync); fake tensors never reach it.
+    if rows.numel():
+        torch._assert_async((rows >= 0).all(), f"{OP}: rows must be >= 0")
 
 
 def fake(rows, k, seed, dist, col_offset):
@@ -59,32 +52,21 @@ def _triton(rows, k, seed, dist, col_offset):
     return triton_sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
 
 
-def _native(rows, k, seed, dist, col_offset):
-    _check_rows_nonnegative(rows)
-    return torch.ops.lowrank_native.sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
-
-
-if caps.native_built():
-    @torch.library.register_fake("lowrank_native::sketch_omega")
-    def _native_fake(rows, k, seed, rademacher, col_offset):
-        return rows.new_empty((rows.shape[0], k), dtype=torch.float32)
-
-
 _OMEGA = (torch.float32,)  # the dtype of Ω (rows are int64)
 SPEC = register(OpSpec(
     name=OP,
-    schema=("(Tensor rows, int k, int seed=0, str dist='gaussian', int col_offset=0, "
-            "str? backend=None) -> Tensor"),
+    schema=("(Tensor rows, int k, int seed=0, str dist='gaussian', int col_offset=0"
+            ") -> Tensor"),
     check=check,
     fake=fake,
     backends={
         "reference": Backend(_reference, {"cpu": _OMEGA, "cuda": _OMEGA}),
         "triton": Backend(_triton, {"cpu": _OMEGA, "cuda": _OMEGA}),
-        "native": Backend(_native, {"cpu": _OMEGA}),
+        "native": Backend(None, {"cpu": _OMEGA}),  # the C++ kernel: the op itself
     },
-    auto={"cpu": ("native", "reference"), "cuda": ("triton", "reference")},
-    doc="Ω[rows, 0:k], Ω_ij = f(seed, i, j)",
+    auto={"cpu": ("native",), "cuda": ("triton",)},
 ))
+_OP = torch.ops.lowrank_kernels.sketch_omega.default
 
 
 def sketch_omega(rows: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussian",
@@ -99,5 +81,7 @@ def sketch_omega(rows: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussia
 
     The same Ω on every device and backend (bit for bit up to a rare 1-ulp double rounding).
     rows: 1-D int64 indices ≥ 0; 0 ≤ seed < 2⁶³; col_offset a multiple of 4 (one Philox call
-    covers columns 4g .. 4g+3)."""
-    return torch.ops.lowrank_kernels.sketch_omega(rows, k, seed, dist, col_offset, backend)
+    covers columns 4g .. 4g+3). backend: None (the device's kernel), or force 'reference' /
+    'triton' / 'native' (see use_backend)."""
+    check_seed(OP, seed)
+    return call(_OP, backend, rows, k, seed, dist, col_offset)

@@ -13,7 +13,7 @@ P is a constant basis (no gradient).
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import Backend, OpSpec, call, register
 from ..reference.subspace_project import subspace_expand as reference_expand
 from ..reference.subspace_project import subspace_project as reference_project
 
@@ -98,49 +98,49 @@ def _any_cpu_bf16(*tensors):
 
 SPEC_PROJECT = register(OpSpec(
     name="subspace_project",
-    schema="(Tensor P, Tensor g, str? backend=None) -> Tensor",
+    schema="(Tensor P, Tensor g) -> Tensor",
     check=check_project,
     fake=fake_project,
     backends={
         "reference": Backend(reference_project, {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_project, _TRITON, supports=_any_cpu_bf16),
     },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    auto={"cpu": (), "cuda": ("triton",)},
     finite_inputs=("P", "g"),
-    doc="c = Pᵀ g",
 ))
+_PROJECT = torch.ops.lowrank_kernels.subspace_project.default
 
 SPEC_EXPAND = register(OpSpec(
     name="subspace_expand",
-    schema="(Tensor P, Tensor alpha, Tensor? base=None, str? backend=None) -> Tensor",
+    schema="(Tensor P, Tensor alpha, Tensor? base=None) -> Tensor",
     check=check_expand,
     fake=fake_expand,
     backends={
         "reference": Backend(reference_expand, {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_expand, _TRITON, supports=_any_cpu_bf16),
     },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    auto={"cpu": (), "cuda": ("triton",)},
     finite_inputs=("P", "alpha", "base"),
-    doc="w = base + P α",
 ))
+_EXPAND = torch.ops.lowrank_kernels.subspace_expand.default
 
 
 def _setup_project(ctx, inputs, output):
-    P, g, backend = inputs
+    P, g = inputs
     ctx.save_for_backward(P)
-    ctx.g_dtype, ctx.backend = g.dtype, backend
+    ctx.g_dtype = g.dtype
 
 
 def _backward_project(ctx, grad):
     P, = ctx.saved_tensors
-    grad_g = torch.ops.lowrank_kernels.subspace_expand(P, grad.to(P.dtype), None, ctx.backend)
-    return None, grad_g.to(ctx.g_dtype), None
+    grad_g = _EXPAND(P, grad.to(P.dtype), None)
+    return None, grad_g.to(ctx.g_dtype)
 
 
 def _setup_expand(ctx, inputs, output):
-    P, alpha, base, backend = inputs
+    P, alpha, base = inputs
     ctx.save_for_backward(P)
-    ctx.alpha_dtype, ctx.backend = alpha.dtype, backend
+    ctx.alpha_dtype = alpha.dtype
     ctx.base_dtype = None if base is None else base.dtype
 
 
@@ -148,12 +148,12 @@ def _backward_expand(ctx, grad):
     P, = ctx.saved_tensors
     grad_alpha = None
     if ctx.needs_input_grad[1]:
-        grad_alpha = torch.ops.lowrank_kernels.subspace_project(P, grad, ctx.backend)
+        grad_alpha = _PROJECT(P, grad)
         grad_alpha = grad_alpha.to(ctx.alpha_dtype)
     grad_base = None
     if ctx.base_dtype is not None and ctx.needs_input_grad[2]:
         grad_base = grad.to(ctx.base_dtype)
-    return None, grad_alpha, grad_base, None
+    return None, grad_alpha, grad_base
 
 
 torch.library.register_autograd("lowrank_kernels::subspace_project", _backward_project,
@@ -164,13 +164,13 @@ torch.library.register_autograd("lowrank_kernels::subspace_expand", _backward_ex
 
 def subspace_project(P: torch.Tensor, g: torch.Tensor, backend: str | None = None):
     """c = Pᵀ g. P: D×k basis, g: D vector. Returns k, float32 (float64 for float64 inputs).
-    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'."""
-    return torch.ops.lowrank_kernels.subspace_project(P, g, backend)
+    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend)."""
+    return call(_PROJECT, backend, P, g)
 
 
 def subspace_expand(P: torch.Tensor, alpha: torch.Tensor, base: torch.Tensor | None = None,
                     backend: str | None = None):
     """w = base + P α. P: D×k basis, α: k coordinates, base: D vector or None. Returns D in
     base's dtype (P's without base), accumulated in float32 (float64 for float64 inputs).
-    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'."""
-    return torch.ops.lowrank_kernels.subspace_expand(P, alpha, base, backend)
+    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend)."""
+    return call(_EXPAND, backend, P, alpha, base)

@@ -6,11 +6,10 @@ rows, as a weight ([m,] C_out, C_in/groups, kh, kw) and, with bias, the bias par
 """
 import torch
 
-from .._registry import OpSpec, register
+from .._registry import OpSpec, call, register
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
-from ._conv2d import check_conv2d, pair
-from .gram_linear import reference_and_triton
-from .weighted_sum_linear import as_outputs, check_coefficients, fake_outputs
+from ._common import (as_outputs, check_coefficients, check_conv2d, fake_outputs,
+                      layer_backends, pair)
 
 OP = "weighted_sum_conv2d"
 
@@ -41,14 +40,14 @@ def _triton(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor X, Tensor E, Tensor c, int[2] kernel_size, int[2] stride=1, "
-           "int[2] padding=0, int[2] dilation=1, int groups=1, bool bias=False, "
-           "str? backend=None) -> (Tensor, Tensor)",
+           "int[2] padding=0, int[2] dilation=1, int groups=1, bool bias=False"
+           ") -> (Tensor, Tensor)",
     check=check,
     fake=fake,
-    **reference_and_triton(_reference, _triton),
+    **layer_backends(_reference, _triton),
     finite_inputs=("X", "E", "c"),
-    doc="U c = (c ⊙ E)ᵀ im2col(X) per group",
 ))
+_OP = torch.ops.lowrank_kernels.weighted_sum_conv2d.default
 
 
 def weighted_sum_conv2d(X: torch.Tensor, E: torch.Tensor, c: torch.Tensor, kernel_size,
@@ -59,11 +58,10 @@ def weighted_sum_conv2d(X: torch.Tensor, E: torch.Tensor, c: torch.Tensor, kerne
 
     X: (B, C_in, H, W) layer input, E: (B, C_out, H_out, W_out) output gradient;
     c: (B,) -> ((C_out, C_in/groups, kh, kw), (C_out,)); c: (B, m) -> ((m, …), (m, C_out)).
-    backend: 'auto' (default, or $LOWRANK_BACKEND), 'reference' or 'triton'.
+    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns (grad_weight, grad_bias or None), float32 (float64 for float64 inputs)."""
     kernel_size = pair(OP, "kernel_size", kernel_size, 1)
     stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
     dilation = pair(OP, "dilation", dilation, 1)
-    W, b = torch.ops.lowrank_kernels.weighted_sum_conv2d(X, E, c, kernel_size, stride, padding,
-                                                         dilation, groups, bias, backend)
+    W, b = call(_OP, backend, X, E, c, kernel_size, stride, padding, dilation, groups, bias)
     return W, (b if bias else None)

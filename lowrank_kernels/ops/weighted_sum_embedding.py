@@ -9,11 +9,11 @@ Output float32 (float64 for float64 E on the reference backend).
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import OpSpec, call, register
 from ..reference.weighted_sum_embedding import (
     weighted_sum_embedding as reference_weighted_sum_embedding)
-from .gram_embedding import (ALL_FLOAT, AUTO, TRITON_DTYPES, check_idx_E, check_index_range,
-                             check_num_embeddings, normalized_padding)
+from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
+                      normalized_padding)
 
 OP = "weighted_sum_embedding"
 
@@ -50,19 +50,14 @@ def _triton(*args):
 
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor idx, Tensor E, Tensor c, int num_embeddings, int? padding_idx=None, "
-           "*, str? backend=None) -> Tensor",
+    schema="(Tensor idx, Tensor E, Tensor c, int num_embeddings, int? padding_idx=None) "
+           "-> Tensor",
     check=check,
     fake=fake,
-    backends={
-        "reference": Backend(_prepared(reference_weighted_sum_embedding),
-                             {"cpu": ALL_FLOAT, "cuda": ALL_FLOAT}),
-        "triton": Backend(_prepared(_triton), TRITON_DTYPES),
-    },
-    auto=AUTO,
+    **layer_backends(_prepared(reference_weighted_sum_embedding), _prepared(_triton)),
     finite_inputs=("E", "c"),
-    doc="(U c)[r] = Σ_{idx_it = r} c_i e_it",
 ))
+_OP = torch.ops.lowrank_kernels.weighted_sum_embedding.default
 
 
 def weighted_sum_embedding(idx: torch.Tensor, E: torch.Tensor, c: torch.Tensor,
@@ -72,7 +67,7 @@ def weighted_sum_embedding(idx: torch.Tensor, E: torch.Tensor, c: torch.Tensor,
     (U c)[r] = Σ_{i,t: idx_it = r ≠ padding_idx} c_i e_it.
 
     idx: (B, T) int64, E: (B, T, d), c: (B,) -> (num_embeddings, d) or (B, m) ->
-    (m, num_embeddings, d). backend: 'auto', 'reference' or 'triton'.
-    Returns float32 (float64 for float64 E on the reference backend)."""
-    return torch.ops.lowrank_kernels.weighted_sum_embedding(
-        idx, E, c, num_embeddings, padding_idx, backend=backend)
+    (m, num_embeddings, d). backend: None (the device's kernel), or force 'reference' /
+    'triton' (see use_backend). Returns float32 (float64 for float64 E on the reference
+    backend)."""
+    return call(_OP, backend, idx, E, c, num_embeddings, padding_idx)

@@ -7,20 +7,18 @@ per batch member (a layer's Gram K = UᵀU, a damping λ, several right-hand sid
 lower triangle of K (K[i, k], k ≤ i) is read. Returns X, a LAPACK-like int32 `info` per member
 and the damping actually used.
 """
-import math
 from typing import NamedTuple
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-from .. import _capabilities as caps
 from .. import _checks
-from .._registry import Backend, OpSpec, register
+from .._registry import Backend, OpSpec, call, register
 from ..reference import woodbury_solve as ref
 
 OP = "woodbury_solve"
 INFO_NONFINITE = ref.INFO_NONFINITE
 INFO_OVERFLOW = ref.INFO_OVERFLOW
+INFO_BAD_DAMPING = ref.INFO_BAD_DAMPING
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -28,27 +26,6 @@ class WoodburySolveResult(NamedTuple):
     X: torch.Tensor
     info: torch.Tensor
     damping_used: torch.Tensor
-
-
-_FEW = 64  # a CPU damping of at most this many values is checked in Python (no kernels)
-
-
-def _check_damping_values(damping):
-    """0 ≤ λ < ∞ (NaN fails): free for a small CPU tensor, one device sync for a GPU tensor,
-    nothing for a meta or fake tensor (no values)."""
-    # A plain CPU tensor has values: decided first, without is_fake (which costs microseconds).
-    # The registered kernels get plain tensors (fake and functorch wrappers are unwrapped by
-    # the dispatcher before them), the fake kernel FakeTensors, whose type is a subclass.
-    if type(damping) is torch.Tensor and damping.is_cpu and damping.numel() <= _FEW:
-        values = (float(damping),) if damping.dim() == 0 else damping.tolist()
-        bad = not all(0.0 <= value < math.inf for value in values)
-    elif damping.is_meta or is_fake(damping) or damping.numel() == 0:
-        return
-    else:  # one reduction, one host sync
-        bad = not bool(torch.logical_and(damping >= 0, damping < math.inf).all())
-    if bad:
-        raise ValueError(f"{OP}: damping must be finite and >= 0, got "
-                         f"{damping.detach().cpu().flatten()[:8].tolist()}")
 
 
 _R_SHAPES_BATCHED = "b x n x r or b x n: the right-hand sides"
@@ -78,7 +55,6 @@ def check(K, damping, R, jitter, max_tries):
     if damping.dim() == 1 and damping.shape[0] != (K.shape[0] if batched else 1):
         raise ValueError(f"{OP}: damping must have one value per batch member "
                          f"({K.shape[0] if batched else 1}), got shape {tuple(damping.shape)}")
-    _check_damping_values(damping)
     if jitter is not None and not (0.0 <= jitter < float("inf")):
         raise ValueError(f"{OP}: jitter must be finite and >= 0, got {jitter}")
     if not 0 <= max_tries <= 64:
@@ -95,32 +71,20 @@ def _reference(K, damping, R, jitter, max_tries):
     return ref.woodbury_solve(K, damping, R, jitter, max_tries)
 
 
-def _native(K, damping, R, jitter, max_tries):
-    Kb, lam, Rb, unbatch = ref.batched(K, damping, R)
-    jitter = ref.default_jitter(K.dtype) if jitter is None else float(jitter)
-    return unbatch(*torch.ops.lowrank_native.woodbury_solve(Kb, lam, Rb, jitter, max_tries))
-
-
-if caps.native_built():
-    @torch.library.register_fake("lowrank_native::woodbury_solve")
-    def _native_fake(K, damping, R, jitter, max_tries):
-        return (R.new_empty(R.shape), K.new_empty((K.shape[0],), dtype=torch.int32),
-                K.new_empty((K.shape[0],)))
-
-
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor K, Tensor damping, Tensor R, float? jitter=None, int max_tries=4, "
-           "str? backend=None) -> (Tensor, Tensor, Tensor)",
+    schema="(Tensor K, Tensor damping, Tensor R, float? jitter=None, int max_tries=4"
+           ") -> (Tensor, Tensor, Tensor)",
     check=check,
     fake=fake,
     backends={
         "reference": Backend(_reference, {"cpu": _DTYPES, "cuda": _DTYPES}),
-        "native": Backend(_native, {"cpu": _DTYPES, "cuda": _DTYPES}),
+        "native": Backend(None,  # the C++/CUDA kernel: the op itself
+                          {"cpu": _DTYPES, "cuda": _DTYPES}),
     },
-    auto={"cpu": ("native", "reference"), "cuda": ("native", "reference")},
-    doc="X = (K + λ'I)⁻¹ R",
+    auto={"cpu": ("native",), "cuda": ("native",)},
 ))
+_OP = torch.ops.lowrank_kernels.woodbury_solve.default
 
 
 def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float | None = None,
@@ -130,8 +94,9 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float |
     K: (b, n, n) or (n, n), float32 or float64, symmetric; only K[..., i, k] with k ≤ i is read
        (the upper triangle may hold anything, NaN included).
     damping: λ ≥ 0, a float, a 0-d tensor or a (b,) tensor (one per member) on K's device (a 0-d
-       CPU tensor goes with any device). Checking a CUDA damping tensor for λ < 0 and NaN/Inf costs
-       one device sync; a float costs none.
+       CPU tensor goes with any device). A float is checked here; a tensor's values are checked
+       on the device, without a host sync: a member whose λ is negative, NaN or Inf gets
+       info = -3 (INFO_BAD_DAMPING) and X = 0.
     R: (b, n, r) or (b, n) for a batched K, (n, r) or (n,) otherwise; same dtype and device as K.
     jitter, max_tries: the jitter ladder for members whose K + λI is not numerically positive
        definite: λ_p = λ + (jitter·s)·10^p for p = 0, …, max_tries − 1, s = mean_i |K_ii| (1 when
@@ -139,7 +104,7 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float |
        are retried (with the native backend every member is independent arithmetic, bit-for-bit
        what it would be alone). jitter defaults to 1e-6 (float32) / 1e-12 (float64), max_tries
        to 4; jitter=0 or max_tries=0 turns it off.
-    backend: 'auto' (native), 'reference' (torch.linalg.cholesky_ex + torch.cholesky_solve) or
+    backend: None (native), or force 'reference' (torch.linalg.cholesky_ex + torch.cholesky_solve) or
        'native': on GPU one fused kernel per call, a thread block per member (damping, blocked
        Cholesky, both triangular solves and the ladder; the factor in shared memory up to
        n = 320 in float32 / 224 in float64 on sm_90, beyond that in a b·n²/2-element workspace);
@@ -152,17 +117,20 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float |
         k   (1 ≤ k ≤ n) not solved: the leading minor of order k of K + damping_used·I is not
             positive definite (damping_used is the last rung tried);
         -1  (INFO_NONFINITE) the lower triangle of K or R has NaN/Inf; damping_used = λ;
-        -2  (INFO_OVERFLOW) factored, but the solution overflowed the dtype.
+        -2  (INFO_OVERFLOW) factored, but the solution overflowed the dtype;
+        -3  (INFO_BAD_DAMPING) the damping is negative, NaN or Inf.
       damping_used: K's dtype, info's shape: the λ' that X solves with.
     Cost per member: n³/3 + 2n²r flops. Bad arguments raise errors naming the argument.
     """
     if not isinstance(damping, torch.Tensor):
-        if not isinstance(damping, (int, float)):
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)):
             raise TypeError(f"{OP}: damping must be a float or a tensor, got "
                             f"{type(damping).__name__}")
-        # A CPU scalar (on the CPU whatever torch.set_default_device says): checked without a
-        # device sync, filled on K's device by the backend. torch.scalar_tensor: the same 0-d
-        # tensor as torch.tensor, without its parsing of nested data (microseconds).
+        if not 0.0 <= damping < float("inf"):
+            raise ValueError(f"{OP}: damping must be finite and >= 0, got {damping}")
+        if isinstance(K, torch.Tensor) and K.dtype == torch.float32 and damping > 3.4e38:
+            raise ValueError(f"{OP}: damping {damping} overflows K's dtype float32")
+        # A CPU scalar (on the CPU whatever torch.set_default_device says): filled on K's
+        # device by the kernel, no host-device copy.
         damping = torch.scalar_tensor(float(damping), dtype=torch.float64, device="cpu")
-    return WoodburySolveResult(
-        *torch.ops.lowrank_kernels.woodbury_solve(K, damping, R, jitter, max_tries, backend))
+    return WoodburySolveResult(*call(_OP, backend, K, damping, R, jitter, max_tries))

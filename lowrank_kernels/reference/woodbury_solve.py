@@ -7,6 +7,7 @@ import torch
 
 INFO_NONFINITE = -1  # NaN/Inf in the read (lower) triangle of K or in R
 INFO_OVERFLOW = -2   # factored, but the solution overflowed (Inf/NaN): X zeroed
+INFO_BAD_DAMPING = -3  # the damping is negative, NaN or Inf
 DEFAULT_JITTER = {torch.float32: 1e-6, torch.float64: 1e-12}
 DEFAULT_MAX_TRIES = 4
 
@@ -66,13 +67,16 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, jitter: float | No
     jitter = default_jitter(dtype) if jitter is None else float(jitter)
     lower = torch.ones(n, n, dtype=torch.bool, device=Kb.device).tril()
     Kl = torch.where(lower, Kb, torch.zeros((), dtype=dtype, device=Kb.device))
+    bad_damping = ~((lam >= 0) & torch.isfinite(lam))
     nonfinite = ~torch.isfinite(Kl).all(-1).all(-1) | ~torch.isfinite(Rb).flatten(1).all(-1)
+    nonfinite = nonfinite & ~bad_damping
+    given, lam = lam, torch.where(bad_damping, torch.zeros((), dtype=dtype, device=lam.device), lam)
     Kl = torch.where(nonfinite[:, None, None], torch.zeros((), dtype=dtype, device=Kb.device), Kl)
     eye = torch.eye(n, dtype=dtype, device=Kb.device)
     L, info = torch.linalg.cholesky_ex(Kl + lam[:, None, None] * eye)
     info = info.to(torch.int32)
     used = lam.clone()
-    failed = (info > 0) & ~nonfinite
+    failed = (info > 0) & ~nonfinite & ~bad_damping
     if jitter > 0 and max_tries > 0 and bool(failed.any()):
         scale = Kb.diagonal(dim1=-2, dim2=-1).double().abs().sum(-1) / max(n, 1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -85,6 +89,8 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, jitter: float | No
             L[idx], info[idx], used[idx] = L_p, info_p.to(torch.int32), lam_p
             failed[idx] = info_p > 0
     info = torch.where(nonfinite, torch.full_like(info, INFO_NONFINITE), info)
+    info = torch.where(bad_damping, torch.full_like(info, INFO_BAD_DAMPING), info)
+    used = torch.where(bad_damping, given, used)
     ok = info == 0
     L = torch.where(ok[:, None, None], L, eye)  # failed factors are never used
     X = torch.cholesky_solve(Rb, L)

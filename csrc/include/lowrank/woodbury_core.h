@@ -47,6 +47,7 @@ constexpr int kWbMicroPerTile = (kWbTile / kWbMicro) * (kWbTile / kWbMicro);
 // definite at the last damping tried).
 constexpr int kInfoNonFinite = -1;  // NaN/Inf in the read triangle of K or in R
 constexpr int kInfoOverflow = -2;   // factor fine but the solution overflowed to Inf/NaN
+constexpr int kInfoBadDamping = -3; // the damping is negative, NaN or Inf
 
 LK_HD index_t wb_tiles(index_t n) { return (n + kWbTile - 1) / kWbTile; }
 LK_HD index_t wb_tile_count(index_t nt) { return nt * (nt + 1) / 2; }
@@ -365,7 +366,8 @@ LK_HD void wb_solve(Exec& ex, const WbMember<T>& m, const T* tiles) {
 
 // The whole member: X = (K + λ'I)⁻¹ R with λ' = λ, or the first rung of the jitter ladder
 // λ + (jitter·s)·10^p (p = 0 .. max_tries−1, s = wb_diag_abs_mean) whose factorization
-// succeeds. Writes *info (0, k ∈ [1, n], kInfoNonFinite or kInfoOverflow) and *damping_used;
+// succeeds. Writes *info (0, k ∈ [1, n], kInfoNonFinite, kInfoOverflow or kInfoBadDamping)
+// and *damping_used;
 // X is zero whenever *info ≠ 0.
 template <typename T, typename Exec>
 LK_HD void woodbury_solve_member(Exec& ex, const WbMember<T>& m, const WbScratch<T>& s,
@@ -379,7 +381,12 @@ LK_HD void woodbury_solve_member(Exec& ex, const WbMember<T>& m, const WbScratch
   int status = 0;
   T used = m.damping;
   double scale = -1.0;
+  const bool bad_damping = !(m.damping >= T(0) && wb_finite(m.damping));
   for (int attempt = 0;; ++attempt) {
+    if (bad_damping) {
+      status = kInfoBadDamping;
+      break;
+    }
     const T lam = attempt == 0 ? m.damping
                                : m.damping + wb_jitter_shift<T>(m.jitter, attempt - 1, scale);
     const bool bad_k = wb_load(ex, m, s.tiles, lam);
