@@ -2,18 +2,33 @@
 tensor hooks on the outputs save their gradients, and the per-sample-gradient Gram, weighted
 sums and projections of the whole model or of each layer come from those, through the ops."""
 import contextlib
+import math
+import warnings
 
 import torch
 from torch import nn
 
+from . import _generic
+from ._direct import DirectUses
 from ._factors import Factors
 from ._fallback import FallbackHandler
-from ._kinds import sum_gram
+from ._kinds import DenseFactors, sum_gram
 from ._layers import HANDLERS as LAYER_HANDLERS
 from ._norms import HANDLERS as NORM_HANDLERS
 
 HANDLERS = {**LAYER_HANDLERS, **NORM_HANDLERS}
-SUPPORTED = ", ".join(f"nn.{t.__name__}" for t in HANDLERS)
+SUPPORTED = (", ".join(f"nn.{t.__name__}" for t in HANDLERS) + ", transformers Conv1D, "
+             "per-channel scale/shift modules (norm variants, layer scale), BatchNorm "
+             "subclasses, parameters used directly through broadcasting ops")
+
+
+def _disable_dynamo(fn):
+    """Hooks run eagerly under torch.compile (their bookkeeping is not traced: no guard on
+    the number of captured calls, so a compiled model compiles once per shape)."""
+    try:
+        return torch._dynamo.disable(fn, recursive=True)
+    except Exception:  # pragma: no cover - torch without dynamo
+        return fn
 
 
 def _handler_class(module):
@@ -32,10 +47,15 @@ class _Call:
     def __init__(self, handler, saved, n_outputs):
         self.handler, self.saved = handler, saved
         self.grads = [None] * n_outputs
+        self.repeated = False  # an output received a gradient twice: two backward passes
 
     def receiver(self, k):
         def receive(grad):
-            self.grads[k] = grad.detach() if self.grads[k] is None else self.grads[k] + grad
+            if self.grads[k] is None:
+                self.grads[k] = grad.detach()
+            else:
+                self.repeated = True
+                self.grads[k] = self.grads[k] + grad
         return receive
 
 
@@ -84,33 +104,42 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, *, loss_reduction="mean", fallback=False, keep=False,
-                 backend=None):
+                 backend=None, check=True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"capture: model must be an nn.Module, got {type(model).__name__}")
         if not (loss_reduction in ("mean", "sum") or (isinstance(loss_reduction, (int, float))
                                                       and loss_reduction > 0)):
             raise ValueError("capture: loss_reduction must be 'mean', 'sum' or a positive "
                              f"number (the loss's scale of Σ_i ℓ_i), got {loss_reduction!r}")
+        if not isinstance(check, bool):
+            raise TypeError(f"capture: check must be True or False, got {check!r}")
         self.model, self.loss_reduction, self.keep, self.backend = (
             model, loss_reduction, keep, backend)
+        self.fallback, self.check = fallback, check
         self._param_names = {}  # id -> (name, param), in model.named_parameters() order
         for name, p in model.named_parameters():
             if p.requires_grad:
                 self._param_names[id(p)] = (name, p)
         self._owner = {}  # id(param) -> name of the first module holding it
-        self._handlers = []
+        self._handlers = []  # (module, handler, kind): kind "native", "verify" or "fallback"
+        self._direct = []  # (module, name, {param name: param}) used directly in a forward
         for module_name, module in model.named_modules():
             params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not params:
                 continue
             for p in params.values():
                 self._owner.setdefault(id(p), module_name)
-            cls = _handler_class(module)
-            if cls is not None:
-                self._handlers.append((module, cls(module_name, module, params), False))
+            handler, kind = self._recognize(module_name, module, params)
+            if handler is not None:
+                self._handlers.append((module, handler, kind))
+            elif any(True for _ in module.parameters()) and any(
+                    any(True for _ in c.parameters()) for c in module.children()):
+                # a module with layers inside and parameters of its own (cls_token,
+                # pos_embed, layer scale): followed through its forward (see _direct)
+                self._direct.append((module, module_name or type(module).__name__, params))
             elif fallback:
-                handler = FallbackHandler(module_name, module, params, self)
-                self._handlers.append((module, handler, True))
+                self._handlers.append((module, self._fallback_handler(module_name, module,
+                                                                      params), "fallback"))
             else:
                 raise TypeError(
                     f"capture: module '{module_name}' ({type(module).__name__}) has trainable "
@@ -119,21 +148,54 @@ class Capture:
                     "(small modules), or freeze them (requires_grad=False)")
         self._hooks = []
         self._calls = []
-        self._seen = set()  # ids of parameters that received a gradient while capturing
+        self._seen = {}  # id(param) -> how many backward passes reached it while capturing
+        self._hook_grads = {}  # id(param) -> its gradient this batch (for the first check)
+        self._checked = not check
+        self._forward_batch = None  # B of the model input of the running forward
         self._active = False
         self._cache = None
         self._factors = None  # (the _contributions() dict it was built from, {param: Factors})
+
+    def _recognize(self, name, module, params):
+        """(handler, kind) for a module with trainable parameters of its own, or (None, None)."""
+        cls = _handler_class(module)
+        if cls is not None:
+            return cls(name, module, params), "native"
+        if _generic.is_conv1d(module, params):
+            return _generic.Conv1DHandler(name, module, params), "verify"
+        if _generic.is_batchnorm_subclass(module):
+            return _generic.BatchNormSubclassHandler(name, module, params), "verify"
+        roles = _generic.affine_roles(module, params)
+        if roles is not None:
+            return _generic.AffineHandler(name, module, params, roles), "verify"
+        return None, None
+
+    def _fallback_handler(self, name, module, params):
+        numel = sum(p.numel() for p in params.values())
+        warnings.warn(
+            f"capture: module '{name}' ({type(module).__name__}) has no native per-sample "
+            f"gradients; its {numel:,} parameter values ({', '.join(params)}) go through the "
+            f"torch.func fallback: one more forward and backward of the module per batch, "
+            f"vmapped over the B samples, and B × {numel:,} materialized values",
+            stacklevel=4)
+        return FallbackHandler(name, module, params, self)
 
     # ---- recording ---------------------------------------------------------------------
     def __enter__(self):
         if self._hooks:
             raise RuntimeError("capture: this Capture is already active")
         self.release()
-        for module, handler, is_fallback in self._handlers:
+        self._hooks.append(self.model.register_forward_pre_hook(
+            _disable_dynamo(self._batch_hook), with_kwargs=True))
+        for module, handler, kind in self._handlers:
             self._hooks.append(module.register_forward_hook(
-                self._forward_hook(handler, is_fallback), with_kwargs=True))
+                _disable_dynamo(self._forward_hook(module, handler, kind)), with_kwargs=True))
+        for module, name, params in self._direct:
+            pre, post = self._direct_hooks(name, params)
+            self._hooks.append(module.register_forward_pre_hook(pre))
+            self._hooks.append(module.register_forward_hook(post, always_call=True))
         for _, p in self._param_names.values():
-            self._hooks.append(p.register_hook(self._param_hook(id(p))))
+            self._hooks.append(p.register_hook(_disable_dynamo(self._param_hook(id(p)))))
         self._active = True
         return self
 
@@ -149,7 +211,8 @@ class Capture:
     def release(self):
         """Drop every captured tensor (the hooks stay while the `with` block runs)."""
         self._calls = []
-        self._seen = set()
+        self._seen = {}
+        self._hook_grads = {}
         self._cache = None
 
     @contextlib.contextmanager
@@ -161,30 +224,106 @@ class Capture:
         finally:
             self._active = active
 
-    def _forward_hook(self, handler, is_fallback):
+    def _batch_hook(self, module, args, kwargs):
+        """B of this forward: dim 0 of the model's first tensor input."""
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.dim() >= 1:
+                self._forward_batch = a.shape[0]
+                return
+        self._forward_batch = None
+
+    def _record(self, handler, saved, outputs):
+        """Hook the gradients of `outputs` (a list) for one call of `handler`."""
+        call = _Call(handler, saved, len(outputs))
+        for k, o in enumerate(outputs):
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                o.register_hook(call.receiver(k))
+        self._calls.append(call)
+        self._cache = None
+
+    def _direct_hooks(self, name, params):
+        modes = []
+
+        def pre(module, args):
+            if self._active and torch.is_grad_enabled():
+                mode = DirectUses(name, params, lambda: self._forward_batch,
+                                  lambda handler, q: self._record(handler, None, [q]))
+                mode.__enter__()
+                modes.append(mode)
+            else:
+                modes.append(None)
+
+        def post(module, args, output):
+            mode = modes.pop() if modes else None
+            if mode is not None:
+                mode.__exit__(None, None, None)
+
+        return pre, post
+
+    def _forward_hook(self, module, handler, kind):
+        state = {"kind": kind}
+
         def hook(module, args, kwargs, output):
             if not self._active or not torch.is_grad_enabled():
-                return
+                return None
+            if state["kind"] == "verify":
+                self._verify(module, handler, args, kwargs, output, state)
+            is_fallback = state["kind"] == "fallback"
+            active = state.get("handler", handler)
             outputs = output if isinstance(output, (tuple, list)) else (output,)
             if not is_fallback and (len(outputs) != 1 or not isinstance(output, torch.Tensor)):
-                raise TypeError(f"capture: module '{handler.name}' returned "
+                raise TypeError(f"capture: module '{active.name}' returned "
                                 f"{type(output).__name__}, expected a tensor")
-            hooked = [(k, o) for k, o in enumerate(outputs)
-                      if isinstance(o, torch.Tensor) and o.requires_grad]
-            if not hooked:
-                return
-            saved = handler.save(args, kwargs) if is_fallback else handler.save(args, output)
-            call = _Call(handler, saved, len(outputs))
-            for k, o in hooked:
-                o.register_hook(call.receiver(k))
-            self._calls.append(call)
-            self._cache = None
+            if not any(isinstance(o, torch.Tensor) and o.requires_grad for o in outputs):
+                return None
+            replaced = None
+            if not is_fallback:
+                args, output = self._broadcast(args, output)
+                if output is not outputs[0]:
+                    replaced = output
+                outputs = (output,)
+            if is_fallback:
+                saved = active.save(args, kwargs)
+            elif isinstance(active, _generic.AffineHandler):
+                with self.paused():
+                    saved = active.save(args, kwargs, output)
+            else:
+                saved = active.save(args, output)
+            self._record(active, saved, list(outputs))
+            return replaced
         return hook
+
+    def _verify(self, module, handler, args, kwargs, output, state):
+        """First call of a module recognized by what it computes: check it, once."""
+        try:
+            with self.paused(), torch.no_grad():
+                handler.verify(args, kwargs, output)
+            state["kind"] = "native"
+        except _generic.NotRecognized as error:
+            if not self.fallback:
+                raise TypeError(f"capture: {error}; pass fallback=True to get its per-sample "
+                                "gradients with torch.func, or freeze its parameters") from None
+            state["kind"] = "fallback"
+            state["handler"] = self._fallback_handler(handler.name, module, handler.params)
+
+    def _broadcast(self, args, output):
+        """A call with a batch of 1 in a forward of B > 1 samples (position ids (1, T)), whose
+        output broadcasts over the batch: its output is expanded to B rows (the same values)
+        so that each sample's share of the gradient arrives in its own row."""
+        B = self._forward_batch
+        if (B is None or B == 1 or not isinstance(output, torch.Tensor) or output.dim() == 0
+                or output.shape[0] != 1 or not args or not isinstance(args[0], torch.Tensor)
+                or args[0].dim() == 0 or args[0].shape[0] != 1):
+            return args, output
+        x = args[0].expand(B, *args[0].shape[1:])
+        return (x, *args[1:]), output.expand(B, *output.shape[1:])
 
     def _param_hook(self, key):
         def hook(grad):
             if self._active:
-                self._seen.add(key)
+                self._seen[key] = self._seen.get(key, 0) + 1
+                if not self._checked:
+                    self._hook_grads[key] = grad.detach()
         return hook
 
     # ---- the per-sample gradients, per parameter -----------------------------------------
@@ -205,15 +344,30 @@ class Capture:
             raise RuntimeError("capture: nothing captured — run the forward and backward of a "
                                "batch inside `with Capture(model) as cap:` (with keep=True to "
                                "use the capture after the block)")
+        twice = sorted(self._param_names[k][0] for k, n in self._seen.items()
+                       if n > 1 and k in self._param_names)
+        if twice or any(c.repeated for c in calls):
+            where = f" (parameter(s) {', '.join(twice[:3])}{', …' if len(twice) > 3 else ''})"
+            raise RuntimeError(
+                "capture: gradients from more than one backward pass reached this capture"
+                f"{where if twice else ''} — a double backward (retain_graph / create_graph) "
+                "or gradients accumulated over micro-batches: their per-sample gradients "
+                "would add up into a wrong Gram. One Capture holds one forward and one "
+                "backward of one batch: call release() (or the optimizer's step) in between")
         per_param = {}
         B = None
+        first = None
         for call in calls:
             b = next(g for g in call.grads if g is not None).shape[0]
             if B is None:
-                B = b
+                B, first = b, call.handler.name
             elif b != B:
-                raise ValueError(f"capture: module '{call.handler.name}' saw a batch of {b} "
-                                 f"samples, earlier calls saw {B}; capture one batch at a time")
+                raise ValueError(
+                    f"capture: module '{call.handler.name}' saw a batch of {b} samples, "
+                    f"'{first}' saw {B}: the batch is dim 0 of every captured input and "
+                    "output, and one Capture holds one batch (a module called on a batch of 1 "
+                    "that broadcasts over the batch is expanded only when the model's first "
+                    "tensor input has the batch in dim 0)")
             scale = self._scale(B)
             grads = [None if g is None else g / scale for g in call.grads]
             E = grads if isinstance(call.handler, FallbackHandler) else grads[0]
@@ -236,9 +390,43 @@ class Capture:
         if B is None:
             raise RuntimeError("capture: nothing captured — no captured layer output received "
                                "a gradient")
+        if not self._checked and self._hook_grads:
+            self._check_sums(per_param, B)
         self._batch_size = B
         self._cache = per_param
         return per_param
+
+    def _check_sums(self, per_param, B):
+        """The first batch's consistency check: s·U 1 = the gradient backward gave each
+        parameter. A parameter also used outside its module, or a layer whose output passes
+        through an operation that mixes samples in a way the capture cannot see, fails it."""
+        s = self._scale(B)
+        for key, grad in self._hook_grads.items():
+            if key not in per_param or key not in self._param_names:
+                continue
+            parts = per_param[key]
+            dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            ones = torch.ones(B, dtype=dtype, device=grad.device)
+            total = sum(c.weighted_sum(ones.to(_operand_dtype(c))).to(dtype) for c in parts)
+            ref = grad.to(dtype)
+            norm = float(torch.linalg.vector_norm(ref))
+            error = float(torch.linalg.vector_norm(s * total - ref))
+            low = any(_contribution_dtype(c) not in (torch.float32, torch.float64)
+                      for c in parts)
+            tol = {torch.float64: 1e-8}.get(dtype, 3e-2 if low else 1e-3)
+            if not math.isfinite(norm) or not math.isfinite(error):
+                continue  # the optimizers' finite checks handle a non-finite batch
+            if error > tol * max(norm, 1e-30) and norm > 0:
+                name = self._param_names[key][0]
+                raise RuntimeError(
+                    f"capture: the per-sample gradients of '{name}' do not add up to its "
+                    f"gradient (relative difference {error / norm:.2g}): it is used outside "
+                    "its module's forward too (e.g. a head written x @ emb.weight.T besides "
+                    "emb(idx)), or its layer's output goes through an operation that mixes "
+                    "samples. Use it only through its module; Capture(check=False) skips "
+                    "this first-batch check")
+        self._checked = True
+        self._hook_grads = {}
 
     @property
     def recording(self) -> bool:

@@ -54,7 +54,8 @@ def _dtype_of(part):
 
 def _shape_of(part):
     if isinstance(part, LinearFactors):
-        return (part.E.shape[-1], part.A.shape[-1])
+        shape = (part.E.shape[-1], part.A.shape[-1])
+        return shape[::-1] if part.transposed else shape
     if isinstance(part, Conv2dFactors):
         return (part.E.shape[1], part.X.shape[1] // part.geometry[4], *part.geometry[0])
     if isinstance(part, EmbeddingFactors):
@@ -105,6 +106,12 @@ class Factors:
         """The dtype of the results: float64 when any factor is float64, else float32."""
         return (torch.float64 if any(_dtype_of(p) == torch.float64 for p in self._parts)
                 else torch.float32)
+
+    @property
+    def transposed(self) -> bool:
+        """True for a weight stored (d_in × d_out) (transformers' Conv1D, y = x W + b): its
+        tokens() give g_iᵀ = Σ_t e_it a_itᵀ, the transpose of the weight's per-sample gradient."""
+        return any(isinstance(p, LinearFactors) and p.transposed for p in self._parts)
 
     @property
     def device(self) -> torch.device:
@@ -175,7 +182,8 @@ class Factors:
         g_i = reshape(Σ_t e_it a_itᵀ) — for the weight of nn.Linear calls (all calls' tokens:
         N = Σ_calls T) or of one nn.Conv2d call with groups = 1 (a = unfolded patches of the
         padded input); None for any other parameter (biases, norms, embeddings, grouped or
-        repeatedly called convolutions, tied weights). The tensors are the captured ones (or
+        repeatedly called convolutions, tied weights). For a transposed weight (`transposed`,
+        transformers' Conv1D) Σ_t e_it a_itᵀ is g_iᵀ. The tensors are the captured ones (or
         their unfold): read them, do not modify them in place."""
         if len(self._parts) != 1:
             return None
@@ -187,6 +195,33 @@ class Factors:
             patches = F.unfold(part.X, kernel_size, dilation, padding, stride)  # (B, C·k, L)
             return LayerTokens(patches.transpose(1, 2), part.E.flatten(2).transpose(1, 2))
         return None
+
+    def grouped_tokens(self):
+        """LayerTokens(inputs a (B, N, G, d_in/G), output_grads e (B, N, G, d_out/G)) for the
+        weight of one nn.Conv2d call with G groups (depthwise: G = C_in): group k's block of
+        g_i is Σ_t e_itk a_itkᵀ (a = the group's unfolded patches); tokens() with G = 1 for
+        everything tokens() covers; None otherwise."""
+        if len(self._parts) == 1 and isinstance(self._parts[0], Conv2dFactors):
+            part = self._parts[0]
+            kernel_size, stride, padding, dilation, groups = part.geometry
+            patches = F.unfold(part.X, kernel_size, dilation, padding, stride)  # (B, C·k, L)
+            B, L = patches.shape[0], patches.shape[2]
+            a = patches.reshape(B, groups, -1, L).permute(0, 3, 1, 2)
+            e = part.E.reshape(B, groups, -1, L).permute(0, 3, 1, 2)
+            return LayerTokens(a, e)
+        tokens = self.tokens()
+        if tokens is None:
+            return None
+        return LayerTokens(tokens.inputs[:, :, None], tokens.output_grads[:, :, None])
+
+    def embedding_tokens(self):
+        """(idx (B, N) int64, e (B, N, d), num_embeddings, padding_idx) for the weight of
+        nn.Embedding calls (g_i = Σ_t onehot(idx_it) e_itᵀ, rows at padding_idx excluded);
+        None for any other parameter (a weight tied to a linear layer included)."""
+        if len(self._parts) != 1 or not isinstance(self._parts[0], EmbeddingFactors):
+            return None
+        part = self._parts[0]
+        return part.idx, part.E, part.num_embeddings, part.padding_idx
 
     def sketch(self, size: int, seed: int, *, dist: str = "rademacher"):
         """The Factors of the Kronecker-sketched per-sample gradients
@@ -215,7 +250,7 @@ class Factors:
         out = []
         for c in self._parts:
             if isinstance(c, LinearFactors):
-                out.append({"kind": "linear", "A": c.A, "E": c.E})
+                out.append({"kind": "linear", "A": c.A, "E": c.E, "transposed": c.transposed})
             elif isinstance(c, Conv2dFactors):
                 kernel_size, stride, padding, dilation, groups = c.geometry
                 out.append({"kind": "conv2d", "X": c.X, "E": c.E,
@@ -239,7 +274,7 @@ class Factors:
         for d in state:
             kind = d.get("kind") if isinstance(d, dict) else None
             if kind == "linear":
-                parts.append(LinearFactors(d["A"], d["E"], backend))
+                parts.append(LinearFactors(d["A"], d["E"], backend, bool(d.get("transposed", False))))
             elif kind == "conv2d":
                 geometry = (tuple(d["kernel_size"]), tuple(d["stride"]), tuple(d["padding"]),
                             tuple(d["dilation"]), d["groups"])
@@ -261,7 +296,7 @@ def _sketch_part(part, size, seed, dist):
         A, E = part.A, part.E
         A2, E2 = kronecker_sketch(A.to(E.dtype), E, min(size, A.shape[-1]),
                                   min(size, E.shape[-1]), seed=seed, dist=dist)
-        return LinearFactors(A2.to(E.dtype), E2.to(E.dtype), part.backend)
+        return LinearFactors(A2.to(E.dtype), E2.to(E.dtype), part.backend, part.transposed)
     X, E = part.X, part.E
 
     def channels(Y, s):  # (B, C, H, W) -> (B, min(size, C), H, W): Y's channels times Sᵀ

@@ -6,7 +6,10 @@ trainable parameters get materialized per-sample gradients,
 with x_i the i-th sample of every positional tensor argument (dim 0; other arguments and
 keyword arguments are passed whole) and e_i the captured gradient of its output(s). Right for
 modules that treat samples independently; costs B copies of those parameters, so meant for
-small modules."""
+small modules. The module is re-run under the autocast state of its forward call (so a
+bf16 autocast forward is replayed as bf16 autocast, not with mixed dtypes)."""
+import contextlib
+
 import torch
 
 from ._kinds import DenseFactors
@@ -17,10 +20,13 @@ class FallbackHandler:
         self.name, self.module, self.params, self.capture = name, module, params, capture
 
     def save(self, args, kwargs):
-        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs
+        autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+                    if torch.is_autocast_enabled(d)]
+        return (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), kwargs,
+                autocast)
 
     def contributions(self, saved, grads, backend):
-        (args, kwargs), B = saved, grads_batch_size(grads)
+        (args, kwargs, autocast), B = saved, grads_batch_size(grads)
         grads = tuple(grads)
         in_dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B
                         else None for a in args)
@@ -36,7 +42,10 @@ class FallbackHandler:
 
         values = tuple(self.params[n].detach() for n in names)
         grad_in_dims = tuple(None if g is None else 0 for g in grads)
-        with self.capture.paused():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.capture.paused())
+            for device, dtype in autocast:
+                stack.enter_context(torch.autocast(device, dtype=dtype))
             per_sample = torch.func.vmap(torch.func.grad(sample_product),
                                          in_dims=(None, in_dims, grad_in_dims))(values, args, grads)
         dtype = torch.float64 if values[0].dtype == torch.float64 else torch.float32

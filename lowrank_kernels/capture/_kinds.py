@@ -24,23 +24,27 @@ def _common_dtype(*tensors):
 
 
 class LinearFactors:
-    """g_i = Σ_t e_it a_itᵀ (d_out × d_in): A (B, T, d_in) inputs, E (B, T, d_out) output grads."""
+    """g_i = Σ_t e_it a_itᵀ (d_out × d_in): A (B, T, d_in) inputs, E (B, T, d_out) output grads.
+    transposed=True: the weight is stored (d_in × d_out) (transformers' Conv1D, y = x W + b),
+    so g_i is the transpose; the Gram is the same."""
 
-    def __init__(self, A, E, backend):
+    def __init__(self, A, E, backend, transposed=False):
         dtype = _common_dtype(A, E)
         self.A, self.E, self.backend = A.to(dtype), E.to(dtype), backend
+        self.transposed = transposed
 
     @property
     def batch_size(self):
         return self.A.shape[0]
 
     def can_merge(self, other):
-        return isinstance(other, LinearFactors)
+        return isinstance(other, LinearFactors) and other.transposed == self.transposed
 
     def merge(self, other):
         """The calls' per-sample gradients add up: concatenate their tokens."""
         A = torch.cat([self.A, other.A.to(self.A.dtype)], dim=1)
-        return LinearFactors(A, torch.cat([self.E, other.E.to(self.E.dtype)], dim=1), self.backend)
+        return LinearFactors(A, torch.cat([self.E, other.E.to(self.E.dtype)], dim=1),
+                             self.backend, self.transposed)
 
     def _args(self):
         # T = 1 goes to the plain (B, d) form.
@@ -50,7 +54,8 @@ class LinearFactors:
 
     def can_cross(self, other):
         # gram_linear's cross-Gram takes two batches with the same token count
-        return isinstance(other, LinearFactors) and other.A.shape[1:] == self.A.shape[1:]
+        return (isinstance(other, LinearFactors) and other.A.shape[1:] == self.A.shape[1:]
+                and other.E.shape[-1] == self.E.shape[-1] and other.transposed == self.transposed)
 
     def gram(self, other=None, diagonal=False):
         A, E = self._args()
@@ -60,10 +65,13 @@ class LinearFactors:
 
     def weighted_sum(self, c):
         A, E = self._args()
-        return ops.weighted_sum_linear(A, E, c, False, backend=self.backend)[0]
+        out = ops.weighted_sum_linear(A, E, c, False, backend=self.backend)[0]
+        return out.transpose(-1, -2) if self.transposed else out
 
     def project(self, V):
         A, E = self._args()
+        if self.transposed:  # V (m, d_in, d_out)
+            V = V.transpose(-1, -2)
         return ops.project_linear(A, E, V, None, backend=self.backend)
 
 
@@ -228,9 +236,9 @@ def cross_gram(a, b, diagonal=False):
     kinds' own cross-Gram when they share a kind, the tied embedding/linear formula, else
     one side projected on the other's materialized per-sample gradients (the dense side
     when there is one)."""
-    if isinstance(a, EmbeddingFactors) and isinstance(b, LinearFactors):
+    if isinstance(a, EmbeddingFactors) and isinstance(b, LinearFactors) and not b.transposed:
         return embedding_linear_cross(a, b, diagonal)
-    if isinstance(a, LinearFactors) and isinstance(b, EmbeddingFactors):
+    if isinstance(a, LinearFactors) and isinstance(b, EmbeddingFactors) and not a.transposed:
         K = embedding_linear_cross(b, a, diagonal)
         return K if diagonal else K.T
     if a.can_cross(b):
