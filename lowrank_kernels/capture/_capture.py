@@ -401,6 +401,10 @@ class Capture:
         parameter. A parameter also used outside its module, or a layer whose output passes
         through an operation that mixes samples in a way the capture cannot see, fails it."""
         s = self._scale(B)
+        # a parameter whose gradient vanishes by symmetry (a key bias under softmax) is
+        # compared at the scale of the whole model's gradient
+        floor = 1e-4 * math.sqrt(sum(float(torch.linalg.vector_norm(g.double())) ** 2
+                                     for g in self._hook_grads.values()))
         for key, grad in self._hook_grads.items():
             if key not in per_param or key not in self._param_names:
                 continue
@@ -416,7 +420,7 @@ class Capture:
             tol = {torch.float64: 1e-8}.get(dtype, 3e-2 if low else 1e-3)
             if not math.isfinite(norm) or not math.isfinite(error):
                 continue  # the optimizers' finite checks handle a non-finite batch
-            if error > tol * max(norm, 1e-30) and norm > 0:
+            if error > tol * max(norm, floor, 1e-300):
                 name = self._param_names[key][0]
                 raise RuntimeError(
                     f"capture: the per-sample gradients of '{name}' do not add up to its "
