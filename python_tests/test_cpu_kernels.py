@@ -1,0 +1,330 @@
+"""lowrank_kernels.cpu: every CPU kernel against the float64 reference (lowrank_kernels.reference) with
+a priori bounds (Higham §3.1: γ_n times the same computation on |inputs|), at odd shapes
+(B = 1, primes), size-0 dims, non-contiguous inputs, fp32, fp16 (fp32 accumulation) and float64,
+and through each route of the kernels that choose one."""
+import pytest
+import torch
+from layer_bounds import exact_and_bound
+from numerics import U32, assert_within, gamma
+
+import lowrank_kernels.cpu.gram_embedding as cpu_gram_embedding
+import lowrank_kernels.cpu.gram_linear as cpu_gram_linear
+import lowrank_kernels.cpu.project_linear as cpu_project_linear
+import lowrank_kernels.cpu.random_subspace as cpu_random_subspace
+import lowrank_kernels.cpu.weighted_sum_linear as cpu_weighted_sum_linear
+from lowrank_kernels.cpu.fwht import fwht
+from lowrank_kernels.cpu.gram_conv2d import gram_conv2d
+from lowrank_kernels.cpu.project_conv2d import project_conv2d
+from lowrank_kernels.cpu.project_embedding import project_embedding
+from lowrank_kernels.cpu.subspace_project import subspace_expand, subspace_project
+from lowrank_kernels.cpu.weighted_sum_conv2d import weighted_sum_conv2d
+from lowrank_kernels.cpu.weighted_sum_embedding import weighted_sum_embedding
+from lowrank_kernels.reference import fwht as ref_fwht
+from lowrank_kernels.reference import gram_conv2d as ref_gram_conv2d
+from lowrank_kernels.reference import gram_embedding as ref_gram_embedding
+from lowrank_kernels.reference import gram_linear as ref_gram_linear
+from lowrank_kernels.reference import project_conv2d as ref_project_conv2d
+from lowrank_kernels.reference import project_embedding as ref_project_embedding
+from lowrank_kernels.reference import project_linear as ref_project_linear
+from lowrank_kernels.reference import subspace_project as ref_subspace
+from lowrank_kernels.reference import weighted_sum_conv2d as ref_weighted_sum_conv2d
+from lowrank_kernels.reference import weighted_sum_embedding as ref_weighted_sum_embedding
+from lowrank_kernels.reference import weighted_sum_linear as ref_weighted_sum_linear
+from lowrank_kernels.reference.sketch_omega import sketch_omega as ref_sketch_omega
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DTYPES = [torch.float32, torch.float16, torch.float64]
+DTYPE_IDS = ["fp32", "fp16", "fp64"]
+U64 = 2.0 ** -53
+
+
+def _rand(*shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _noncontiguous(X):
+    """X's values in a tensor whose last dim has stride 2."""
+    wide = torch.zeros(*X.shape[:-1], 2 * X.shape[-1], dtype=X.dtype)
+    wide[..., ::2] = X
+    return wide[..., ::2]
+
+
+def _check(out, expected, dtype, what):
+    """Each output in the accumulation dtype, of the exact shape, within its bound (float64:
+    the bound with the float64 unit roundoff)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    outs = out if isinstance(out, tuple) else (out,)
+    for i, (o, (exact, bound)) in enumerate(zip(outs, expected)):
+        if exact is None:
+            assert o is None, f"{what}: output {i} must be None"
+            continue
+        assert o.dtype == acc and o.shape == exact.shape, \
+            f"{what}: output {i} {o.dtype} {tuple(o.shape)} against {tuple(exact.shape)}"
+        if dtype == torch.float64:
+            bound = bound * (U64 / U32)
+        assert_within(o, exact, bound, f"{what} output {i}")
+
+
+def _bound(run, tensors, args, n, dtype):
+    """(exact, γ_n·M) from the float64 reference, on the (rounded) inputs; fp16 adds nothing: its
+    inputs convert to fp32 exactly."""
+    return exact_and_bound(run, tensors, args, n, u_extra=U32 if dtype != torch.float64 else 0)
+
+
+# ---- gram_linear / gram_conv2d ---------------------------------------------------------
+
+# (B, B2, T, d_in, d_out, groups); T = 0 means 2-D inputs (T = 1).
+GRAM_SHAPES = [(1, 1, 0, 1, 1, 1), (13, 5, 0, 17, 11, 1), (131, 7, 0, 5, 3, 1),
+               (7, 3, 5, 6, 4, 1), (5, 2, 3, 6, 4, 2), (2, 3, 0, 0, 3, 1), (3, 2, 1, 3, 2, 1)]
+
+
+def _gram_n(T, d_in, d_out, groups):
+    """Terms of the longest rounding chain of either route: token pair d_in + 1 + d_out + T²,
+    per sample T + d_out·(d_in + 1), plus the group sum."""
+    T = max(T, 1)
+    return max(d_in + 1 + d_out + T * T, T + d_out * (d_in + 1)) + groups + 3
+
+
+@pytest.mark.parametrize("route", ["token_pair", "per_sample", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", GRAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gram_linear(shape, dtype, route):
+    B, B2, T, d_in, d_out, G = shape
+    lead = (B,) if T == 0 else (B, T)
+    lead2 = (B2,) if T == 0 else (B2, T)
+    A, E = _rand(*lead, G * d_in, dtype=dtype, seed=0), _rand(*lead, G * d_out, dtype=dtype, seed=1)
+    A2, E2 = _rand(*lead2, G * d_in, dtype=dtype, seed=2), _rand(*lead2, G * d_out, dtype=dtype, seed=3)
+    n = _gram_n(T, d_in, d_out, G)
+    for bias in (False, True):
+        for second, diagonal in (((None, None), False), ((A2, E2), False), ((None, None), True),
+                                 ((_noncontiguous(A), E[..., :]), True)):
+            def run(A_, E_, A2_, E2_, bias=bias, diagonal=diagonal):
+                return ref_gram_linear.gram_linear(A_, E_, bias, A2_, E2_, diagonal, "token_pair", G)
+
+            expected = _bound(run, (A, E, *second), (), n, dtype)
+            K = cpu_gram_linear.gram_linear(A, E, bias, *second, diagonal, route, G)
+            _check(K, expected, dtype, f"{shape} bias={bias} diag={diagonal}")
+            if second[0] is None and not diagonal:
+                assert torch.equal(K, K.T), "K must be exactly symmetric"
+    K = cpu_gram_linear.gram_linear(_noncontiguous(A), _noncontiguous(E), True, None, None, False,
+                                    route, G)
+    _check(K, _bound(ref_gram_linear.gram_linear, (A, E), (True, None, None, False,
+                                                             "token_pair", G), n, dtype),
+           dtype, "non-contiguous")
+
+
+def test_gram_linear_triangle_blocks_and_pair_blocks(monkeypatch):
+    """B ≥ 128 takes upper block rows; tiny pair/grad blocks exercise every block loop."""
+    monkeypatch.setattr(cpu_gram_linear, "_PAIR_BLOCK", 50)
+    monkeypatch.setattr(cpu_gram_linear, "_GRAD_BLOCK", 40)
+    for A, E in ((_rand(150, 9, dtype=torch.float32, seed=4),
+                  _rand(150, 5, dtype=torch.float32, seed=5)),
+                 (_rand(9, 4, 3, dtype=torch.float32, seed=6),
+                  _rand(9, 4, 5, dtype=torch.float32, seed=7))):
+        T = A.shape[1] if A.dim() == 3 else 0
+        n = _gram_n(T, A.shape[-1], E.shape[-1], 1)
+        for route in ("token_pair", "per_sample"):
+            for diagonal in (False, True):
+                args = (True, None, None, diagonal, "token_pair", 1)
+                K = cpu_gram_linear.gram_linear(A, E, True, None, None, diagonal, route)
+                _check(K, _bound(ref_gram_linear.gram_linear, (A, E), args, n, torch.float32),
+                       torch.float32, f"{route} diag={diagonal}")
+
+
+def test_gram_linear_route_model():
+    """auto: the per-sample route where T² ≫ d_in·d_out / B, token pair at T = 1."""
+    choose = cpu_gram_linear.choose_route
+    assert choose(256, 256, 1, 1024, 1024, 1, False, False, False) == "token_pair"
+    assert choose(4, 4, 64, 64, 192, 1, False, False, False) == "per_sample"
+    assert choose(32, 32, 512, 768, 768, 1, False, False, False) == "per_sample"
+    assert choose(64, 64, 4, 768, 768, 1, False, False, False) == "token_pair"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gram_conv2d(dtype):
+    X, E = _rand(3, 4, 7, 6, dtype=dtype, seed=0), _rand(3, 6, 4, 3, dtype=dtype, seed=1)
+    X2, E2 = _rand(2, 4, 7, 6, dtype=dtype, seed=2), _rand(2, 6, 4, 3, dtype=dtype, seed=3)
+    geometry = ((3, 2), (2, 2), (1, 0), (1, 1), 2)
+    n = _gram_n(12, 2 * 3 * 2, 3, 2)
+    for route in ("token_pair", "per_sample", "auto"):
+        for bias, second, diagonal in ((False, (None, None), False), (True, (X2, E2), False),
+                                       (True, (None, None), True)):
+            def run(X_, E_, X2_, E2_, bias=bias, diagonal=diagonal):
+                return ref_gram_conv2d.gram_conv2d(X_, E_, *geometry, bias, X2_, E2_, diagonal,
+                                                   "token_pair")
+
+            K = gram_conv2d(X, E, *geometry, bias, *second, diagonal, route)
+            _check(K, _bound(run, (X, E, *second), (), n, dtype), dtype,
+                   f"{route} bias={bias} diag={diagonal}")
+
+
+# ---- weighted_sum_linear / project_linear (+ conv2d) -----------------------------------
+
+# (B, T, d_in, d_out, groups, m); m = 0: a coefficient vector (B,) / one direction.
+LAYER_SHAPES = [(1, 1, 1, 1, 1, 0), (13, 1, 7, 11, 1, 3), (5, 7, 3, 11, 1, 2),
+                (3, 5, 6, 4, 2, 3), (4, 3, 5, 2, 1, 0), (0, 3, 2, 2, 1, 2), (3, 0, 2, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("route", ["scaled", "per_sample", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_weighted_sum_and_project_linear(shape, dtype, route, monkeypatch):
+    if route != "auto":
+        monkeypatch.setattr(cpu_weighted_sum_linear, "choose_route", lambda *a: route)
+        monkeypatch.setattr(cpu_project_linear, "choose_route", lambda *a: route)
+    B, T, d_in, d_out, G, m = shape
+    A, E = _rand(B, T, G * d_in, dtype=dtype, seed=0), _rand(B, T, G * d_out, dtype=dtype, seed=1)
+    c = _rand(B, *((m,) if m else ()), dtype=dtype, seed=2)
+    V = _rand(*((m,) if m else ()), G * d_out, d_in, dtype=dtype, seed=3)
+    Vb = _rand(*((m,) if m else ()), G * d_out, dtype=dtype, seed=4)
+    n_sum = B * T + B + T + 2
+    n_dot = max(d_in + d_out + T, T + d_out * d_in) + G + d_out + 3
+    for A_, E_ in ((A, E), (_noncontiguous(A), _noncontiguous(E))):
+        for bias in (False, True):
+            out = cpu_weighted_sum_linear.weighted_sum_linear(A_, E_, c, bias, G)
+            _check(out, _bound(ref_weighted_sum_linear.weighted_sum_linear, (A, E, c), (bias, G),
+                               n_sum, dtype), dtype, f"U c bias={bias}")
+            vb = Vb if bias else None
+            out = cpu_project_linear.project_linear(A_, E_, V, vb, G)
+            _check(out, _bound(ref_project_linear.project_linear, (A, E, V, vb), (G,), n_dot,
+                               dtype), dtype, f"Uᵀ V bias={bias}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_weighted_sum_and_project_conv2d(dtype):
+    X, E = _rand(3, 4, 7, 6, dtype=dtype, seed=0), _rand(3, 6, 4, 3, dtype=dtype, seed=1)
+    c = _rand(3, 2, dtype=dtype, seed=2)
+    V, Vb = _rand(2, 6, 2, 3, 2, dtype=dtype, seed=3), _rand(2, 6, dtype=dtype, seed=4)
+    geometry = ((2, 2), (1, 0), (1, 1), 2)
+    out = weighted_sum_conv2d(X, E, c, (3, 2), *geometry, True)
+    _check(out, _bound(ref_weighted_sum_conv2d.weighted_sum_conv2d, (X, E, c),
+                       ((3, 2), *geometry, True), 3 * 12 + 3 + 12 + 2, dtype), dtype, "U c conv")
+    out = project_conv2d(X, E, V, Vb, *geometry)
+    _check(out, _bound(ref_project_conv2d.project_conv2d, (X, E, V, Vb), geometry,
+                       12 + 3 * 12 + 3 + 3 + 4, dtype), dtype, "Uᵀ V conv")
+
+
+# ---- embedding ops -----------------------------------------------------------------------
+
+# (B, T, N, d, B2, T2, padding_idx)
+EMBEDDING_SHAPES = [(1, 1, 1, 1, 1, 1, None), (7, 11, 13, 5, 3, 2, 0), (131, 3, 50, 4, 5, 3, 49),
+                    (3, 5, 4, 3, 2, 7, None), (4, 6, 3, 0, 2, 2, None)]
+
+
+def _idx(B, T, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(B, T, generator=g) ** 3 * N).long().clamp_(max=N - 1)
+
+
+@pytest.mark.parametrize("row_block", [1 << 22, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", EMBEDDING_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gram_embedding(shape, dtype, row_block, monkeypatch):
+    monkeypatch.setattr(cpu_gram_embedding, "_ROWS_BLOCK", row_block)
+    monkeypatch.setattr(cpu_gram_embedding, "_PAIR_BLOCK", 0)  # the used-rows route
+    B, T, N, d, B2, T2, pad = shape
+    idx, idx2 = _idx(B, T, N, 0), _idx(B2, T2, N, 1)
+    E, E2 = _rand(B, T, d, dtype=dtype, seed=2), _rand(B2, T2, d, dtype=dtype, seed=3)
+    n = T + T2 + (B * T + B2 * T2) * d + T * T2 + d + 4
+    for second, diagonal in (((None, None), False), ((idx2, E2), False), ((None, None), True)):
+        K = cpu_gram_embedding.gram_embedding(idx, E, N, pad, *second, diagonal)
+        tensors = (E,) if second[0] is None else (E, E2)
+
+        def run(E_, E2_=None, second=second, diagonal=diagonal):
+            return ref_gram_embedding.gram_embedding(idx, E_, N, pad, second[0], E2_, diagonal)
+
+        _check(K, _bound(run, tensors, (), n, dtype), dtype, f"second={second[0] is not None}")
+        if second[0] is None and not diagonal:
+            assert torch.equal(K, K.T)
+    monkeypatch.setattr(cpu_gram_embedding, "_PAIR_BLOCK", 1 << 22)  # token pair where cheaper
+    K = cpu_gram_embedding.gram_embedding(idx, _noncontiguous(E), N, pad)
+    _check(K, _bound(lambda E_: ref_gram_embedding.gram_embedding(idx, E_, N, pad), (E,), (), n,
+                     dtype), dtype, "auto, non-contiguous")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", EMBEDDING_SHAPES + [(3, 0, 4, 2, 1, 1, None)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_weighted_sum_and_project_embedding(shape, dtype):
+    B, T, N, d, _, _, pad = shape
+    idx = _idx(B, T, N, 0)
+    E = _rand(B, T, d, dtype=dtype, seed=2)
+    for m in (0, 3):
+        c = _rand(B, *((m,) if m else ()), dtype=dtype, seed=4)
+        V = _rand(*((m,) if m else ()), N, d, dtype=dtype, seed=5)
+        for E_ in (E, _noncontiguous(E)):
+            out = weighted_sum_embedding(idx, E_, c, N, pad)
+            _check(out, _bound(lambda E1, c1: ref_weighted_sum_embedding.weighted_sum_embedding(
+                idx, E1, c1, N, pad), (E, c), (), B * T + 2, dtype), dtype, f"U c m={m}")
+            out = project_embedding(idx, E_, V, pad)
+            _check(out, _bound(lambda E1, V1: ref_project_embedding.project_embedding(
+                idx, E1, V1, pad), (E, V), (), T * d + 3, dtype), dtype, f"Uᵀ V m={m}")
+
+
+# ---- subspace: stored P, random P, fwht -------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D,k", [(0, 3), (1, 1), (7, 0), (1009, 7)])
+def test_subspace_project_expand(D, k, dtype):
+    P, g = _rand(D, k, dtype=dtype, seed=0), _rand(D, dtype=dtype, seed=1)
+    a, base = _rand(k, dtype=dtype, seed=2), _rand(D, dtype=dtype, seed=3)
+    for P_ in (P, P.T.contiguous().T):
+        _check(subspace_project(P_, g), _bound(ref_subspace.subspace_project, (P, g), (), D + 2,
+                                               dtype), dtype, "Pᵀ g")
+        w = subspace_expand(P_, a, base)
+        assert w.dtype == dtype
+        exact, bound = _bound(ref_subspace.subspace_expand, (P, a, base), (), k + 2, dtype)[0]
+        out_u = {torch.float16: 2.0 ** -11, torch.float32: 0.0, torch.float64: 0.0}[dtype]
+        _check(w.to(torch.float64 if dtype == torch.float64 else torch.float32),
+               [(exact, bound + out_u * exact.abs())], dtype, "base + P α")
+
+
+@pytest.mark.parametrize("rademacher", [False, True], ids=["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("D,d", [(0, 4), (5, 0), (1, 1), (37, 9), (1013, 13)])
+def test_random_subspace(D, d, dtype, rademacher, monkeypatch):
+    monkeypatch.setattr(cpu_random_subspace, "_BLOCK_ENTRIES", 100)  # many row blocks
+    seed, s = 11, 0.3
+    Om = ref_sketch_omega(torch.arange(D), d, seed, rademacher).double()  # the reference's Ω
+    a, base, g = _rand(d, dtype=dtype, seed=0), _rand(D, dtype=dtype, seed=1), \
+        _rand(D, dtype=dtype, seed=2)
+    a64, base64, g64 = a.double(), base.double(), g.double()
+    u = U64 if dtype == torch.float64 else U32
+    w = cpu_random_subspace.random_subspace_expand(a, seed, D, s, rademacher, base)
+    assert w.dtype == dtype and w.shape == (D,)
+    assert_within(w, s * (Om @ a64) + base64,
+                  gamma(d + 3, u) * (s * (Om.abs() @ a64.abs()) + base64.abs()) + 1e-300, "w")
+    w = cpu_random_subspace.random_subspace_expand(a, seed, D, s, rademacher)
+    assert w.dtype == dtype
+    assert_within(w, s * (Om @ a64), gamma(d + 3, u) * s * (Om.abs() @ a64.abs()) + 1e-300, "w0")
+    c = cpu_random_subspace.random_subspace_project(g, seed, d, s, rademacher)
+    assert c.dtype == dtype and c.shape == (d,)
+    assert_within(c, s * (Om.T @ g64), gamma(D + 2, u) * s * (Om.abs().T @ g64.abs()) + 1e-300,
+                  "c")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(3, 5, 1), (2, 2), (3, 5, 64), (2, 1024), (0, 8), (1, 4096)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_fwht_is_the_reference_bit_for_bit(shape, dtype):
+    """The same butterflies in the same order: equal to the reference bit for bit, and within
+    the log₂ n-stage bound of the dense Hadamard product."""
+    x = _rand(*shape, dtype=dtype, seed=0)
+    for x_ in (x, _noncontiguous(x)):
+        before = x_.clone()
+        y = fwht(x_)
+        assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+        assert torch.equal(y, ref_fwht.fwht(x_))
+        assert torch.equal(x_, before), "fwht must not write its input"
+    n = shape[-1]
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), H)
+    x64 = x.double()
+    u = {torch.float16: 2.0 ** -11, torch.float32: U32, torch.float64: U64}[dtype]
+    stages_u = U64 if dtype == torch.float64 else U32
+    bound = (gamma(max(n.bit_length() - 1, 1), stages_u) + u) * \
+        x64.abs().sum(-1, keepdim=True).expand(x64.shape)
+    assert_within(y, x64 @ H.T, bound + 1e-300, f"fwht {shape}")
