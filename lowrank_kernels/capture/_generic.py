@@ -127,35 +127,41 @@ class AffineHandler:
         with torch.no_grad():
             return torch.func.functional_call(self.module, values, args, kwargs)
 
-    def _predict(self, xhat, channel_dim):
+    def _predict(self, xhat, channel_dim, values=None):
+        values = values or {n: p.detach() for n, p in self.params.items()}
         shape = [1] * xhat.dim()
         shape[channel_dim] = -1
         y = xhat
         if self.scale is not None:
-            y = y * self.params[self.scale].detach().reshape(shape).to(y.dtype)
+            y = y * values[self.scale].reshape(shape).to(y.dtype)
         if self.shift is not None:
-            y = y + self.params[self.shift].detach().reshape(shape).to(y.dtype)
+            y = y + values[self.shift].reshape(shape).to(y.dtype)
         return y
 
     def verify(self, args, kwargs, output):
+        """The channel dim from a probe with distinct per-channel values (at initialization
+        w = 1 makes every layout look right), then the output checked against x̂ ⊙ w + b."""
         what = (f"module '{self.name}' ({type(self.module).__name__}) is not a per-channel "
                 "y = x̂ ⊙ w + b")
         if not isinstance(output, torch.Tensor) or output.dim() < 2:
             raise NotRecognized(what)
         xhat = self._normalized(args, kwargs)
         C = next(iter(self.params.values())).shape[0]
-        last = None
-        for dim in (-1, 1):
+        probe = {n: torch.linspace(0.5, 1.5, C, dtype=p.dtype, device=p.device) * (
+            1 if n == self.scale else 0.3) for n, p in self.params.items()}
+        with torch.no_grad():
+            probed = torch.func.functional_call(self.module, probe, args, kwargs)
+        for dim in (1, -1):
             if output.shape[dim] != C:
                 continue
             try:
-                _same(self._predict(xhat, dim), output, what)
-            except NotRecognized as error:
-                last = error
+                _same(self._predict(xhat, dim, probe), probed, what)
+            except NotRecognized:
                 continue
+            _same(self._predict(xhat, dim), output, what)
             self.channel_dim = dim
             return
-        raise last or NotRecognized(what)
+        raise NotRecognized(what)
 
     def save(self, args, kwargs, output):
         return self._normalized(args, kwargs)
@@ -195,7 +201,7 @@ class BatchNormSubclassHandler(BatchNormHandler):
             mean, var = state
             z = F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), m.weight, m.bias,
                              training=False, eps=m.eps)
-        y = z
+        y = z.clone()  # an in-place activation must not overwrite z
         for f in self._post():
             y = f(y)
         return z, y
