@@ -1,7 +1,12 @@
-"""gram_linear (T = 1): ours vs (A@A.T)*(E@E.T) through cuBLAS (CPU: PyTorch's CPU BLAS)."""
-import pytest
+"""gram_linear at T = 1 with a bias (a linear layer, one token per sample):
+
+    K = (A Aᵀ + 1) ⊙ (E Eᵀ)        and its diagonal  diag K_i = (‖a_i‖² + 1) ‖e_i‖²,
+
+ours (lowrank_kernels.gram_linear, backend auto) against the best plain PyTorch: two GEMMs
+and an in-place add and product for K; row norms for the diagonal.
+"""
 import torch
-from common import DEVICE, FULL, measure
+from common import DEVICE, FULL, Case, Setup, baseline, dtype_name, ours
 
 import lowrank_kernels as lk
 
@@ -10,33 +15,60 @@ SHAPES = [(256, 4096, 4096), (1024, 1024, 1024), (128, 768, 3072), (64, 512, 512
 if not FULL:
     SHAPES = [(256, 1024, 1024), (128, 768, 768), (64, 512, 512)]
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-OURS = "triton" if DEVICE == "cuda" else "native"
 
 
-def _case(B, d_in, d_out, dtype):
+def _inputs(B, d_in, d_out, dtype):
     g = torch.Generator().manual_seed(0)
     A = torch.randn(B, d_in, generator=g).to(DEVICE, dtype)
     E = torch.randn(B, d_out, generator=g).to(DEVICE, dtype)
-    shape = f"B={B} d_in={d_in} d_out={d_out} {str(dtype).replace('torch.', '')}"
-    # Upper triangle only: B(B+1)/2 entries, 2(d_in + d_out) flops each.
-    flops = B * (B + 1) * (d_in + d_out)
-    bytes_moved = (A.numel() + E.numel()) * A.element_size() + B * B * 4
-    return A, E, shape, flops, bytes_moved
+    return A, E
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("B,d_in,d_out", SHAPES)
-def test_gram_linear_ours(benchmark, B, d_in, d_out, dtype):
-    A, E, shape, flops, nbytes = _case(B, d_in, d_out, dtype)
-    measure(benchmark, lambda: lk.gram_linear(A, E, backend=OURS), op="gram_linear",
-            shape=shape, provider=f"ours ({OURS})", flops=flops, bytes_moved=nbytes, dtype=dtype)
+def _gram(B, d_in, d_out, dtype):
+    def build():
+        A, E = _inputs(B, d_in, d_out, dtype)
+
+        def two_gemms():  # .float(): a no-op in fp32; the output is fp32 for bf16 inputs
+            return (A @ A.T).float().add_(1).mul_((E @ E.T).float())
+
+        return Setup([ours("", lambda: lk.gram_linear(A, E, True)),
+                      baseline("torch (A@Aᵀ+1)*(E@Eᵀ)", two_gemms)],
+                     # the upper triangle: B(B+1)/2 entries, 2(d_in + d_out) flops each
+                     flops=B * (B + 1) * (d_in + d_out),
+                     bytes_moved=(A.numel() + E.numel()) * A.element_size() + B * B * 4,
+                     dtype=dtype_name(dtype), tol=1e-4 if dtype == torch.float32 else 2e-2)
+    return build
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("B,d_in,d_out", SHAPES)
-def test_gram_linear_blas(benchmark, B, d_in, d_out, dtype):
-    A, E, shape, flops, nbytes = _case(B, d_in, d_out, dtype)
-    name = "cublas" if DEVICE == "cuda" else "torch-cpu-blas"
-    measure(benchmark, lambda: (A @ A.T).float() * (E @ E.T).float(), op="gram_linear",
-            shape=shape, provider=name, flops=flops, bytes_moved=nbytes, baseline=True,
-            dtype=dtype)
+def _diagonal(B, d_in, d_out, dtype):
+    def build():
+        A, E = _inputs(B, d_in, d_out, dtype)
+
+        def square_sum():
+            return A.float().square().sum(1).add_(1).mul_(E.float().square().sum(1))
+
+        def vector_norm():
+            na = torch.linalg.vector_norm(A, dim=1, dtype=torch.float32)
+            ne = torch.linalg.vector_norm(E, dim=1, dtype=torch.float32)
+            return na.square_().add_(1).mul_(ne.square_())
+
+        def einsum():
+            a, e = A.float(), E.float()
+            return torch.einsum("ij,ij->i", a, a).add_(1).mul_(torch.einsum("ij,ij->i", e, e))
+
+        return Setup([ours("", lambda: lk.gram_linear(A, E, True, diagonal=True)),
+                      baseline("torch square().sum(1)", square_sum),
+                      baseline("torch linalg.vector_norm", vector_norm),
+                      baseline("torch einsum ij,ij->i", einsum)],
+                     flops=2 * B * (d_in + d_out),
+                     bytes_moved=(A.numel() + E.numel()) * A.element_size() + B * 4,
+                     dtype=dtype_name(dtype), tol=1e-4 if dtype == torch.float32 else 2e-2)
+    return build
+
+
+CASES = []
+for _dtype in DTYPES:
+    for _B, _i, _o in SHAPES:
+        _shape = f"T=1 bias B={_B} d_in={_i} d_out={_o} {dtype_name(_dtype)}"
+        CASES.append(Case("gram_linear", _shape, _gram(_B, _i, _o, _dtype)))
+        CASES.append(Case("gram_linear diagonal", _shape, _diagonal(_B, _i, _o, _dtype)))

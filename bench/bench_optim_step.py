@@ -10,12 +10,11 @@ LOWRANK_BENCH_FULL=1) both models are reduced (widths, depth, batch, image / seq
 the shape label says which). Targets on a GPU: FNGD after its first epoch ≤ 1.15× SGD,
 FNGD first epoch ≥ 2× faster than KFAC, SENG ≤ 2× SGD.
 
-    python -m pytest bench/bench_optim_step.py --benchmark-only     (or bench/run.py -k optim)
+    python bench/run.py -k optim
 """
-import pytest
 import torch
 import torch.nn.functional as F
-from common import DEVICE, FULL, measure
+from common import DEVICE, FULL, Case, Provider, Setup, baseline
 from torch import nn
 
 from lowrank_kernels.optim import FNGD, KFAC, SENG
@@ -96,27 +95,23 @@ class GPT(nn.Module):
 
 def _resnet_case(groupnorm=False):
     if FULL:
-        width, B, size, label = 64, 128, 32, "ResNet-18 CIFAR B=128 3x32x32"
+        width, B, size = 64, 128, 32
     else:
-        width, B, size, label = 16, 32, 16, "ResNet-18 CIFAR REDUCED (width 16, B=32, 3x16x16)"
+        width, B, size = 16, 32, 16
     norm = (lambda c: nn.GroupNorm(8, c)) if groupnorm else nn.BatchNorm2d
-    if groupnorm:
-        label = label.replace("ResNet-18", "ResNet-18 GroupNorm")
     torch.manual_seed(0)
     model = ResNet18(width, norm=norm).to(DEVICE)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, 3, size, size, generator=g).to(DEVICE)
     y = torch.randint(0, 10, (B,), generator=g).to(DEVICE)
-    return model, (lambda: F.cross_entropy(model(x), y)), "mean", label
+    return model, (lambda: F.cross_entropy(model(x), y)), "mean"
 
 
 def _gpt_case():
     if FULL:
         vocab, d, layers, heads, B, T = 50257, 768, 12, 12, 8, 512
-        label = "GPT-2 small B=8 T=512"
     else:
         vocab, d, layers, heads, B, T = 2048, 128, 2, 4, 4, 64
-        label = "GPT-2 REDUCED (vocab 2048, d 128, 2 layers, B=4, T=64)"
     torch.manual_seed(0)
     model = GPT(vocab, d, layers, heads, T).to(DEVICE)
     g = torch.Generator().manual_seed(0)
@@ -126,11 +121,17 @@ def _gpt_case():
         logits = model(idx[:, :-1])
         return F.cross_entropy(logits.reshape(-1, vocab), idx[:, 1:].reshape(-1))
 
-    return model, loss, 1.0 / (B * T), label  # token mean: loss = (1/(B·T)) Σ_i ℓ_i
+    return model, loss, 1.0 / (B * T)  # token mean: loss = (1/(B·T)) Σ_i ℓ_i
 
 
-CASES = {"resnet18": _resnet_case, "resnet18-groupnorm": lambda: _resnet_case(True),
-         "gpt2": _gpt_case}
+CASES_BY_MODEL = {"resnet18": _resnet_case, "resnet18-groupnorm": lambda: _resnet_case(True),
+                  "gpt2": _gpt_case}
+LABELS = {"resnet18": "ResNet-18 BatchNorm CIFAR B=128 3x32x32",
+          "resnet18-groupnorm": "ResNet-18 GroupNorm CIFAR B=128 3x32x32",
+          "gpt2": "GPT-2 small B=8 T=512"} if FULL else {
+    "resnet18": "ResNet-18 BatchNorm REDUCED width 16 B=32 3x16x16",
+    "resnet18-groupnorm": "ResNet-18 GroupNorm REDUCED width 16 B=32 3x16x16",
+    "gpt2": "GPT-2 REDUCED vocab 2048 d 128 2 layers B=4 T=64"}
 
 # ---- optimizers: (name, constructor, steps to run before timing) ---------------------------
 HUGE = 10 ** 9
@@ -156,51 +157,52 @@ OPTIMIZERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _setup(monkeypatch):
-    """The ops' per-call non-finite check is off (LOWRANK_CHECK_FINITE=0): it costs a device
-    sync per op call, and the optimizers guard non-finite values themselves, on the device
-    (python_tests/test_optim_state.py runs their safety tests both ways). On CPU, one torch
-    thread: on a shared machine two OpenMP threads spin against other processes and a step
-    takes 10-30× longer (measured here)."""
-    monkeypatch.setenv("LOWRANK_CHECK_FINITE", "0")
-    if DEVICE != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 VIA_BACKWARD = "fngd (after first epoch, via backward)"
-PAIRS = [(case, name) for case in CASES for name in OPTIMIZERS
-         if (case, name) != ("resnet18", VIA_BACKWARD)]  # train-mode BatchNorm: not fused
+BASELINES = ("sgd", "adamw")
 
 
-@pytest.mark.parametrize("case,opt_name", PAIRS, ids=[f"{c}-{n}" for c, n in PAIRS])
-def test_optim_step(benchmark, case, opt_name):
-    model, loss_fn, reduction, label = CASES[case]()
-    make, warm_steps = OPTIMIZERS[opt_name]
-    opt = make(model, reduction)
+def _case(name):
+    def build():
+        runs = {}
+        for opt_name, (make, warm_steps) in OPTIMIZERS.items():
+            if (name, opt_name) == ("resnet18", VIA_BACKWARD):
+                continue  # train-mode BatchNorm: the weighted-sum path, not fused
+            model, loss_fn, reduction = CASES_BY_MODEL[name]()  # a model per optimizer
+            opt = make(model, reduction)
 
-    def step():
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss
+            def step(loss_fn=loss_fn, opt=opt):
+                loss = loss_fn()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                return loss
 
-    for _ in range(warm_steps):
-        step()
-    if isinstance(opt, FNGD):  # the phase the row names is the phase it times
-        assert opt.computing() == (opt_name == "fngd (first epoch)")
-    if DEVICE == "cpu":
-        label += ", CPU 1 thread"
-    measure(benchmark, step, op="optim_step", shape=label, provider=opt_name,
-            baseline=opt_name in ("sgd", "adamw"))
-    if hasattr(opt, "close"):
-        assert int(opt.state["fallbacks"]) == 0 and int(opt.state["skipped"]) == 0
-        if opt_name == VIA_BACKWARD:  # every timed step went through the backward
-            assert opt.state["weighted_sum_steps"] == 0
-        opt.close()
+            for _ in range(warm_steps):
+                step()
+            if isinstance(opt, FNGD):  # the phase the row names is the phase it times
+                assert opt.computing() == (opt_name == "fngd (first epoch)")
+            runs[opt_name] = (opt, step)
+
+        def after():
+            for opt_name, (opt, _) in runs.items():
+                if hasattr(opt, "close"):
+                    assert int(opt.state["fallbacks"]) == 0 and int(opt.state["skipped"]) == 0
+                    if opt_name == VIA_BACKWARD:  # every timed step went through the backward
+                        assert opt.state["weighted_sum_steps"] == 0
+                    opt.close()
+
+        return Setup([baseline(n, step, check=False) if n in BASELINES else
+                      Provider(n, step, role="ours") for n, (_, step) in runs.items()],
+                     after=after)
+    return build
+
+
+# The ops' per-call non-finite check is off: it costs a device sync per op call, and the
+# optimizers guard non-finite values themselves, on the device (python_tests/
+# test_optim_state.py runs their safety tests both ways). On CPU, one torch thread (a worker
+# of its own): on a shared machine two OpenMP threads spin against other processes and a step
+# takes 10-30x longer (measured here). All optimizers of a model run interleaved, so the
+# speed-up of each row is against SGD (or AdamW, the faster) in the same rounds.
+CASES = [Case("optim_step", LABELS[name] + (", 1 thread" if DEVICE == "cpu" else ""),
+              _case(name), threads=1 if DEVICE == "cpu" else None, budget_scale=6.0,
+              env={"LOWRANK_CHECK_FINITE": "0"}) for name in CASES_BY_MODEL]

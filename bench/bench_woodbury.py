@@ -1,12 +1,12 @@
-"""woodbury_solve: X = (K + λI)⁻¹ R, ours (one fused kernel per call) vs
-torch.linalg.cholesky_ex + torch.cholesky_solve (cuSOLVER on GPU, LAPACK on CPU) and vs
-torch.linalg.solve (LU), each baseline including the damping add K + λI.
+"""woodbury_solve: X = (K + λI)⁻¹ R for a batch of SPD K, ours (lowrank_kernels.woodbury_solve,
+backend auto) against torch.linalg.cholesky_ex + torch.cholesky_solve (LAPACK on CPU,
+cuSOLVER on GPU) and torch.linalg.solve (LU), each baseline forming K + λI on a copy of K's
+diagonal.
 
 flops = n³/3 + 2n²r per member (Cholesky, two triangular solves); bytes = K + R + X.
 """
-import pytest
 import torch
-from common import DEVICE, FULL, measure
+from common import DEVICE, FULL, Case, Setup, baseline, dtype_name, ours
 
 import lowrank_kernels as lk
 
@@ -18,48 +18,30 @@ LAMBDA = 1e-3
 
 
 def _case(b, n, r, dtype):
-    g = torch.Generator().manual_seed(0)
-    G = torch.randn(b, n, n, generator=g, dtype=torch.float64)
-    K = (G @ G.mT / n).to(DEVICE, dtype)  # a Gram: SPD up to rounding, λ makes it safe
-    R = torch.randn(b, n, r, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    eye = torch.eye(n, dtype=dtype, device=DEVICE)
-    shape = f"b={b} n={n} r={r} {str(dtype).replace('torch.', '')}"
-    flops = b * (n ** 3 / 3 + 2 * n * n * r)
-    bytes_moved = (K.numel() + 2 * R.numel()) * K.element_size()
-    return K, R, eye, shape, flops, bytes_moved
+    def build():
+        g = torch.Generator().manual_seed(0)
+        G = torch.randn(b, n, n, generator=g, dtype=torch.float64)
+        K = (G @ G.mT / n).to(DEVICE, dtype)  # a Gram: SPD up to rounding, λ makes it safe
+        R = torch.randn(b, n, r, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+        assert (lk.woodbury_solve(K, LAMBDA, R).info == 0).all()
+
+        def damped():
+            Kd = K.clone()
+            Kd.diagonal(dim1=-2, dim2=-1).add_(LAMBDA)
+            return Kd
+
+        def cholesky():
+            L, _ = torch.linalg.cholesky_ex(damped())
+            return torch.cholesky_solve(R, L)
+
+        return Setup([ours("", lambda: lk.woodbury_solve(K, LAMBDA, R)),
+                      baseline("torch cholesky_ex + cholesky_solve", cholesky),
+                      baseline("torch linalg.solve", lambda: torch.linalg.solve(damped(), R))],
+                     flops=b * (n ** 3 / 3 + 2 * n * n * r),
+                     bytes_moved=(K.numel() + 2 * R.numel()) * K.element_size(),
+                     dtype=dtype_name(dtype), tol=1e-2 if dtype == torch.float32 else 1e-9)
+    return build
 
 
-def _params():
-    return [pytest.param(b, n, r, d, id=f"b{b}-n{n}-r{r}-{str(d).replace('torch.', '')}")
-            for d in DTYPES for b in BATCHES for n in SIZES for r in RHS]
-
-
-@pytest.mark.parametrize("b,n,r,dtype", _params())
-def test_woodbury_ours(benchmark, b, n, r, dtype):
-    K, R, _, shape, flops, nbytes = _case(b, n, r, dtype)
-    X, info, _ = lk.woodbury_solve(K, LAMBDA, R, backend="native")
-    assert (info == 0).all()
-    measure(benchmark, lambda: lk.woodbury_solve(K, LAMBDA, R, backend="native"),
-            op="woodbury_solve", shape=shape, provider="ours (native)", flops=flops,
-            bytes_moved=nbytes)
-
-
-@pytest.mark.parametrize("b,n,r,dtype", _params())
-def test_woodbury_cholesky(benchmark, b, n, r, dtype):
-    K, R, eye, shape, flops, nbytes = _case(b, n, r, dtype)
-
-    def run():
-        L, _ = torch.linalg.cholesky_ex(K + LAMBDA * eye)
-        return torch.cholesky_solve(R, L)
-
-    name = ("cusolver" if DEVICE == "cuda" else "torch") + " cholesky_ex+cholesky_solve"
-    measure(benchmark, run, op="woodbury_solve", shape=shape, provider=name, flops=flops,
-            bytes_moved=nbytes, baseline=True)
-
-
-@pytest.mark.parametrize("b,n,r,dtype", _params())
-def test_woodbury_linalg_solve(benchmark, b, n, r, dtype):
-    K, R, eye, shape, flops, nbytes = _case(b, n, r, dtype)
-    measure(benchmark, lambda: torch.linalg.solve(K + LAMBDA * eye, R), op="woodbury_solve",
-            shape=shape, provider="torch linalg.solve", flops=flops, bytes_moved=nbytes,
-            baseline=True)
+CASES = [Case("woodbury_solve", f"b={b} n={n} r={r} {dtype_name(d)}", _case(b, n, r, d))
+         for d in DTYPES for b in BATCHES for n in SIZES for r in RHS]
