@@ -33,6 +33,12 @@ def choose_route(B1, B2, T, d_in, d_out, groups, bias, cross, diagonal):
     return "token_pair" if groups * token_pair <= groups * per_sample else "per_sample"
 
 
+def d_in_d_out_cheaper(d_in, d_out, bias):
+    """T = 1: the token-pair route (two Grams of widths d_in, d_out) is cheaper than the Gram of
+    the Khatri–Rao rows (width d_out·(d_in + b)) unless a width is about 1."""
+    return d_in + d_out <= d_out * (d_in + int(bias))
+
+
 def _row_dots(X, Y):
     """Σ_k X[..., k] Y[..., k] (one pass, no product temporary)."""
     return torch.linalg.vecdot(X, Y)
@@ -64,8 +70,12 @@ def _diagonal_token_pair(A, E, A2, E2, b):
 def _t1_symmetric(A, E, b):
     """(A Aᵀ + b) ⊙ (E Eᵀ) for 2-D A, E: upper block rows, then mirrored."""
     B = A.shape[0]
+    blocks = upper_row_blocks(B)
+    if len(blocks) == 1:  # small B: two full GEMMs
+        xa, xe = A @ A.T, E @ E.T
+        return mirror_upper(torch.addcmul(xe, xa, xe) if b else xa.mul_(xe))
     K = A.new_empty((B, B))
-    for r0, r1 in upper_row_blocks(B):
+    for r0, r1 in blocks:
         xa = A[r0:r1] @ A[r0:].T
         xe = E[r0:r1] @ E[r0:].T
         if b:
@@ -144,13 +154,20 @@ def gram_linear(A, E, bias=False, A2=None, E2=None, diagonal=False, route="token
     anything else float32 (fp32 accumulation)."""
     dtype = acc_dtype(A)
     cross = A2 is not None
+    b = 1.0 if bias else 0.0
+    if A.dim() == 2 and groups == 1 and not cross and route != "per_sample":  # T = 1 fast path
+        A1, E1 = A.to(dtype), E.to(dtype)
+        if diagonal:
+            xa, xe = _row_dots(A1, A1), _row_dots(E1, E1)
+            return xe.mul_(xa.add_(b)) if b else xe.mul_(xa)
+        if route == "token_pair" or d_in_d_out_cheaper(A.shape[1], E.shape[1], bias):
+            return _t1_symmetric(A1, E1, b)
     A1, E1 = as_tokens(A.to(dtype), groups), as_tokens(E.to(dtype), groups)
     A2_ = as_tokens(A2.to(dtype), groups) if cross else A1
     E2_ = as_tokens(E2.to(dtype), groups) if cross else E1
     B1, T, G, d_in = A1.shape
     if route == "auto":
         route = choose_route(B1, A2_.shape[0], T, d_in, E1.shape[-1], G, bias, cross, diagonal)
-    b = 1.0 if bias else 0.0
     if B1 == 0 or A2_.shape[0] == 0:
         return A1.new_zeros((B1,) if diagonal else (B1, A2_.shape[0]))
     if route == "token_pair":
