@@ -19,8 +19,8 @@ from .ops.woodbury_solve import woodbury_solve
 
 class NGSolveResult(NamedTuple):
     direction: dict  # {param: (F + λI)⁻¹ v restricted to param}
-    info: dict  # {block: int}: woodbury_solve's info (0 = solved)
-    damping_used: dict  # {block: float}: the λ·B actually used (jitter ladder)
+    info: dict  # {block: 0-d int32 tensor}: woodbury_solve's info (0 = solved)
+    damping_used: dict  # {block: 0-d tensor}: the λ·B actually used (jitter ladder)
 
 
 def ng_solve(capture: Capture, damping: float, v: dict | None = None, *, by: str = "model",
@@ -34,7 +34,8 @@ def ng_solve(capture: Capture, damping: float, v: dict | None = None, *, by: str
     write_grad: also set param.grad to the direction (in the param's dtype).
     A block whose damped Gram cannot be factored even after woodbury_solve's jitter ladder
     gets a zero coefficient vector (direction 0 for ḡ, v/λ for a general v: no curvature
-    correction) and its info ≠ 0 in the result — never NaN.
+    correction) and its info ≠ 0 in the result — never NaN. Nothing here synchronizes with
+    the device: info and damping_used stay tensors (read them when you need them).
     """
     if not isinstance(capture, Capture):
         raise TypeError(f"ng_solve: capture must be a lowrank_kernels.capture.Capture, got "
@@ -63,6 +64,6 @@ def ng_solve(capture: Capture, damping: float, v: dict | None = None, *, by: str
         if write_grad:
             p.grad = d.to(p.dtype)
     name = (lambda label: "model") if by == "model" else (lambda label: label)
-    info = {name(label): int(solve.info[k]) for k, label in enumerate(labels)}
-    used = {name(label): float(solve.damping_used[k]) for k, label in enumerate(labels)}
+    info = {name(label): solve.info[k] for k, label in enumerate(labels)}
+    used = {name(label): solve.damping_used[k] for k, label in enumerate(labels)}
     return NGSolveResult(direction, info, used)

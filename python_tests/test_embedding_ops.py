@@ -195,13 +195,13 @@ def test_opcheck():
     c, V = torch.randn(3, 2), torch.randn(5, 6)
     for backend in (None, "reference"):
         torch.library.opcheck(torch.ops.lowrank_kernels.gram_embedding.default,
-                              (idx, E, 5, 1), {"idx2": idx2, "E2": E2, "backend": backend})
+                              (idx, E, 5, 1), {"idx2": idx2, "E2": E2})
         torch.library.opcheck(torch.ops.lowrank_kernels.gram_embedding.default,
-                              (idx, E, 5, None), {"diagonal": True, "backend": backend})
+                              (idx, E, 5, None), {"diagonal": True})
         torch.library.opcheck(torch.ops.lowrank_kernels.weighted_sum_embedding.default,
-                              (idx, E, c, 5, 0), {"backend": backend})
+                              (idx, E, c, 5, 0))
         torch.library.opcheck(torch.ops.lowrank_kernels.project_embedding.default,
-                              (idx, E, V, -1), {"backend": backend})
+                              (idx, E, V, -1))
 
 
 def test_torch_compile_fullgraph_traces():

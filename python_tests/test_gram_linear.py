@@ -100,10 +100,8 @@ def test_equals_per_sample_gradients_of_nn_linear(device, bias):
 def test_opcheck_public_and_native():
     A, E = _inputs(5, 3, 4, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.lowrank_kernels.gram_linear.default, (A, E, True, None))
-    torch.library.opcheck(torch.ops.lowrank_kernels.gram_linear.default, (A, E, False),
-                          {"backend": "reference"})
-    if lk.native_build_info() != "not built":
-        torch.library.opcheck(torch.ops.lowrank_native.gram_linear.default, (A, E, True))
+    with lk.use_backend("reference"):
+        torch.library.opcheck(torch.ops.lowrank_kernels.gram_linear.default, (A, E, False))
 
 
 def test_torch_compile_fullgraph_traces():
@@ -331,7 +329,8 @@ def test_opcheck_tokens_cross_diagonal():
     A, E = _tokens(4, 3, 5, 2, torch.float32, "cpu")
     A2, E2 = _tokens(2, 3, 5, 2, torch.float32, "cpu", seed=1)
     op = torch.ops.lowrank_kernels.gram_linear.default
-    torch.library.opcheck(op, (A, E, True), {"route": "per_sample", "backend": "reference"})
+    with lk.use_backend("reference"):
+        torch.library.opcheck(op, (A, E, True), {"route": "per_sample"})
     torch.library.opcheck(op, (A, E, False, A2, E2))
     torch.library.opcheck(op, (A, E, True), {"diagonal": True})
 

@@ -85,7 +85,8 @@ def test_opcheck_and_compile():
     A, E, V, V_bias = _inputs((4, 3, 5, 2, 2, True), torch.float32, "cpu")
     op = torch.ops.lowrank_kernels.project_linear.default
     torch.library.opcheck(op, (A, E, V, V_bias))
-    torch.library.opcheck(op, (A, E, V[0]), {"backend": "reference"})
+    with lk.use_backend("reference"):
+        torch.library.opcheck(op, (A, E, V[0]))
 
     def f(a, e, v, vb):
         return lk.project_linear(a, e, v, vb).sum(1)

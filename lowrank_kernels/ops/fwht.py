@@ -10,6 +10,7 @@ import torch
 
 from .. import _checks
 from .._registry import Backend, OpSpec, call, register
+from ..cpu.fwht import fwht as cpu_fwht
 from ..reference.fwht import fwht as reference_fwht
 
 OP = "fwht"
@@ -48,8 +49,9 @@ SPEC = register(OpSpec(
         # bf16 stores are wrong under the interpreter: bf16 Triton is GPU-only.
         "triton": Backend(_triton, {"cpu": (torch.float32, torch.float16),
                                     "cuda": (torch.float32, torch.float16, torch.bfloat16)}),
+        "cpu": Backend(lambda x: cpu_fwht(x).contiguous(), {"cpu": _ALL}),
     },
-    auto={"cpu": ("reference",), "cuda": ("triton", "reference")},
+    auto={"cpu": ("cpu",), "cuda": ("triton",)},
     finite_inputs=("x",),
 ))
 

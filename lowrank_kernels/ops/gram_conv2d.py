@@ -14,6 +14,7 @@ import torch
 
 from .. import _checks
 from .._registry import OpSpec, call, register
+from ..cpu.gram_conv2d import gram_conv2d as cpu_gram_conv2d
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
 from ._common import check_conv2d, check_cross, choose_route, layer_backends, pair
 
@@ -46,6 +47,11 @@ def _reference(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E
                                  _route(X, E, kernel_size, groups, bias, X2, diagonal))
 
 
+def _cpu(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
+    return cpu_gram_conv2d(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2,
+                           diagonal, "auto")
+
+
 def _triton(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
     from ..triton.gram_conv2d import gram_conv2d as triton_gram_conv2d
 
@@ -61,7 +67,7 @@ SPEC = register(OpSpec(
            "Tensor? E2=None, bool diagonal=False) -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_reference, _triton),
+    **layer_backends(_reference, _triton, _cpu),
     finite_inputs=("X", "E", "X2", "E2"),
 ))
 _OP = torch.ops.lowrank_kernels.gram_conv2d.default

@@ -14,6 +14,7 @@ import torch
 from .. import _checks
 from .._registry import OpSpec, call, register
 from ..reference.gram_embedding import gram_embedding as reference_gram_embedding
+from ..cpu.gram_embedding import gram_embedding as cpu_gram_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
                       normalized_padding)
 
@@ -62,11 +63,12 @@ def _triton(*args):
 
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor idx, Tensor E, int num_embeddings, int? padding_idx=None, *, "
+    schema="(Tensor idx, Tensor E, int num_embeddings, int? padding_idx=None, "
            "Tensor? idx2=None, Tensor? E2=None, bool diagonal=False) -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_prepared(reference_gram_embedding), _prepared(_triton)),
+    **layer_backends(_prepared(reference_gram_embedding), _prepared(_triton),
+                     _prepared(cpu_gram_embedding)),
     finite_inputs=("E", "E2"),
 ))
 _OP = torch.ops.lowrank_kernels.gram_embedding.default

@@ -16,6 +16,7 @@ route: "token_pair" (2·B²·T²·(d_in + d_out) flops: X = (A Aᵀ + b) ⊙ (E 
 import torch
 
 from .._registry import OpSpec, call, register
+from ..cpu.gram_linear import gram_linear as cpu_gram_linear
 from ..reference.gram_linear import gram_linear as reference_gram_linear
 from ._common import check_cross, check_linear_layer, check_route, choose_route, layer_backends
 
@@ -65,7 +66,7 @@ SPEC = register(OpSpec(
            "bool diagonal=False, str route=\"auto\") -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_reference, _triton),
+    **layer_backends(_reference, _triton, cpu_gram_linear),
     finite_inputs=("A", "E", "A2", "E2"),
 ))
 _OP = torch.ops.lowrank_kernels.gram_linear.default

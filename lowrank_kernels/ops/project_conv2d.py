@@ -9,6 +9,7 @@ import torch
 
 from .. import _checks
 from .._registry import OpSpec, call, register
+from ..cpu.project_conv2d import project_conv2d as cpu_project
 from ..reference.project_conv2d import project_conv2d as reference_project
 from ._common import check_conv2d, check_directions, fake_projection, layer_backends, pair
 
@@ -40,7 +41,7 @@ SPEC = register(OpSpec(
            "int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(reference_project, _triton),
+    **layer_backends(reference_project, _triton, cpu_project),
     finite_inputs=("X", "E", "V", "V_bias"),
 ))
 _OP = torch.ops.lowrank_kernels.project_conv2d.default

@@ -15,6 +15,8 @@ import torch
 
 from .. import _checks
 from .._registry import Backend, OpSpec, call, register
+from ..cpu.random_subspace import random_subspace_expand as cpu_expand
+from ..cpu.random_subspace import random_subspace_project as cpu_project
 from ..reference.random_subspace import random_subspace_expand as reference_expand
 from ..reference.random_subspace import random_subspace_project as reference_project
 from ._common import check_dist, check_seed
@@ -93,8 +95,10 @@ SPEC_EXPAND = register(OpSpec(
         "reference": Backend(lambda a, s, D, sc, dist, b: reference_expand(
             a, s, D, sc, dist == "rademacher", b), {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_expand, _TRITON, supports=_no_cpu_bf16),
+        "cpu": Backend(lambda a, s, D, sc, dist, b: cpu_expand(a, s, D, sc, dist == "rademacher", b),
+                       {"cpu": _ALL}),
     },
-    auto={"cpu": (), "cuda": ("triton",)},
+    auto={"cpu": ("cpu",), "cuda": ("triton",)},
     finite_inputs=("alpha", "base"),
 ))
 _EXPAND = torch.ops.lowrank_kernels.random_subspace_expand.default
@@ -108,8 +112,10 @@ SPEC_PROJECT = register(OpSpec(
         "reference": Backend(lambda g, s, d, sc, dist: reference_project(
             g, s, d, sc, dist == "rademacher"), {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_project, _TRITON, supports=_no_cpu_bf16),
+        "cpu": Backend(lambda g, s, d, sc, dist: cpu_project(g, s, d, sc, dist == "rademacher"),
+                       {"cpu": _ALL}),
     },
-    auto={"cpu": (), "cuda": ("triton",)},
+    auto={"cpu": ("cpu",), "cuda": ("triton",)},
     finite_inputs=("g",),
 ))
 _PROJECT = torch.ops.lowrank_kernels.random_subspace_project.default

@@ -14,6 +14,8 @@ import torch
 
 from .. import _checks
 from .._registry import Backend, OpSpec, call, register
+from ..cpu.subspace_project import subspace_expand as cpu_expand
+from ..cpu.subspace_project import subspace_project as cpu_project
 from ..reference.subspace_project import subspace_expand as reference_expand
 from ..reference.subspace_project import subspace_project as reference_project
 
@@ -104,8 +106,9 @@ SPEC_PROJECT = register(OpSpec(
     backends={
         "reference": Backend(reference_project, {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_project, _TRITON, supports=_any_cpu_bf16),
+        "cpu": Backend(cpu_project, {"cpu": _ALL}),
     },
-    auto={"cpu": (), "cuda": ("triton",)},
+    auto={"cpu": ("cpu",), "cuda": ("triton",)},
     finite_inputs=("P", "g"),
 ))
 _PROJECT = torch.ops.lowrank_kernels.subspace_project.default
@@ -118,8 +121,9 @@ SPEC_EXPAND = register(OpSpec(
     backends={
         "reference": Backend(reference_expand, {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_expand, _TRITON, supports=_any_cpu_bf16),
+        "cpu": Backend(cpu_expand, {"cpu": _ALL}),
     },
-    auto={"cpu": (), "cuda": ("triton",)},
+    auto={"cpu": ("cpu",), "cuda": ("triton",)},
     finite_inputs=("P", "alpha", "base"),
 ))
 _EXPAND = torch.ops.lowrank_kernels.subspace_expand.default

@@ -7,6 +7,7 @@ rows, as a weight ([m,] C_out, C_in/groups, kh, kw) and, with bias, the bias par
 import torch
 
 from .._registry import OpSpec, call, register
+from ..cpu.weighted_sum_conv2d import weighted_sum_conv2d as cpu_weighted_sum
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
 from ._common import (as_outputs, check_coefficients, check_conv2d, fake_outputs,
                       layer_backends, pair)
@@ -30,6 +31,11 @@ def _reference(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
                                               groups, bias))
 
 
+def _cpu(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
+    return as_outputs(*cpu_weighted_sum(X, E, c, kernel_size, stride, padding, dilation, groups,
+                                        bias))
+
+
 def _triton(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
     from ..triton.weighted_sum_conv2d import weighted_sum_conv2d as triton_weighted_sum
 
@@ -44,7 +50,7 @@ SPEC = register(OpSpec(
            ") -> (Tensor, Tensor)",
     check=check,
     fake=fake,
-    **layer_backends(_reference, _triton),
+    **layer_backends(_reference, _triton, _cpu),
     finite_inputs=("X", "E", "c"),
 ))
 _OP = torch.ops.lowrank_kernels.weighted_sum_conv2d.default

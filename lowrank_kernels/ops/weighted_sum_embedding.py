@@ -12,6 +12,7 @@ from .. import _checks
 from .._registry import OpSpec, call, register
 from ..reference.weighted_sum_embedding import (
     weighted_sum_embedding as reference_weighted_sum_embedding)
+from ..cpu.weighted_sum_embedding import weighted_sum_embedding as cpu_weighted_sum_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
                       normalized_padding)
 
@@ -54,7 +55,8 @@ SPEC = register(OpSpec(
            "-> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_prepared(reference_weighted_sum_embedding), _prepared(_triton)),
+    **layer_backends(_prepared(reference_weighted_sum_embedding), _prepared(_triton),
+                     _prepared(cpu_weighted_sum_embedding)),
     finite_inputs=("E", "c"),
 ))
 _OP = torch.ops.lowrank_kernels.weighted_sum_embedding.default

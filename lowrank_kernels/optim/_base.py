@@ -34,6 +34,7 @@ saves it with torch.save and load_state_dict() resumes bit for bit.
 import torch
 
 import lowrank_kernels
+from lowrank_kernels import NonFiniteError
 
 from . import _captured
 
@@ -68,12 +69,25 @@ class GuardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        per_param, B = _captured.contributions(self.capture)
-        directions = self._directions(per_param, B)
-        self._update(directions, B)
-        self.state["step"] += 1
-        self.capture.release()
+        try:
+            per_param, B = _captured.contributions(self.capture)
+            try:
+                directions = self._directions(per_param, B)
+            except NonFiniteError:  # strict mode: an op refused the batch's data
+                directions = self._unusable(per_param)
+            self._update(directions, B)
+            self.state["step"] += 1
+        finally:  # a step that raised still consumes its batch: the next one starts clean
+            self.capture.release()
         return loss
+
+    def _unusable(self, per_param):
+        """Directions for a batch the ops refused: none usable (every parameter falls back to
+        ḡ, or is skipped where ḡ is not finite either)."""
+        nan = torch.tensor(float("nan"))
+        return {id(p): (nan.to(p.device).expand(p.shape),
+                        torch.zeros((), dtype=torch.bool, device=p.device))
+                for group in self.param_groups for p in group["params"] if p.grad is not None}
 
     def _mean_grad(self, p, B):
         """ḡ for p (the fallback direction), or None where the step has none (then every

@@ -6,8 +6,8 @@ reuses a refresh batch's U; KFAC reads the layer tokens a, e). All of it comes f
 public `Capture.factors()`: one immutable `Factors` per parameter, whose `gram` /
 `weighted_sum` / `project` run the public ops. Here a parameter's per-sample gradients are a
 list of Factors whose gradients add up (the capture gives one; [] when the parameter got
-none), and an op that refuses non-finite data gives a NaN result instead of raising, so that
-the optimizers fall back.
+none). The ops never raise on non-finite data by default (strict mode aside): a NaN/Inf
+result flows into the solve and the guarded update, which test it on the device.
 
 Factors are stored as plain lists of dicts of tensors (`pack` / `unpack`, through
 Factors.state_dict) so that an optimizer's state_dict saves with torch.save and loads with
@@ -82,59 +82,35 @@ def gram(factors_list):
     if not factors_list:
         return None
     dtype = operand_dtype(factors_list)
-    B = factors_list[0].batch_size
 
-    def compute():
-        K = None
-        for index, a in enumerate(factors_list):
-            own = a.gram().to(dtype)
-            K = own if K is None else K + own
-            for b in factors_list[index + 1:]:
-                cross = a.gram(b).to(dtype)
-                K = K + cross + cross.T
-        return K
-
-    return finite_or_nan(compute, (B, B), dtype, factors_list[0].device)
-
-
-def finite_or_nan(compute, shape, dtype, device):
-    """compute(), or a NaN tensor of `shape` where an op refused non-finite data (the ops
-    raise ValueError on NaN/Inf unless LOWRANK_CHECK_FINITE=0): the optimizers then see a
-    non-finite result, whichever way the ops are configured, and fall back."""
-    try:
-        return compute()
-    except ValueError as error:
-        if "finite" not in str(error):
-            raise
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    K = None
+    for index, a in enumerate(factors_list):
+        own = a.gram().to(dtype)
+        K = own if K is None else K + own
+        for b in factors_list[index + 1:]:
+            cross = a.gram(b).to(dtype)
+            K = K + cross + cross.T
+    return K
 
 
 def weighted_sum(factors_list, c, shape):
     """U c (param `shape` for c (B,), (m, *shape) for c (B, m)), summed over the list."""
     dtype = operand_dtype(factors_list)
-
-    def compute():
-        total = None
-        for factors in factors_list:
-            term = factors.weighted_sum(c.to(dtype)).to(dtype)
-            total = term if total is None else total + term
-        return total
-
-    return finite_or_nan(compute, (*c.shape[1:], *shape), dtype, c.device)
+    total = None
+    for factors in factors_list:
+        term = factors.weighted_sum(c.to(dtype)).to(dtype)
+        total = term if total is None else total + term
+    return total
 
 
 def project(factors_list, V):
     """Uᵀ V (B,) for V of the parameter's shape, summed over the list."""
     dtype = operand_dtype(factors_list)
-
-    def compute():
-        total = None
-        for factors in factors_list:
-            term = factors.project(V.to(dtype)).to(dtype)
-            total = term if total is None else total + term
-        return total
-
-    return finite_or_nan(compute, (factors_list[0].batch_size,), dtype, V.device)
+    total = None
+    for factors in factors_list:
+        term = factors.project(V.to(dtype)).to(dtype)
+        total = term if total is None else total + term
+    return total
 
 
 def mean_grad(capture, p, B):

@@ -10,8 +10,8 @@ and K̃ is the Gram of a linear layer with s inputs and s outputs: the same op o
 factors. A 2-D convolution (groups = 1) sketches its channels the same way. Both come from
 the public `Factors.sketch(s, seed)` (Rademacher Ω generated from (seed, row, column), never
 stored); other kinds (embeddings, materialized small parameters) stay exact. Non-finite
-factors make the sketch ops refuse (or, with LOWRANK_CHECK_FINITE=0, give NaN): the Gram is
-then NaN, the layer's solve fails and the caller falls back instead of raising.
+factors give a non-finite Gram: the layer's solve then fails (info ≠ 0) and the caller falls
+back, without a host sync.
 """
 from . import _captured
 
@@ -20,9 +20,5 @@ DIST = "rademacher"
 
 def sketched_gram(factors_list, k, seed):
     """K̃ (B × B): the Gram of the Kronecker-sketched per-sample gradients (see above), with
-    s = min(k, side) per side; NaN where the factors are not finite."""
-    first = factors_list[0]
-    dtype, B = _captured.operand_dtype(factors_list), first.batch_size
-    return _captured.finite_or_nan(
-        lambda: _captured.gram([f.sketch(k, seed, dist=DIST) for f in factors_list]),
-        (B, B), dtype, first.device)
+    s = min(k, side) per side (non-finite where the factors are)."""
+    return _captured.gram([f.sketch(k, seed, dist=DIST) for f in factors_list])
