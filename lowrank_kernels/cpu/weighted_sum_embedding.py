@@ -1,6 +1,6 @@
 """CPU weighted_sum_embedding: (U C)[m, r] = Σ_{i,t: idx_it = r ≠ padding} C_im e_it — the m scaled copies of
-the token rows built in one broadcast multiply (padding tokens weighted 0, no filtering) and
-scattered with one index_add_ along the table rows."""
+the token rows built in one broadcast multiply (padding tokens weighted 0: no filtering, no
+repeat_interleave) and scattered with one index_add_ along the table rows."""
 import torch
 
 from ._common import acc_dtype
@@ -16,10 +16,11 @@ def weighted_sum_embedding(idx, E, c, num_embeddings, padding_idx=None):
     d = E.shape[-1]
     C = (c if c.dim() == 2 else c[:, None]).to(dtype)  # B × m
     m = C.shape[1]
-    weights = C[:, None, :].expand(B, T, m)
+    weights = C.T[:, :, None].expand(m, B, T)
     if padding_idx is not None:
-        weights = weights * (idx != padding_idx)[:, :, None]
-    scaled = (E.to(dtype)[:, :, None, :] * weights[..., None]).view(B * T, m, d)
+        weights = weights * (idx != padding_idx)
+    scaled = E.new_empty((m, B, T, d), dtype=dtype)  # m × (B T) × d, row-major
+    torch.mul(weights[..., None], E.to(dtype)[None], out=scaled)
     out = E.new_zeros((m, num_embeddings, d), dtype=dtype)
-    out.transpose(0, 1).index_add_(0, idx.reshape(-1), scaled)
+    out.index_add_(1, idx.reshape(-1), scaled.view(m, B * T, d))
     return out if c.dim() == 2 else out[0]
