@@ -184,12 +184,18 @@ def _case(name):
             runs[opt_name] = (opt, step)
 
         def after():
+            failed = []
             for opt_name, (opt, _) in runs.items():
                 if hasattr(opt, "close"):
-                    assert int(opt.state["fallbacks"]) == 0 and int(opt.state["skipped"]) == 0
-                    if opt_name == VIA_BACKWARD:  # every timed step went through the backward
-                        assert opt.state["weighted_sum_steps"] == 0
+                    fallbacks, skipped = int(opt.state["fallbacks"]), int(opt.state["skipped"])
+                    if fallbacks or skipped:
+                        failed.append(f"{opt_name}: {fallbacks} fallbacks, {skipped} skipped")
+                    # every timed step of the via-backward row went through the backward
+                    if opt_name == VIA_BACKWARD and opt.state["weighted_sum_steps"]:
+                        failed.append(f"{opt_name}: {opt.state['weighted_sum_steps']} "
+                                      "weighted-sum steps")
                     opt.close()
+            assert not failed, "; ".join(failed)
 
         return Setup([baseline(n, step, check=False) if n in BASELINES else
                       Provider(n, step, role="ours") for n, (_, step) in runs.items()],
