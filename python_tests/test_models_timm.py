@@ -33,13 +33,27 @@ def _timm(name, **kw):
     return build
 
 
+def _efficientnet_b0():
+    """EfficientNet-B0's blocks (timm's own generator) at a quarter of its width and depth."""
+    from timm.models.efficientnet import _gen_efficientnet
+    return _gen_efficientnet("efficientnet_b0", channel_multiplier=0.25, depth_multiplier=0.25,
+                             pretrained=False, num_classes=C).to(F64).eval()
+
+
+def _regnetx():
+    """RegNetX-200MF's design (timm's RegNet, grouped 3×3 convs) at 8 blocks, widths 8–64."""
+    from timm.models.regnet import RegNet, RegNetCfg
+    cfg = RegNetCfg(depth=8, w0=8, wa=8.0, wm=2.0, group_size=4)
+    return RegNet(cfg, num_classes=C).to(F64).eval()
+
+
 MODELS = {
-    "vit_tiny": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2),
-                 _images(4), _losses),
+    "vit_tiny": (_timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                       embed_dim=32, num_heads=2), _images(4), _losses),
     "convnext_atto": (_timm("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
                             ls_init_value=0.5), _images(4), _losses),
-    "efficientnet_b0": (_timm("efficientnet_b0"), _images(4), _losses),
-    "regnetx_002": (_timm("regnetx_002"), _images(4), _losses),
+    "efficientnet_b0": (_efficientnet_b0, _images(4), _losses),
+    "regnetx_002": (_regnetx, _images(4), _losses),
 }
 LR = {"FNGD": 0.05, "SENG": 0.05, "KFAC": 0.05, "TWA": 0.05}
 

@@ -9,13 +9,19 @@ W ≈ U_r Σ_r V_rᵀ, computed by randomized SVD (lowrank_kernels.sketch), as t
 (Eckart–Young: ‖W − W_r‖_F² = Σ_{i>r} σ_i², the least of any rank-r matrix). The rank rule:
 a fixed `rank`, the smallest r keeping a fraction `energy` of Σ σ_i², or the effective rank
 ⌈exp(H(p))⌉, p_i = σ_i / Σ_j σ_j (Roy & Vetterli 2007). A layer is replaced only when the
-factors hold fewer parameters than W: r (in + out) < in · out.
+factors hold fewer parameters than W: r (in + out) < in · out. transformers' Conv1D (weight
+stored in × out) is a Linear with W = weightᵀ. Every other layer with a weight matrix is
+listed in the report with the reason it was left alone: a grouped or depthwise convolution
+(no single W), a weight tied to another module (replacing it would untie them), a name in
+`skip`, or factors that would not save parameters. The report's parameter counts are the
+model's (shared parameters counted once).
 """
 import dataclasses
 import math
 
 import torch
 
+from ..capture._generic import is_conv1d
 from ..sketch import randomized_svd
 
 
@@ -55,6 +61,7 @@ class LayerReport:
     flops_before: float  # per sample, 2 × multiply-adds (0 when no example input was given)
     flops_after: float
     relative_error: float  # ‖W − U_r Σ_r V_rᵀ‖_F / ‖W‖_F of the factors actually used
+    reason: str = ""  # why the layer was kept whole ("" when it was replaced)
 
 
 @dataclasses.dataclass
@@ -75,7 +82,8 @@ class CompressionReport:
         lines = ["| layer | shape | rank / full | params before → after | FLOPs before → after "
                  "| rel. error ‖W−W_r‖/‖W‖ |", "|---|---|---|---|---|---|"]
         for lr in self.layers:
-            rank = f"{lr.rank} / {lr.full_rank}" if lr.rank is not None else f"kept / {lr.full_rank}"
+            rank = (f"{lr.rank} / {lr.full_rank}" if lr.rank is not None
+                    else f"kept ({lr.reason}) / {lr.full_rank}")
             lines.append(f"| {lr.name} | {'×'.join(map(str, lr.shape))} | {rank} | "
                          f"{lr.params_before:,} → {lr.params_after:,} | "
                          f"{lr.flops_before:,.0f} → {lr.flops_after:,.0f} | "
@@ -90,7 +98,13 @@ class CompressionReport:
 
 def _matrix(layer):
     W = layer.weight.detach()
+    if _is_conv1d(layer):
+        return W.T
     return W.reshape(W.shape[0], -1)
+
+
+def _is_conv1d(module):
+    return is_conv1d(module, dict(module.named_parameters(recurse=False)))
 
 
 def _factor_modules(layer, U, S, V):
@@ -100,9 +114,10 @@ def _factor_modules(layer, U, S, V):
     first_w, second_w = root[:, None] * V.T, U * root[None, :]
     has_bias = layer.bias is not None
     like = dict(device=layer.weight.device, dtype=layer.weight.dtype)
-    if isinstance(layer, torch.nn.Linear):
-        first = torch.nn.Linear(layer.in_features, r, bias=False, **like)
-        second = torch.nn.Linear(r, layer.out_features, bias=has_bias, **like)
+    if isinstance(layer, torch.nn.Linear) or _is_conv1d(layer):
+        out_dim, in_dim = U.shape[0], V.shape[0]
+        first = torch.nn.Linear(in_dim, r, bias=False, **like)
+        second = torch.nn.Linear(r, out_dim, bias=has_bias, **like)
         first.weight.data.copy_(first_w)
     else:
         first = torch.nn.Conv2d(layer.in_channels, r, layer.kernel_size, layer.stride,
@@ -126,7 +141,8 @@ def _positions(model, example_input, names):
     modules = dict(model.named_modules())
     for name in names:
         def hook(module, inputs, output, name=name):
-            channels = output.shape[-1] if isinstance(module, torch.nn.Linear) else output.shape[1]
+            linear = isinstance(module, torch.nn.Linear) or _is_conv1d(module)
+            channels = output.shape[-1] if linear else output.shape[1]
             found[name] = output.numel() // (channels * batch)
         hooks.append(modules[name].register_forward_hook(hook))
     try:
@@ -138,16 +154,28 @@ def _positions(model, example_input, names):
     return found
 
 
-def _compressible(module):
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return isinstance(module, torch.nn.Conv2d) and module.groups == 1
+def _weight_layer(module):
+    """A layer compress knows (Linear, Conv1D, Conv2d)."""
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or _is_conv1d(module)
+
+
+def _why_kept(name, module, skip, holders):
+    """Why a Linear / Conv1D / Conv2d is not replaced, or "" when it may be."""
+    if name in skip:
+        return "in skip"
+    if isinstance(module, torch.nn.Conv2d) and module.groups != 1:
+        return f"grouped conv, groups={module.groups}"
+    others = [n for n in holders.get(id(module.weight), []) if n != name]
+    if others:
+        return f"weight tied to {', '.join(others)}"
+    return ""
 
 
 def compress(model, *, rank=None, energy=None, effective_rank=False, example_input=None,
              skip=(), oversample=10, power_iters=4, seed=0):
-    """Replace, in place, every Linear and (groups = 1) Conv2d of `model` whose name is not in
-    `skip` by two thin layers holding its rank-r truncated SVD (randomized), r from exactly one
+    """Replace, in place, every Linear, transformers Conv1D and (groups = 1) Conv2d of `model`
+    whose name is not in `skip` and whose weight is not tied to another module by two thin
+    layers holding its rank-r truncated SVD (randomized), r from exactly one
     rule: rank=r, energy=e (smallest r with Σ_{i≤r} σ_i² ≥ e Σ σ_i²) or effective_rank=True
     (r = ⌈exp(H(σ/Σσ))⌉). The energy and effective-rank rules need every σ_i: they come from
     torch.linalg.svdvals of W, the factors from randomized_svd (k = r, `oversample`,
@@ -155,27 +183,37 @@ def compress(model, *, rank=None, energy=None, effective_rank=False, example_inp
     Returns (model, CompressionReport)."""
     choose_rank(torch.ones(1), rank, energy, effective_rank)  # one valid rule
     params_before = sum(p.numel() for p in model.parameters())
-    targets = [(n, m) for n, m in model.named_modules()
-               if _compressible(m) and n not in skip and n != ""]
-    positions = _positions(model, example_input, [n for n, _ in targets])
+    holders = {}  # id(parameter) -> names of the modules holding it
+    for n, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            holders.setdefault(id(p), []).append(n)
+    layers_all = [(n, m) for n, m in model.named_modules() if n != "" and _weight_layer(m)]
+    positions = _positions(model, example_input, [n for n, _ in layers_all])
     layers = []
-    for name, layer in targets:
+    for name, layer in layers_all:
         W = _matrix(layer)
         out_dim, in_dim = W.shape
         full_rank = min(out_dim, in_dim)
+        pos = positions.get(name, 0)
+        bias = 0 if layer.bias is None else layer.bias.numel()
+        before = dict(params=W.numel() + bias, flops=2.0 * W.numel() * pos)
+        reason = _why_kept(name, layer, skip, holders)
+        if reason:
+            layers.append(LayerReport(name, type(layer).__name__, tuple(layer.weight.shape), None,
+                                      full_rank, before["params"], before["params"],
+                                      before["flops"], before["flops"], 0.0, reason))
+            continue
         work = W.double() if W.dtype == torch.float64 else W.float()
         if rank is not None:
             r = min(int(rank), full_rank)
         else:
             r = choose_rank(torch.linalg.svdvals(work), energy=energy,
                             use_effective_rank=effective_rank)
-        pos = positions.get(name, 0)
-        bias = 0 if layer.bias is None else layer.bias.numel()
-        before = dict(params=W.numel() + bias, flops=2.0 * W.numel() * pos)
         if r * (in_dim + out_dim) >= in_dim * out_dim:
             layers.append(LayerReport(name, type(layer).__name__, tuple(layer.weight.shape), None,
                                       full_rank, before["params"], before["params"],
-                                      before["flops"], before["flops"], 0.0))
+                                      before["flops"], before["flops"], 0.0,
+                                      "factors would not save parameters"))
             continue
         U, S, V = randomized_svd(work, r, oversample=oversample, power_iters=power_iters,
                                  seed=seed)
