@@ -1,10 +1,9 @@
 """woodbury_solve's per-call path around the solve: where a float damping lives (the CPU, so
-that it costs no device sync), the damping value check on each of its paths (a few CPU values
-checked in Python, many in one reduction, none for meta/fake tensors), that a CPU scalar
-damping passed on as a view is never aliased by an output, and (GPU) the number of syncs.
+that it costs no device sync), the damping value check (a float on the host; a tensor's
+values on the device: info = -3 for a bad member, no sync; none for meta/fake tensors), that
+a CPU scalar damping passed on as a view is never aliased by an output, and (GPU) no syncs.
 The solve itself is tested in test_woodbury_solve.py."""
 import contextlib
-import warnings
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from conftest import device_backend_params
 
 import lowrank_kernels as lk
 from lowrank_kernels import _capabilities as caps
+from lowrank_kernels.reference.woodbury_solve import INFO_BAD_DAMPING
 
 NATIVE = caps.native_built()
 CPU_BACKENDS = [p for p in device_backend_params("woodbury_solve") if p.values[0] == "cpu"]
@@ -42,23 +42,40 @@ def test_float_damping_is_a_cpu_scalar_whatever_the_default_device(device, backe
 
 
 @pytest.mark.parametrize("device,backend", CPU_BACKENDS)
-@pytest.mark.parametrize("b", [3, 65])  # 64 values or fewer are checked in Python
+@pytest.mark.parametrize("b", [3, 65])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), -1e-300],
                          ids=["nan", "inf", "-inf", "tiny-negative"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_every_bad_damping_is_rejected(device, backend, b, bad, dtype):
+def test_every_bad_damping_is_reported(device, backend, b, bad, dtype):
+    """A bad value in a damping tensor gives its member info = -3 and X = 0 (the others are
+    solved as without it); a bad float raises, naming damping."""
     K, R = _problem(b, 2, 1, dtype)
     lam = torch.full((b,), 0.5, dtype=dtype)
     lam[-1] = bad
     if dtype == torch.float32 and bad == -1e-300:
         lam[-1] = -1e-45  # the smallest negative float32 (a subnormal)
-    with pytest.raises(ValueError, match=r"woodbury_solve: damping must be finite and >= 0"):
-        lk.woodbury_solve(K, lam, R, backend=backend)
-    with pytest.raises(ValueError, match=r"woodbury_solve: damping must be finite and >= 0"):
-        lk.woodbury_solve(K, lam[-1], R, backend=backend)  # a CPU scalar
+    X, info, used = lk.woodbury_solve(K, lam, R, backend=backend)
+    good = lk.woodbury_solve(K[:-1], lam[:-1], R[:-1], backend=backend)
+    assert info[-1] == INFO_BAD_DAMPING and (X[-1] == 0).all()
+    assert torch.equal(X[:-1], good.X) and (info[:-1] == 0).all()
+    X1, info1, _ = lk.woodbury_solve(K, lam[-1], R, backend=backend)  # a CPU scalar
+    assert (info1 == INFO_BAD_DAMPING).all() and (X1 == 0).all()
     if dtype == torch.float64:
         with pytest.raises(ValueError, match=r"woodbury_solve: damping must be finite"):
             lk.woodbury_solve(K, bad, R, backend=backend)  # a float
+
+
+@pytest.mark.parametrize("bad", [True, "0.1", None])
+def test_a_damping_of_the_wrong_type_is_refused(bad):
+    K, R = _problem(2, 3, 1)
+    with pytest.raises(TypeError, match="woodbury_solve: damping must be a float or a tensor"):
+        lk.woodbury_solve(K, bad, R)
+
+
+def test_a_float_damping_that_overflows_float32_is_refused():
+    K, R = _problem(2, 3, 1, torch.float32)
+    with pytest.raises(ValueError, match=r"damping 1e\+39 overflows K's dtype float32"):
+        lk.woodbury_solve(K, 1e39, R)
 
 
 @pytest.mark.parametrize("device,backend", CPU_BACKENDS)
@@ -77,15 +94,6 @@ def test_zero_and_negative_zero_damping_are_accepted(device, backend, b):
         assert (lk.woodbury_solve(K, lam0, R, backend=backend).info == 0).all()
 
 
-def test_bad_damping_message_lists_the_values():
-    K, R = _problem(70, 2, 1)
-    lam = torch.full((70,), 0.5, dtype=torch.float64)
-    lam[1] = -2.0
-    listed = r"got \[0\.5, -2\.0" + r", 0\.5" * 6 + r"\]$"  # the first 8 of the 70
-    with pytest.raises(ValueError, match=listed):
-        lk.woodbury_solve(K, lam, R)
-
-
 @pytest.mark.parametrize("device,backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", [(3, 6, 2), (6, 2), (6,)], ids=["batched", "matrix", "vector"])
 def test_cpu_scalar_damping_is_never_aliased(device, backend, shape):
@@ -101,8 +109,9 @@ def test_cpu_scalar_damping_is_never_aliased(device, backend, shape):
     assert used.untyped_storage().data_ptr() != lam.untyped_storage().data_ptr()
     lam.fill_(7.0)
     assert torch.equal(used, before) and (used == 0.125).all() and (info == 0).all()
-    torch.library.opcheck(torch.ops.lowrank_kernels.woodbury_solve.default,
-                          (K, torch.tensor(0.125, dtype=torch.float64), R, None, 4, backend))
+    with lk.use_backend(backend):
+        torch.library.opcheck(torch.ops.lowrank_kernels.woodbury_solve.default,
+                              (K, torch.tensor(0.125, dtype=torch.float64), R, None, 4))
 
 
 def test_meta_and_fake_damping_are_not_read():
@@ -159,19 +168,16 @@ def test_cuda_float_damping_costs_no_sync(default_device):
 
 
 @pytest.mark.cuda
-def test_cuda_damping_tensor_costs_one_sync():
-    """Checking a GPU damping tensor for λ < 0 and NaN/Inf is one reduction and one sync."""
+def test_cuda_damping_tensor_costs_no_sync():
+    """A GPU damping tensor's values are checked in the kernel (info = -3): no sync."""
     _native_cuda()
     K, R = _problem(3, 9, 2, torch.float32, "cuda")
-    lam = torch.tensor([0.1, 0.2, 0.3], device="cuda")
+    lam = torch.tensor([0.1, -0.2, 0.3], device="cuda")
     lk.woodbury_solve(K, lam, R, backend="native")  # warm-up
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            lk.woodbury_solve(K, lam, R, backend="native")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        X, info, _ = lk.woodbury_solve(K, lam, R, backend="native")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert info.tolist() == [0, -3, 0] and (X[1] == 0).all()
