@@ -218,3 +218,12 @@ def test_backend_table_names_a_kernel_per_device():
     assert set(table) == set(lk.REGISTRY)
     assert table["woodbury_solve"]["cpu"] == ("native" if lk.native_build_info() != "not built"
                                               else "reference")
+
+
+def test_empty_token_dimension_gives_zero_grams():
+    """B·T = 0 is a valid input (issue 12.6): zero Grams on every backend."""
+    idx, E = torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0, 4)
+    for backend in backends_for("gram_embedding", "cpu"):
+        K = lk.gram_embedding(idx, E, 5, idx2=idx[:2], E2=E[:2], backend=backend)
+        assert K.shape == (3, 2) and (K == 0).all(), backend
+        assert (lk.gram_embedding(idx, E, 5, backend=backend) == 0).all(), backend

@@ -29,8 +29,8 @@ def _token_pairs(idx, E, padding_idx, idx2, E2, dtype):
     idx2, E2 = (idx2, E2) if cross else (idx, E)
     (B, T), (B2, T2) = idx.shape, idx2.shape
     rows1, rows2 = idx.reshape(-1), idx2.reshape(-1)
-    E1 = E.reshape(B * T, -1).to(dtype)
-    E2 = E1 if not cross else E2.reshape(B2 * T2, -1).to(dtype)
+    E1 = E.reshape(B * T, E.shape[-1]).to(dtype)
+    E2 = E1 if not cross else E2.reshape(B2 * T2, E2.shape[-1]).to(dtype)
     mask = rows1[:, None] == rows2[None, :]
     if padding_idx is not None:
         mask &= (rows1 != padding_idx)[:, None]
