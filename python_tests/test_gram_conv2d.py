@@ -164,5 +164,5 @@ def test_bad_input_errors_name_the_argument(backend):
         lk.gram_conv2d(X, E, **geo, X2=X[:, :, 1:], E2=E, backend=backend)
     bad = E.clone()
     bad[0, 1, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"E contains non-finite values"):
+    with lk.strict(), pytest.raises(lk.NonFiniteError, match=r"E contains non-finite values"):
         lk.gram_conv2d(X, bad, **geo, backend=backend)

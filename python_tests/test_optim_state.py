@@ -1,11 +1,13 @@
 """FNGD / SENG / KFAC: bit-for-bit resume from state_dict, safety (non-finite gradients,
 indefinite Gram), bf16 autocast, bad arguments."""
+import contextlib
 import io
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import lowrank_kernels as lk
 from lowrank_kernels.capture import Capture
 from lowrank_kernels.optim import FNGD, KFAC, SENG, _captured
 
@@ -55,14 +57,18 @@ def test_resume_is_bit_for_bit(name, make):
     assert opt2.state["step"] == 8
 
 
-@pytest.mark.parametrize("op_checks", ["1", "0"], ids=["op-checks-on", "op-checks-off"])
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
 @pytest.mark.parametrize("name", list(MAKERS))
-def test_non_finite_gradients_never_reach_the_weights(name, op_checks, monkeypatch):
+def test_non_finite_gradients_never_reach_the_weights(name, strict):
     """A NaN in one sample's input makes every captured factor, Gram and gradient NaN: all
     parameters are skipped (weights and momentum unchanged) and counted; the next, clean
-    batch trains normally. With the ops' own non-finite checks on (they raise) and off (NaN
-    flows into the results)."""
-    monkeypatch.setenv("LOWRANK_CHECK_FINITE", op_checks)
+    batch trains normally. On the default path (NaN flows into the results, tested on the
+    device) and in strict mode (the ops raise NonFiniteError, the step is skipped)."""
+    with lk.strict() if strict else contextlib.nullcontext():
+        _non_finite_batch_is_skipped(name)
+
+
+def _non_finite_batch_is_skipped(name):
     model = ref.mlp(dtype=torch.float32)
     opt = MAKERS[name](model)
     _train(model, opt, [ref.batch(model, 6, 1, torch.float32)])
@@ -80,6 +86,31 @@ def test_non_finite_gradients_never_reach_the_weights(name, op_checks, monkeypat
             assert torch.equal(opt.state[p]["momentum_buffer"], buf)
     _train(model, opt, [ref.batch(model, 6, 3, torch.float32)])
     assert int(opt.state["skipped"]) == n
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_a_huge_finite_loss_does_not_kill_training(name, strict):
+    """loss × 1e30 overflows the fp32 Grams (finite inputs, Inf results): the step falls back
+    or is skipped, nothing non-finite reaches the weights, and the next clean batches train
+    (the capture is released even when a step raised)."""
+    model = ref.mlp(dtype=torch.float32)
+    opt = MAKERS[name](model)
+    _train(model, opt, [ref.batch(model, 6, 1, torch.float32)])
+    x, y = ref.batch(model, 6, 2, torch.float32)
+    with lk.strict() if strict else contextlib.nullcontext():
+        loss = torch.nn.functional.cross_entropy(model(x), y) * 1e30
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before = [p.detach().clone() for p in model.parameters()]
+    skipped = int(opt.state["skipped"])
+    for seed in (3, 4):
+        _train(model, opt, [ref.batch(model, 6, seed, torch.float32)])
+    assert int(opt.state["skipped"]) == skipped
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 

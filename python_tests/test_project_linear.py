@@ -112,7 +112,7 @@ def test_bad_input_errors_name_the_argument(backend):
         lk.project_linear(A, E[:3], V, backend=backend)
     bad = V.clone()
     bad[0, 1, 2] = float("inf")
-    with pytest.raises(ValueError, match=r"V contains non-finite values"):
+    with lk.strict(), pytest.raises(lk.NonFiniteError, match=r"V contains non-finite values"):
         lk.project_linear(A, E, bad, backend=backend)
 
 

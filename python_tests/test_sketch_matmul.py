@@ -133,5 +133,5 @@ def test_bad_inputs_name_the_argument():
         lk.sketch_matmul(M, 2, 0, row_offset=-3)
     bad = M.clone()
     bad[1, 1] = float("nan")
-    with pytest.raises(ValueError, match="M contains non-finite values"):
+    with lk.strict(), pytest.raises(lk.NonFiniteError, match="M contains non-finite values"):
         lk.sketch_matmul(bad, 2)

@@ -80,14 +80,6 @@ def test_gpu_large_column_count():
                   "gpu project")
 
 
-def test_opcheck():
-    a, v = torch.randn(6), torch.randn(33)
-    torch.library.opcheck(torch.ops.lowrank_kernels.random_subspace_expand.default,
-                          (a, 1, 33, 0.2, "gaussian", v, None))
-    torch.library.opcheck(torch.ops.lowrank_kernels.random_subspace_project.default,
-                          (v, 1, 6, 0.2, "rademacher", "triton"))
-
-
 def test_bad_input_errors_name_the_argument():
     a, v = torch.randn(6), torch.randn(33)
     with pytest.raises(ValueError, match=r"D and base must have the same length"):

@@ -115,7 +115,7 @@ def test_bad_input_errors_name_the_argument(backend):
         lk.weighted_sum_linear(A, E.half(), c, backend=backend)
     bad = c.clone()
     bad[1] = float("nan")
-    with pytest.raises(ValueError, match=r"c contains non-finite values"):
+    with lk.strict(), pytest.raises(lk.NonFiniteError, match=r"c contains non-finite values"):
         lk.weighted_sum_linear(A, E, bad, backend=backend)
 
 

@@ -22,8 +22,8 @@ inline WoodburyArgs woodbury_args(const at::Tensor& K, const at::Tensor& damping
                                   const at::Tensor& R, std::optional<double> jitter,
                                   int64_t max_tries) {
   constexpr const char* kOp = "woodbury_solve";
-  TORCH_CHECK_VALUE(K.dim() == 2 || K.dim() == 3, kOp, ": K must be a 3-D or 2-D tensor (b x n x n "
-              "or n x n: the symmetric matrices), got shape ", K.sizes());
+  TORCH_CHECK_VALUE(K.dim() == 2 || K.dim() == 3, kOp, ": K must be a 2 or 3-D tensor (b x n x n or "
+                    "n x n: the symmetric matrices), got shape ", K.sizes());
   TORCH_CHECK_TYPE(K.scalar_type() == at::kFloat || K.scalar_type() == at::kDouble, kOp,
                    ": K must have a floating dtype (float32, float64), got ", K.scalar_type());
   TORCH_CHECK_VALUE(K.size(-1) == K.size(-2), kOp, ": K must be square in its last two dims, "
@@ -47,7 +47,7 @@ inline WoodburyArgs woodbury_args(const at::Tensor& K, const at::Tensor& damping
   const int64_t rows = batched ? R.size(1) : R.size(0);
   TORCH_CHECK_VALUE(rows == n, kOp, ": K and R must have the same size n (K's last dim, R's "
                     "rows), got ", n, " and ", rows);
-  TORCH_CHECK_VALUE(damping.dim() <= 1, kOp, ": damping must be a 0-D or 1-D tensor (a float, "
+  TORCH_CHECK_VALUE(damping.dim() <= 1, kOp, ": damping must be a 0 or 1-D tensor (a float, "
                     "0-d or (b,) tensor), got shape ", damping.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(damping.scalar_type()), kOp,
                    ": damping must have a floating dtype, got ", damping.scalar_type());

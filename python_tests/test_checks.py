@@ -1,0 +1,28 @@
+"""The argument checks shared by every op (lowrank_kernels._checks): each error names the op,
+the argument and what was expected."""
+import pytest
+import torch
+
+from lowrank_kernels import _checks
+
+
+def test_check_messages():
+    A, E = torch.ones(2, 3), torch.ones(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^op: A and E must have the same dtype, got A: "
+                                         r"torch.float32, E: torch.float64$"):
+        _checks.check_same("op", ("A", "E"), (A, E), "dtype")
+    with pytest.raises(ValueError, match=r"^op: A and E and F must have the same dtype, got "
+                                         r"A: torch.float32, E: torch.float32, F: "
+                                         r"torch.float64$"):
+        _checks.check_same("op", ("A", "E", "F"), (A, A, E), "dtype")
+    _checks.check_same("op", ("A", "E", "F"), iter((A, A, A)), "device")
+    with pytest.raises(ValueError, match=r"^op: A must be a 2 or 3-D tensor \(doc\), got "
+                                         r"shape \(2, 3, 1, 1\)$"):
+        _checks.check_tensor("op", "A", A[..., None, None], (2, 3), "doc")
+    with pytest.raises(ValueError, match=r"^op: A must be a 1-D tensor \(doc\), got shape "):
+        _checks.check_tensor("op", "A", A, 1, "doc")
+    with pytest.raises(TypeError, match=r"^op: A must be a torch.Tensor, got list$"):
+        _checks.check_tensor("op", "A", [1.0])
+    with pytest.raises(TypeError, match=r"^op: A must have a floating dtype \(float32, "
+                                        r"float64\), got torch.int64$"):
+        _checks.check_float("op", "A", A.long(), (torch.float32, torch.float64))
