@@ -30,12 +30,12 @@ def _fwht_kernel(x, y, inner, N: tl.constexpr, LOG_N: tl.constexpr):
 
 
 def _factors(n):
-    """n = 2^m as a product of powers of two, each ≤ MAX_FIBER."""
-    factors = []
-    while n > MAX_FIBER:
-        factors.append(MAX_FIBER)
-        n //= MAX_FIBER
-    return factors + [n]
+    """n = 2^m as a product of the fewest powers of two ≤ MAX_FIBER, balanced (16384 =
+    128 × 128, not 8192 × 2: no launch of millions of 2-point programs)."""
+    log_n = n.bit_length() - 1
+    parts = max(1, -(-log_n // (MAX_FIBER.bit_length() - 1)))
+    logs = [log_n // parts + (i < log_n % parts) for i in range(parts)]
+    return [1 << e for e in logs]
 
 
 def fwht(x: torch.Tensor) -> torch.Tensor:

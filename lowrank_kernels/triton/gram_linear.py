@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._capabilities import triton_interpreter
 from .token_rows import (input_precision, linear_tokens, load_input, load_rows, num_warps,
                          output_tokens, tile)
 
@@ -112,8 +113,11 @@ def _gram_token_pair_kernel(A, a_s0, a_s1, a_s2, a_s3, A2, b_s0, b_s1, b_s2, b_s
                 acc += x
             else:
                 # p[u, v] = Σ_{rows of sample i0+u, cols of sample j0+v} X: S_r X S_cᵀ.
-                s_r = ((rows // T - i0)[None, :] == slot[:, None]) & (rows < r_hi)[None, :]
-                s_c = ((cols // T - j0)[None, :] == slot[:, None]) & (cols < c_hi)[None, :]
+                # 32-bit divisions (rows < token_rows.MAX_ROWS): no 64-bit division call.
+                si = (rows.to(tl.int32) // T).to(tl.int64) - i0
+                sj = (cols.to(tl.int32) // T).to(tl.int64) - j0
+                s_r = (si[None, :] == slot[:, None]) & (rows < r_hi)[None, :]
+                s_c = (sj[None, :] == slot[:, None]) & (cols < c_hi)[None, :]
                 xc = tl.dot(x, tl.trans(s_c.to(tl.float32)), input_precision="ieee")
                 p = tl.dot(s_r.to(tl.float32), xc, input_precision="ieee")
                 acc += p
@@ -174,7 +178,7 @@ def _per_sample_gradient_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, 
 @triton.jit
 def _gram_workspace_kernel(W1, W2, L, P, B1, B2, split_len, SYMMETRIC: tl.constexpr,
                            DIAGONAL: tl.constexpr, BLOCK: tl.constexpr, BLOCK_L: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           PRECISION: tl.constexpr, SPLIT_BF16: tl.constexpr = False):
     # P[s] += W1[:, ls] W2[:, ls]ᵀ (DIAGONAL: P[s] += rowsum(W1[:, ls] ⊙ W2[:, ls])) over split
     # s of L.
     ti = tl.program_id(0)
@@ -204,7 +208,18 @@ def _gram_workspace_kernel(W1, W2, L, P, B1, B2, split_len, SYMMETRIC: tl.conste
                          mask=(rows_i[:, None] < B1) & ((l0 + ls)[None, :] < l_hi), other=0.0)
             wj = tl.load(W2 + rows_j[:, None] * L + (l0 + ls)[None, :],
                          mask=(rows_j[:, None] < B2) & ((l0 + ls)[None, :] < l_hi), other=0.0)
-            acc = tl.dot(wi, tl.trans(wj), acc, input_precision=PRECISION)
+            if SPLIT_BF16:
+                # 16-bit layer inputs: the fp32 workspace as hi + lo bf16 on the tensor cores,
+                # hi·hi + hi·lo + lo·hi (16 significant bits a product; lo·lo dropped).
+                wi_hi = wi.to(tl.bfloat16)
+                wj_hi = wj.to(tl.bfloat16)
+                wi_lo = (wi - wi_hi.to(tl.float32)).to(tl.bfloat16)
+                wj_lo = (wj - wj_hi.to(tl.float32)).to(tl.bfloat16)
+                acc = tl.dot(wi_hi, tl.trans(wj_hi), acc)
+                acc = tl.dot(wi_hi, tl.trans(wj_lo), acc)
+                acc = tl.dot(wi_lo, tl.trans(wj_hi), acc)
+            else:
+                acc = tl.dot(wi, tl.trans(wj), acc, input_precision=PRECISION)
         inside = (rows_i[:, None] < B1) & (rows_j[None, :] < B2)
         out = P + (s * B1 + rows_i[:, None]) * B2 + rows_j[None, :]
         tl.store(out, tl.load(out, mask=inside, other=0.0) + acc, mask=inside)
@@ -253,6 +268,9 @@ def _per_sample(t1, E1, t2, E2, groups, bias, diagonal, K, precision):
     split_len = triton.cdiv(triton.cdiv(L, splits), block_k) * block_k
     partial = torch.zeros((splits,) + tuple(K.shape), device=K.device, dtype=torch.float32)
     gram_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # bf16 tensor cores for 16-bit inputs, compiled (the interpreter has no bf16 arithmetic).
+    split_bf16 = (E1.dtype in (torch.float16, torch.bfloat16) and not triton_interpreter()
+                  and gram_precision == "ieee")
     for k0 in range(0, cols, ck):
         for tile0 in range(0, n_tiles, chunk_tiles):
             n_chunk = min(chunk_tiles, n_tiles - tile0)
@@ -266,7 +284,8 @@ def _per_sample(t1, E1, t2, E2, groups, bias, diagonal, K, precision):
                     num_warps=num_warps(block_o, block_k))
             _gram_workspace_kernel[(n1, n2, splits)](
                 W1, W2, L, partial, B1, B2, split_len, SYMMETRIC=not cross and not diagonal,
-                DIAGONAL=diagonal, BLOCK=block, BLOCK_L=block_k, PRECISION=gram_precision)
+                DIAGONAL=diagonal, BLOCK=block, BLOCK_L=block_k, PRECISION=gram_precision,
+                SPLIT_BF16=split_bf16)
     torch.sum(partial, 0, out=K)
     if not cross and not diagonal:
         K.copy_(K.triu() + K.triu(1).T)  # only tiles on and above the diagonal were computed

@@ -1,18 +1,58 @@
 """Ω tiles generated in registers: the Triton implementation of Ω_ij = f(seed, i, j) (the
 definition is in lowrank_kernels/reference/sketch_omega.py and csrc/include/lowrank/philox.h).
 
-tl.philox(seed, c0, c1, c2, c3) is Philox4x32-10 with key (lo32(seed), hi32(seed)); the
-uint → float conversion and Box–Muller are done here, in float64, so that they match the
-C++ and PyTorch implementations (float64 log/cos/sin agree to an ulp of float64, hence the
-float32 entries agree bit for bit except in the rare double-rounding case: at most 1 ulp).
-The float64 transform runs at the full float64 rate of data-center GPUs (A100/H100: half the
-float32 rate); on GPUs with slow float64 it makes the generation, not the GEMM, the cost.
+tl.philox(seed, c0, c1, c2, c3) is Philox4x32-10 with key (lo32(seed), hi32(seed)). Two
+Box–Muller transforms of the words:
+
+- FP64=True (sketch_omega, the materialized Ω): the reference's own float64 formula, so that
+  the entries agree with the C++ and PyTorch implementations to 1 ulp (float64 log/cos/sin of
+  different libraries differ by an ulp of float64 at most).
+- FP64=False (the fused kernels: sketch_matmul, random_subspace): the same function in float32
+  arithmetic, accurate to a few float32 ulps of the float64 formula everywhere (no float64
+  instruction; on an H100 float64 runs at 1/2 the fp32 FMA rate, on other GPUs at 1/64):
+      −ln u: u = (a + ½)·2⁻³² directly for a < 2³¹ (|ln u| ≥ ln 2: no cancellation); for
+             a ≥ 2³¹, w = 1 − u = (~a + ½)·2⁻³² exactly and ln u = log1p(−w) (Goldberg:
+             log(1 − w)·(−w)/((1 − w) − 1), exact-ish in float32);
+      θ = 2π(b + ½)·2⁻³² = (o + f)·π/4 with octant o = b >> 29: cos θ and sin θ are ± cos β,
+             ± sin β of β = (f′ + ½)·2⁻²⁹·π/4 ∈ (0, π/4], f′ the low 29 bits of b (of ~b in
+             odd octants), so there is no cancellation near the zeros of cos and sin.
 """
 import triton
 import triton.language as tl
 
 _TWO_PI = tl.constexpr(6.283185307179586)
 _TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)
+_QUARTER_PI_POW_M29 = tl.constexpr(1.4629180792671596e-09)  # π/4 · 2⁻²⁹
+
+
+@triton.jit
+def _box_muller_fp32(a, b):
+    """(r cos θ, r sin θ) in float32 of the words a (radius) and b (angle); see above."""
+    # r² = −2 ln u.
+    u = (a.to(tl.float32) + 0.5) * _TWO_POW_M32
+    w = ((~a).to(tl.float32) + 0.5) * _TWO_POW_M32
+    y = 1.0 - w
+    one = y == 1.0
+    log1p = tl.where(one, -w, tl.log(y) * (-w / tl.where(one, 1.0, y - 1.0)))
+    ln_u = tl.where(a < 0x80000000, tl.log(u), log1p)
+    r = tl.sqrt_rn(-2.0 * ln_u)
+    # θ by octant.
+    octant = (b >> 29).to(tl.int32)
+    odd = (octant & 1) == 1
+    low = tl.where(odd, ~b, b) & 0x1FFFFFFF
+    beta = (low.to(tl.float32) + 0.5) * _QUARTER_PI_POW_M29
+    # Cephes sinf/cosf minimax polynomials on [0, π/4] (≈ 1 ulp): no range reduction, so no
+    # libdevice large-argument path (which holds float64 instructions).
+    z = beta * beta
+    s = beta + beta * z * (-1.6666654611e-1 + z * (8.3321608736e-3 + z * -1.9515295891e-4))
+    c = 1.0 - 0.5 * z + z * z * (4.166664568298827e-2 + z * (-1.388731625493765e-3
+                                                             + z * 2.443315711809948e-5))
+    swap = ((octant + 1) >> 1) & 1 == 1
+    cos_t = tl.where(swap, s, c)
+    sin_t = tl.where(swap, c, s)
+    cos_t = tl.where(((octant + 2) >> 2) & 1 == 1, -cos_t, cos_t)
+    sin_t = tl.where(octant >= 4, -sin_t, sin_t)
+    return r * cos_t, r * sin_t
 
 
 @triton.jit
@@ -30,9 +70,10 @@ def _sign(x):
 
 
 @triton.jit
-def omega_tile(seed, rows, groups, RADEMACHER: tl.constexpr):
+def omega_tile(seed, rows, groups, RADEMACHER: tl.constexpr, FP64: tl.constexpr = False):
     """Ω[rows, 4·groups + q] as a (len(rows), 4·len(groups)) float32 tile, column 4g + q of
-    group g. rows: int64 row indices; groups: int32 column-group indices ⌊j/4⌋."""
+    group g. rows: int64 row indices; groups: int32 column-group indices ⌊j/4⌋. FP64: the
+    float64 Box–Muller (1 ulp from the reference), else the float32 one (a few ulps)."""
     i = rows[:, None]
     c0 = (groups[None, :] + 0 * i).to(tl.uint32)
     c1 = (i & 0xFFFFFFFF).to(tl.uint32) + 0 * c0
@@ -41,9 +82,12 @@ def omega_tile(seed, rows, groups, RADEMACHER: tl.constexpr):
     x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3)
     if RADEMACHER:
         z0, z1, z2, z3 = _sign(x0), _sign(x1), _sign(x2), _sign(x3)
-    else:
+    elif FP64:
         z0, z1 = _box_muller(x0, x1)
         z2, z3 = _box_muller(x2, x3)
+    else:
+        z0, z1 = _box_muller_fp32(x0, x1)
+        z2, z3 = _box_muller_fp32(x2, x3)
     # [r, g, a, b] = z_{2a+b}; reshaped, column 4g + 2a + b.
     tile = tl.join(tl.join(z0, z2), tl.join(z1, z3))
     return tl.reshape(tile, (rows.shape[0], 4 * groups.shape[0]))

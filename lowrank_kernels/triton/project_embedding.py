@@ -7,14 +7,17 @@ import triton.language as tl
 
 @triton.jit
 def _project_embedding_kernel(IDX, si0, si1, T, E, se0, se1, se2, d,
-                              V, sv0, sv1, sv2, OUT, m, padding_idx,
+                              V, sv0, sv1, sv2, OUT, m, padding_idx, tokens_per_split, B,
                               HAS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                               BLOCK_D: tl.constexpr):
+    # OUT[s, i, k] = Σ_{tokens t of split s} e_it · V_k[idx_it].
     i = tl.program_id(0).to(tl.int64)
     direction = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    t_lo = split * tokens_per_split
+    for t0 in range(t_lo, tl.minimum(t_lo + tokens_per_split, T), BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         valid = t < T
         rows = tl.load(IDX + i * si0 + t * si1, mask=valid, other=0)
@@ -28,7 +31,7 @@ def _project_embedding_kernel(IDX, si0, si1, T, E, se0, se1, se2, d,
             v = tl.load(V + direction * sv0 + rows[:, None] * sv1 + k[None, :] * sv2,
                         mask=mask, other=0.0).to(tl.float32)
             acc += e * v
-    tl.store(OUT + i * m + direction, tl.sum(tl.sum(acc, axis=1), axis=0))
+    tl.store(OUT + (split * B + i) * m + direction, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
 def project_embedding(idx, E, V, padding_idx=None):
@@ -40,11 +43,20 @@ def project_embedding(idx, E, V, padding_idx=None):
     if Vm.dtype == torch.float64:
         Vm = Vm.float()  # the kernel accumulates in fp32; read V in fp32
     m = Vm.shape[0]
-    out = torch.zeros((B, m), device=E.device, dtype=torch.float32)
-    if B and T and d and m:
-        _project_embedding_kernel[(B, m)](
-            idx, idx.stride(0), idx.stride(1), T, E, E.stride(0), E.stride(1), E.stride(2), d,
-            Vm, Vm.stride(0), Vm.stride(1), Vm.stride(2), out, m,
-            -1 if padding_idx is None else padding_idx, HAS_PAD=padding_idx is not None,
-            BLOCK_T=16, BLOCK_D=64 if d > 32 else 32)
+    if not (B and T and d and m):
+        out = torch.zeros((B, m), device=E.device, dtype=torch.float32)
+        return out if V.dim() == 3 else out[:, 0]
+    # Token splits so that ≥ 2 × 132 programs run (a full wave or two of an H100); the split
+    # partials are summed after in a fixed order (deterministic).
+    block_t = 16
+    splits = max(1, min(triton.cdiv(T, 4 * block_t), triton.cdiv(264, B * m)))
+    tokens_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    splits = triton.cdiv(T, tokens_per_split)
+    out = torch.empty((splits, B, m), device=E.device, dtype=torch.float32)
+    _project_embedding_kernel[(B, m, splits)](
+        idx, idx.stride(0), idx.stride(1), T, E, E.stride(0), E.stride(1), E.stride(2), d,
+        Vm, Vm.stride(0), Vm.stride(1), Vm.stride(2), out, m,
+        -1 if padding_idx is None else padding_idx, tokens_per_split, B,
+        HAS_PAD=padding_idx is not None, BLOCK_T=block_t, BLOCK_D=64 if d > 32 else 32)
+    out = out[0] if splits == 1 else out.sum(0)
     return out if V.dim() == 3 else out[:, 0]

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .token_rows import linear_tokens, load_input, load_rows, num_warps, output_tokens, tile
+from .token_rows import (input_precision, linear_tokens, load_input, load_rows, output_tokens,
+                         tile)
 
 
 @triton.jit
@@ -20,7 +21,9 @@ def _project_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, V, v_
                            DH: tl.constexpr, DW: tl.constexpr, IM2COL: tl.constexpr,
                            HAS_VBIAS: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           PRECISION: tl.constexpr, SPLIT_V: tl.constexpr):
+    # Products on the tensor cores in the inputs' dtype: A and V of one 16-bit dtype as they
+    # are; SPLIT_V (A 16-bit, V fp32): V as hi + lo in A's dtype, two dots (V not rounded).
     # OUT[s, j, r] = Σ_{output tiles of split s} Σ_o e_r[g, o] (Σ_k V_j[g·d_out + o, k] ã_r[g, k]
     #                + VB_j[g·d_out + o])
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -38,8 +41,16 @@ def _project_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, V, v_
                            H, W, W_out, KH, KW, SH, SW, PH, PW, DH, DW, IM2COL, False)
             v = tl.load(V + j * v_s0 + v_rows[:, None] * v_s1 + ks[None, :] * v_s2,
                         mask=(os[:, None] < d_out) & (ks[None, :] < d_in), other=0.0)
-            y = tl.dot(a.to(tl.float32), tl.trans(v.to(tl.float32)), y,
-                       input_precision=PRECISION)
+            if SPLIT_V:
+                v_hi = v.to(a.dtype)
+                v_lo = (v - v_hi.to(tl.float32)).to(a.dtype)
+                y = tl.dot(a, tl.trans(v_hi), y, input_precision=PRECISION)
+                y = tl.dot(a, tl.trans(v_lo), y, input_precision=PRECISION)
+            elif a.dtype == v.dtype:
+                y = tl.dot(a, tl.trans(v), y, input_precision=PRECISION)
+            else:
+                y = tl.dot(a.to(tl.float32), tl.trans(v.to(tl.float32)), y,
+                           input_precision=PRECISION)
         if HAS_VBIAS:
             vb = tl.load(VB + j * vb_s0 + v_rows * vb_s1, mask=os < d_out, other=0.0)
             y += vb.to(tl.float32)[None, :]
@@ -62,16 +73,23 @@ def project_tokens(t, E, V, V_bias, groups):
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
     out = torch.empty((splits, m, M), device=E.device, dtype=torch.float32)
-    # Operands are read as fp32: full fp32 products unless TF32 is allowed.
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    half = (torch.float16, torch.bfloat16)
+    split_v = t.data.dtype in half and V.dtype == torch.float32
+    if t.data.dtype in half and V.dtype in half and V.dtype != t.data.dtype:
+        V = V.float()
+        split_v = True
+    # fp32 operands: full fp32 products unless TF32 is allowed (16-bit ones: exact products).
+    precision = input_precision(torch.float32 if t.data.dtype != V.dtype and not split_v
+                                else t.data.dtype)
     vb = V_bias if V_bias is not None else V
     _project_linear_kernel[(row_tiles, splits * m)](
         *t.args(), E, *E.stride(), V, *V.stride(), vb, vb.stride(0), vb.stride(1), out, M,
         t.T, t.cols, t.col_step, d_out, tiles_per_group, n_tiles, tiles_per_split, m,
         *t.geometry, **t.conv, HAS_VBIAS=V_bias is not None, BLOCK_R=block_r,
-        BLOCK_O=block_o, BLOCK_K=block_k, PRECISION=precision,
-        num_warps=num_warps(block_r, block_o))
-    return out.sum(0).view(m, t.B, t.T).sum(2).T
+        BLOCK_O=block_o, BLOCK_K=block_k, PRECISION=precision, SPLIT_V=split_v,
+        num_warps=8 if block_r * block_o >= 128 * 64 else 4)
+    # (B, m), contiguous as the fake kernel says.
+    return out.sum(0).view(m, t.B, t.T).sum(2).T.contiguous()
 
 
 def project_linear(A, E, V, V_bias=None):

@@ -73,6 +73,8 @@ def random_subspace_expand(alpha, seed, D, scale, rademacher, base=None):
 def random_subspace_project(g, seed, d, scale, rademacher):
     """c = s·Ωᵀ g in fp32."""
     D = g.shape[0]
+    if D == 0 or d == 0:  # no rows or no columns: c = 0
+        return torch.zeros(d, device=g.device, dtype=torch.float32)
     block_c = _block_c(d)
     block_d = max(16, 4096 // block_c)
     col_blocks = triton.cdiv(d, block_c)

@@ -34,9 +34,17 @@ def _sketch_matmul_kernel(M, sm0, sm1, m, n, Y, k, seed, row_offset, inner_per_s
         a = tl.load(M + rows[:, None] * sm0 + inner[None, :] * sm1,
                     mask=(rows[:, None] < m) & (inner[None, :] < end), other=0.0)
         # Rows of Ω past `end` meet zero columns of M: no mask needed on the generated tile.
-        omega = omega_tile(seed, row_offset + inner, groups, RADEMACHER)
-        acc = tl.dot(tl.trans(omega), tl.trans(a.to(tl.float32)), acc,
-                     input_precision=PRECISION)
+        omega = tl.trans(omega_tile(seed, row_offset + inner, groups, RADEMACHER))
+        if a.dtype == tl.float32:
+            acc = tl.dot(omega, tl.trans(a), acc, input_precision=PRECISION)
+        else:
+            # 16-bit M on the tensor cores: Ω as hi + lo in M's dtype, two dots (Ω itself is
+            # not rounded to 16 bits; ±1 Rademacher entries are exact in hi alone).
+            hi = omega.to(a.dtype)
+            acc = tl.dot(hi, tl.trans(a), acc)
+            if not RADEMACHER:
+                lo = (omega - hi.to(tl.float32)).to(a.dtype)
+                acc = tl.dot(lo, tl.trans(a), acc)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     Y += split.to(tl.int64) * m * k  # this split's partial sum
     tl.store(Y + rows[None, :] * k + cols[:, None], acc,
@@ -67,7 +75,9 @@ def sketch_matmul(M: torch.Tensor, k: int, seed: int, rademacher: bool, transpos
     if rows == 0 or k == 0 or inner == 0:
         Y = torch.zeros((rows, k), device=M.device, dtype=torch.float32)
         return Y.T.contiguous() if transpose else Y
-    block_m = 128 if rows >= 128 else max(16, triton.next_power_of_2(rows))
+    # 256-row tiles where M is tall: each generated Ω tile serves twice the rows of 128.
+    block_m = 256 if rows >= 1024 else (128 if rows >= 128 else
+                                        max(16, triton.next_power_of_2(rows)))
     block_n = 64 if k > 32 else (32 if k > 16 else 16)
     block_k = 32
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(k, block_n)
@@ -78,7 +88,8 @@ def sketch_matmul(M: torch.Tensor, k: int, seed: int, rademacher: bool, transpos
     grid = (triton.cdiv(rows, block_m), triton.cdiv(k, block_n), splits)
     _sketch_matmul_kernel[grid](A, A.stride(0), A.stride(1), rows, inner, Y, k, seed, row_offset,
                                 inner_per_split, RADEMACHER=rademacher, BLOCK_M=block_m,
-                                BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_input_precision())
+                                BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=_input_precision(),
+                                num_warps=8 if block_m >= 256 else 4)
     # Partial sums added in a fixed order: deterministic.
     Y = Y[0] if splits == 1 else Y.sum(0)
     return Y.T.contiguous() if transpose else Y

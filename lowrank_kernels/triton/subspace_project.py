@@ -57,6 +57,8 @@ def _block_k(K):
 def subspace_project(P: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """c = Pᵀ g in fp32; P: D×k, g: D (fp32/fp16, bf16 on GPU; dtypes may differ)."""
     D, K = P.shape
+    if D == 0 or K == 0:  # an empty basis or no rows: c = 0
+        return torch.zeros(K, device=P.device, dtype=torch.float32)
     block_k = _block_k(K)
     block_d = max(16, 4096 // block_k)
     # Enough programs to fill a GPU; few under the interpreter, where each one costs.

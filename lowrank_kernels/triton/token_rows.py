@@ -12,10 +12,13 @@ import triton.language as tl
 @triton.jit
 def load_rows(X, rows, cols, row_end, n_cols, T, s0, s1, s2, col0):
     """X[b, t, col0 + cols] for rows = b·T + t (a strided (B, T, ·) view); 0 where
-    rows ≥ row_end or cols ≥ n_cols."""
+    rows ≥ row_end or cols ≥ n_cols. Row indices are < MAX_ROWS (Tokens checks it): the
+    division by T is a 32-bit one (a 64-bit division is a subroutine call on the GPU)."""
     cols = cols.to(tl.int64)
-    b = rows // T
-    t = rows - b * T
+    r32 = rows.to(tl.int32)
+    b32 = r32 // T
+    b = b32.to(tl.int64)
+    t = (r32 - b32 * T).to(tl.int64)
     mask = (rows[:, None] < row_end) & (cols[None, :] < n_cols)
     offs = b[:, None] * s0 + t[:, None] * s1 + (col0 + cols)[None, :] * s2
     return tl.load(X + offs, mask=mask, other=0.0)
@@ -31,15 +34,20 @@ def load_input(X, rows, cols, row_end, n_cols, T, s0, s1, s2, s3, col0, H, W, W_
     is 1 (the bias). IM2COL: column (c, i, j) of output pixel t = (oh, ow) is
     X[b, col0 + c, oh·SH − PH + i·DH, ow·SW − PW + j·DW] (0 in the padding)."""
     if IM2COL:
-        cols = cols.to(tl.int64)
-        b = rows // T
-        t = rows - b * T
+        # 32-bit index arithmetic (rows < MAX_ROWS, columns < 2³¹): no 64-bit division.
+        r32 = rows.to(tl.int32)
+        b32 = r32 // T
+        t = r32 - b32 * T
+        b = b32.to(tl.int64)
         oh = t // W_out
         ow = t - oh * W_out
-        c = cols // (KH * KW)
-        ij = cols - c * (KH * KW)
+        cols32 = cols.to(tl.int32)
+        c32 = cols32 // (KH * KW)
+        ij = cols32 - c32 * (KH * KW)
         ki = ij // KW
         kj = ij - ki * KW
+        c = c32.to(tl.int64)
+        cols = cols.to(tl.int64)
         h = oh[:, None] * SH - PH + ki[None, :] * DH
         w = ow[:, None] * SW - PW + kj[None, :] * DW
         mask = ((rows[:, None] < row_end) & (cols[None, :] < n_cols)
@@ -52,6 +60,15 @@ def load_input(X, rows, cols, row_end, n_cols, T, s0, s1, s2, s3, col0, H, W, W_
         ones = (rows[:, None] < row_end) & (cols[None, :] == n_cols)
         x = tl.where(ones, 1.0, x).to(x.dtype)
     return x
+
+
+MAX_ROWS = 2 ** 31 - 2 ** 16  # token rows B·T (and a tile past them) index in 32 bits
+
+
+def check_rows(B, T):
+    if B * T >= MAX_ROWS:
+        raise ValueError(f"B·T = {B * T} token rows: the Triton kernels take fewer than "
+                         f"{MAX_ROWS} (32-bit row indices)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +84,9 @@ class Tokens:
     geometry: tuple = (1, 1, 1)  # H, W, W_out
     conv: dict = dataclasses.field(default_factory=lambda: dict(
         KH=1, KW=1, SH=1, SW=1, PH=0, PW=0, DH=1, DW=1, IM2COL=False))
+
+    def __post_init__(self):
+        check_rows(self.B, self.T)
 
     def args(self):
         return (self.data, *self.strides)

@@ -23,13 +23,21 @@ def _weighted_sum_embedding_kernel(ORDER, STARTS, ROWS, T, E, se0, se1, se2, d,
         p = p0 + tl.arange(0, BLOCK_T).to(tl.int64)
         p_in = p < end
         token = tl.load(ORDER + p, mask=p_in, other=0).to(tl.int64)
-        b = token // T
-        t = token % T
+        b32 = token.to(tl.int32) // T  # 32-bit: tokens < B·T < 2³¹
+        b = b32.to(tl.int64)
+        t = (token.to(tl.int32) - b32 * T).to(tl.int64)
         e = tl.load(E + b[:, None] * se0 + t[:, None] * se1 + k[None, :] * se2,
-                    mask=p_in[:, None] & (k[None, :] < d), other=0.0).to(tl.float32)
+                    mask=p_in[:, None] & (k[None, :] < d), other=0.0)
         w = tl.load(C + b[:, None] * sc0 + cols[None, :] * sc1,
                     mask=p_in[:, None] & (cols[None, :] < m), other=0.0)
-        acc = tl.dot(tl.trans(w), e, acc, input_precision=PRECISION)
+        if e.dtype == tl.float32:
+            acc = tl.dot(tl.trans(w), e, acc, input_precision=PRECISION)
+        else:
+            # 16-bit E on the tensor cores: C (fp32) as hi + lo in E's dtype, two dots.
+            w_hi = w.to(e.dtype)
+            w_lo = (w - w_hi.to(tl.float32)).to(e.dtype)
+            acc = tl.dot(tl.trans(w_hi), e, acc)
+            acc = tl.dot(tl.trans(w_lo), e, acc)
     tl.store(OUT + cols[:, None] * so0 + row * so1 + k[None, :],
              acc, mask=(cols[:, None] < m) & (k[None, :] < d))
 

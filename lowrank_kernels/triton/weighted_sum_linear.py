@@ -13,7 +13,7 @@ from .token_rows import (input_precision, linear_tokens, load_input, load_rows, 
 
 @triton.jit
 def _weighted_sum_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, C, c_s0, c_s1,
-                                OUT, OUT_B, M, T, d_in, a_step, d_out, tiles_per_group,
+                                SCALE, OUT, OUT_B, M, T, d_in, a_step, d_out, tiles_per_group,
                                 n_out, m, rows_per_split, H, W, W_out,
                                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,
                                 SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -36,11 +36,21 @@ def _weighted_sum_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, 
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         e = load_rows(E, rows, os, r_hi, d_out, T, e_s0, e_s1, e_s2, g * d_out)
-        c = tl.load(C + (rows // T) * c_s0 + j * c_s1, mask=rows < r_hi, other=0.0)
+        sample = (rows.to(tl.int32) // T).to(tl.int64)
+        c = tl.load(C + sample * c_s0 + j * c_s1, mask=rows < r_hi, other=0.0)
         a = load_input(A, rows, ks, r_hi, d_in, T, a_s0, a_s1, a_s2, a_s3, g * a_step,
                        H, W, W_out, KH, KW, SH, SW, PH, PW, DH, DW, IM2COL, HAS_BIAS)
-        ce = (e.to(tl.float32) * c[:, None]).to(a.dtype)
-        acc = tl.dot(tl.trans(ce), a, acc, input_precision=PRECISION)
+        ce = e.to(tl.float32) * c[:, None]
+        if a.dtype == tl.float32:
+            acc = tl.dot(tl.trans(ce), a, acc, input_precision=PRECISION)
+        else:
+            # c·e as hi + lo in A's 16-bit dtype (2·11 or 2·8 significant bits), two
+            # tensor-core dots: c·e is not rounded to 16 bits before the fp32 accumulation.
+            hi = ce.to(a.dtype)
+            lo = (ce - hi.to(tl.float32)).to(a.dtype)
+            acc = tl.dot(tl.trans(hi), a, acc, input_precision=PRECISION)
+            acc = tl.dot(tl.trans(lo), a, acc, input_precision=PRECISION)
+    acc = acc * tl.load(SCALE + j)  # C's column scale (C was divided by it), in the epilogue
     out_rows = (s * m + j).to(tl.int64) * n_out + g * d_out + os
     mask = (os[:, None] < d_out) & (ks[None, :] < d_in)
     tl.store(OUT + out_rows[:, None] * d_in + ks[None, :], acc, mask=mask)
@@ -62,7 +72,7 @@ def weighted_sum_tokens(t, E, c, groups, bias):
         return W, (W.new_zeros((m, n_out)) if bias else None)
     # Scale each column of c by a power of two to |c| ≤ 1 (exact): c ⊙ E cannot overflow fp16.
     amax = c.abs().amax(0).float()
-    scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0)
+    scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0).contiguous()
     c = (c.float() / scale).contiguous()
     block_o, block_k, block_r = tile(d_out), tile(n_cols), 32
     tiles_per_group = triton.cdiv(d_out, block_o)
@@ -74,15 +84,14 @@ def weighted_sum_tokens(t, E, c, groups, bias):
     out_b = out.new_empty((splits, m, n_out)) if bias else out
     grid = (groups * tiles_per_group, triton.cdiv(n_cols, block_k), splits * m)
     _weighted_sum_linear_kernel[grid](
-        *t.args(), E, *E.stride(), c, *c.stride(), out, out_b, M, t.T, t.cols, t.col_step,
+        *t.args(), E, *E.stride(), c, *c.stride(), scale, out, out_b, M, t.T, t.cols, t.col_step,
         d_out, tiles_per_group, n_out, m, rows_per_split, *t.geometry, **t.conv,
         HAS_BIAS=bias, BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_R=block_r,
         PRECISION=input_precision(E.dtype), num_warps=num_warps(block_o, block_k))
     def total(partials):  # the splits' sum, unscaled
         return partials.sum(0) if splits > 1 else partials[0]
 
-    W = total(out).mul_(scale[:, None, None])
-    return W, (total(out_b).mul_(scale[:, None]) if bias else None)
+    return total(out), (total(out_b) if bias else None)
 
 
 def weighted_sum_linear(A, E, c, bias=False):
