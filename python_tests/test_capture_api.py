@@ -51,11 +51,7 @@ def test_unsupported_layer_error_names_the_module():
         Capture(_unsupported_model())
     model = _unsupported_model()
     model.bil.requires_grad_(False)
-    with pytest.raises(TypeError, match=r"module 'scale' \(Scale\).*\(w, b\).*fallback=True"):
-        Capture(model)
-    model.scale.w.requires_grad_(False)
-    model.scale.b.requires_grad_(False)
-    Capture(model)  # frozen: nothing unsupported is left
+    Capture(model)  # Scale's own w, b are used directly (mul, add): followed natively
 
 
 def test_torch_func_fallback_matches_per_sample_gradients():
@@ -182,9 +178,8 @@ def test_bad_arguments_name_the_argument():
 def test_inconsistent_batches_and_unbatched_inputs():
     model = make("mlp")
     with Capture(model) as cap:
-        model(batch("mlp", 3)[0]).sum().backward()
-        model(batch("mlp", 4)[0]).sum().backward()
-        with pytest.raises(ValueError, match=r"saw a batch of 4 samples, earlier calls saw 3"):
+        (model(batch("mlp", 3)[0]).sum() + model(batch("mlp", 4)[0]).sum()).backward()
+        with pytest.raises(ValueError, match=r"saw a batch of 4 samples, '.*' saw 3"):
             cap.gram()
     with Capture(model):
         with pytest.raises(ValueError, match=r"module 'inp' got an input of shape \(5,\)"):

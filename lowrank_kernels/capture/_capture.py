@@ -496,9 +496,9 @@ class Capture:
             K = sum_gram(mine.get(key, []), None if theirs is None else theirs.get(key, []),
                             diagonal)
             label = {"model": None, "module": self._owner.get(key), "parameter": name}[by]
-            if K is not None:
-                results[label] = K if label not in results else results[label] + K.to(
-                    results[label].dtype)
+            if K is not None:  # a parameter with no gradient this batch adds nothing
+                previous = results.get(label)
+                results[label] = K if previous is None else previous + K.to(previous.dtype)
             elif label not in results:
                 results[label] = None
         dtype = self._result_dtype()
