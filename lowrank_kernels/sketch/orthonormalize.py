@@ -1,5 +1,6 @@
 """Orthonormalization of a tall m × l block: Cholesky-QR2 with a Householder fallback."""
 import dataclasses
+import math
 
 import torch
 
@@ -41,24 +42,56 @@ def orthonormalize(Y: torch.Tensor, *, method: str = "cholqr2", return_r: bool =
     κ(Q₁)² ≤ (1 + η)/(1 − η); η > max_loss (default ½, κ(Q₁) ≤ √3) means the first pass lost
     too much orthogonality (κ(Y)² u ≳ 1) for the second one to repair. The decision costs one
     device→host sync. method='householder': torch.linalg.qr only.
+    A Y with NaN or Inf raises lowrank_kernels.NonFiniteError (a ValueError) naming Y, never
+    a NaN Q (the check rides on the decision's sync; one sync for 'householder').
 
     Returns Q [, R] [, OrthoInfo] (R when return_r, the info when return_info)."""
     if method not in METHODS:
         raise ValueError(f"orthonormalize: method must be one of {METHODS}, got {method!r}")
-    if not isinstance(Y, torch.Tensor) or Y.dim() != 2:
-        raise ValueError("orthonormalize: Y must be a 2-D tensor (m x l)")
+    if not isinstance(Y, torch.Tensor):
+        raise TypeError(f"orthonormalize: Y must be a torch.Tensor, got {type(Y).__name__}")
+    if Y.dim() != 2:
+        raise ValueError(f"orthonormalize: Y must be a 2-D tensor (m x l), got shape "
+                         f"{tuple(Y.shape)}")
     if Y.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"orthonormalize: Y must be float32 or float64, got {Y.dtype}")
     if Y.shape[0] < Y.shape[1]:
         raise ValueError(f"orthonormalize: Y must be tall (m >= l), got shape {tuple(Y.shape)}")
+    for name, flag in (("return_r", return_r), ("return_info", return_info)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"orthonormalize: {name} must be a bool, got "
+                            f"{type(flag).__name__} {flag!r}")
+    if (isinstance(max_loss, bool) or not isinstance(max_loss, (int, float))
+            or not 0 < max_loss < 1):
+        raise ValueError(f"orthonormalize: max_loss must be a number in (0, 1), got "
+                         f"{max_loss!r}")
+    return _orthonormalize(Y, method, return_r, return_info, max_loss, "orthonormalize", "Y")
+
+
+def _nonfinite(op, name):
+    """The error for a non-finite input: lowrank_kernels.NonFiniteError (a ValueError and a
+    FloatingPointError) naming the argument (imported when raised: lowrank_kernels imports
+    this module)."""
+    import lowrank_kernels
+    return lowrank_kernels.NonFiniteError(
+        f"{op}: {name} contains non-finite values (NaN or Inf)", op, name)
+
+
+def _orthonormalize(Y, method, return_r, return_info, max_loss, op, name):
+    """orthonormalize without the argument checks; a non-finite Y raises naming `name`
+    (the finiteness flag rides on the sync the Cholesky-QR2 decision makes anyway)."""
     info = OrthoInfo(method=method)
     Q = R = None
+    total = Y.sum()  # NaN/Inf propagate; a finite Y whose sum overflows is checked exactly
     if method == "cholqr2":
         Q1, R1, _, info1 = _cholqr_pass(Y)
         Q, R2, G2, info2 = _cholqr_pass(Q1)  # G2 = Q₁ᵀQ₁
         eye = torch.eye(Y.shape[1], dtype=Y.dtype, device=Y.device)
         loss = torch.linalg.matrix_norm(G2 - eye)
-        flags = torch.stack([info1.to(loss.dtype), info2.to(loss.dtype), loss]).tolist()
+        flags = torch.stack([info1.to(loss.dtype), info2.to(loss.dtype), loss,
+                             total.to(loss.dtype)]).tolist()
+        if not math.isfinite(flags[3]) and not bool(torch.isfinite(Y).all()):
+            raise _nonfinite(op, name)
         info.orthogonality_loss = flags[2] if flags[0] == 0 else float("nan")
         if flags[0] != 0 or flags[1] != 0:
             info.fallback, info.reason = True, "Cholesky of the Gram matrix broke down"
@@ -68,6 +101,8 @@ def orthonormalize(Y: torch.Tensor, *, method: str = "cholqr2", return_r: bool =
                            f"> {max_loss}")
         else:
             R = R2 @ R1
+    elif not math.isfinite(total.item()) and not bool(torch.isfinite(Y).all()):
+        raise _nonfinite(op, name)
     if method == "householder" or info.fallback:
         info.method = "householder"
         Q, R = torch.linalg.qr(Y, mode="reduced")

@@ -2,8 +2,8 @@
 Martinsson & Tropp 2011, Alg. 5.1 and 5.3)."""
 import torch
 
-from .orthonormalize import orthonormalize
-from .range_finder import LinearOperator, check_matrix, range_finder
+from .orthonormalize import _nonfinite, _orthonormalize
+from .range_finder import LinearOperator, _is_int, check_matrix, range_finder
 
 
 def _resolve_rank(op, k, q, oversample, niter, power_iters):
@@ -15,9 +15,14 @@ def _resolve_rank(op, k, q, oversample, niter, power_iters):
     if niter is not None and power_iters is not None and niter != power_iters:
         raise ValueError(f"{op}: niter and power_iters are the same thing; got niter={niter!r}"
                          f", power_iters={power_iters!r}")
+    for name, value in (("niter", niter), ("power_iters", power_iters)):
+        if value is not None and (not _is_int(value) or value < 0):
+            raise ValueError(f"{op}: {name} must be None or an int >= 0, got {value!r}")
+    if k is not None and (not _is_int(k) or k < 1):
+        raise ValueError(f"{op}: k must be a positive int, got {k!r}")
     iters = niter if niter is not None else (power_iters if power_iters is not None else 2)
     if q is not None:
-        if not isinstance(q, int) or q < 1:
+        if not _is_int(q) or q < 1:
             raise ValueError(f"{op}: q must be a positive int, got {q!r}")
         return q, 0, iters
     return k, oversample, iters
@@ -39,13 +44,16 @@ def randomized_svd(M, k: int | None = None, *, q: int | None = None, niter: int 
     first). Our names: k = rank returned, sketch size k + oversample, power_iters ≡ niter
     (default 2). M: dense float32/float64 or a LinearOperator (see range_finder). The first
     sketch uses Ω_ij = f(seed, i, j) (lowrank_kernels.sketch_omega). Singular values in
-    descending order. Returns (U, S, V) [, SketchStats]."""
+    descending order. Non-finite input raises lowrank_kernels.NonFiniteError naming M (or
+    the callback whose result was not finite). Returns (U, S, V) [, SketchStats]."""
     r, p, iters = _resolve_rank("randomized_svd", k, q, oversample, niter, power_iters)
     m, n, _, _ = check_matrix("randomized_svd", M)
     Q, stats = range_finder(M, r, oversample=p, power_iters=iters, dist=dist, seed=seed,
                             ortho=ortho, backend=backend, return_stats=True)
-    Bt = M.T.matmul(Q) if isinstance(M, LinearOperator) else M.mT @ Q  # n × l
-    Q2, R2, info = orthonormalize(Bt, method=ortho, return_r=True, return_info=True)
+    operator = isinstance(M, LinearOperator)
+    Bt = M.T.matmul(Q) if operator else M.mT @ Q  # n × l
+    name = ("M.rmatmul(Q)" if M.rmatmul is not None else "M.matmul(Q)") if operator else "Mᵀ Q"
+    Q2, R2, info = _orthonormalize(Bt, ortho, True, True, 0.5, "randomized_svd", name)
     stats.orthonormalizations.append(info)
     Ut, S, Vt_h = torch.linalg.svd(R2.mT)
     r = min(r, Q.shape[1])
@@ -75,8 +83,11 @@ def randomized_eigh(M, k: int, *, oversample: int = 10, power_iters: int | None 
         raise ValueError(f"randomized_eigh: M must be square (symmetric), got shape {(m, n)}")
     Q, stats = range_finder(M, k, oversample=oversample, power_iters=iters, dist=dist,
                             seed=seed, ortho=ortho, backend=backend, return_stats=True)
-    MQ = M.matmul(Q) if isinstance(M, LinearOperator) else M @ Q
+    operator = isinstance(M, LinearOperator)
+    MQ = M.matmul(Q) if operator else M @ Q
     T = Q.mT @ MQ
+    if not bool(torch.isfinite(T).all()):  # l × l: one small sync
+        raise _nonfinite("randomized_eigh", "M.matmul(Q)" if operator else "M Q")
     evals, W = torch.linalg.eigh((T + T.mT) / 2)
     top = min(k, Q.shape[1])
     evals, W = evals.flip(0)[:top], W.flip(1)[:, :top]

@@ -6,11 +6,12 @@ from typing import Callable
 
 import torch
 
-from ..ops.sketch_matmul import sketch_matmul
-from ..ops.sketch_omega import DISTS, sketch_omega
-from .orthonormalize import METHODS, orthonormalize
+import lowrank_kernels as _lk
+
+from .orthonormalize import METHODS, _nonfinite, _orthonormalize
 
 OP = "range_finder"
+DISTS = ("gaussian", "rademacher")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,23 +71,28 @@ def check_matrix(op, M, name="M"):
     return M.shape[0], M.shape[1], M.dtype, M.device
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_options(op, k, oversample, power_iters, dist, seed, ortho):
-    if not isinstance(k, int) or k < 1:
+    if not _is_int(k) or k < 1:
         raise ValueError(f"{op}: k must be a positive int, got {k!r}")
-    if not isinstance(oversample, int) or oversample < 0:
+    if not _is_int(oversample) or oversample < 0:
         raise ValueError(f"{op}: oversample must be an int >= 0, got {oversample!r}")
-    if not isinstance(power_iters, int) or power_iters < 0:
+    if not _is_int(power_iters) or power_iters < 0:
         raise ValueError(f"{op}: power_iters must be an int >= 0, got {power_iters!r}")
     if dist not in DISTS:
         raise ValueError(f"{op}: dist must be 'gaussian' or 'rademacher', got {dist!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+    if not _is_int(seed) or not 0 <= seed < 2 ** 63:
         raise ValueError(f"{op}: seed must be an int in [0, 2**63), got {seed!r}")
     if ortho not in METHODS:
         raise ValueError(f"{op}: ortho must be one of {METHODS}, got {ortho!r}")
 
 
-def _orth(Y, ortho, stats):
-    Q, info = orthonormalize(Y, method=ortho, return_info=True)
+def _orth(Y, ortho, stats, op=OP, name="Y"):
+    """orth(Y), recorded in stats; a non-finite Y raises NonFiniteError naming `name`."""
+    Q, info = _orthonormalize(Y, ortho, False, True, 0.5, op, name)
     stats.orthonormalizations.append(info)
     return Q
 
@@ -97,10 +103,39 @@ def _operator_sketch(M: LinearOperator, l, seed, dist, block_cols, dtype, backen
     rows = torch.arange(n, device=M.device)
     blocks = []
     for c0 in range(0, l, block_cols):
-        omega = sketch_omega(rows, min(block_cols, l - c0), seed, dist, c0,
-                             backend=backend).to(dtype)
+        omega = _lk.sketch_omega(rows, min(block_cols, l - c0), seed, dist, c0,
+                                 backend=backend).to(dtype)
         blocks.append(M.matmul(omega))
     return torch.cat(blocks, dim=1).to(dtype)
+
+
+def _operator_columns(M: LinearOperator, block_cols, dtype):
+    """M itself (m × n) from an operator: M I, block_cols columns of I at a time."""
+    n = M.shape[1]
+    eye = torch.eye(n, dtype=dtype, device=M.device)
+    return torch.cat([M.matmul(eye[:, c0:c0 + block_cols]) for c0 in range(0, n, block_cols)],
+                     dim=1).to(dtype)
+
+
+def _check_dense_finite(op, M):
+    if not bool(torch.isfinite(M).all()):
+        raise _nonfinite(op, "M")
+
+
+def _exact_basis(M, m, n, dtype, device, ortho, block_cols, stats):
+    """k + oversample ≥ min(m, n): the whole range is asked for, and a random sketch of
+    min(m, n) columns can miss part of it (a Rademacher Ω is singular with positive
+    probability), so the basis is exact instead: I_m when m ≤ n (range(M) ⊆ ℝ^m), else
+    orth(M) (n ≤ m columns, range(M) ⊆ range(Q) even when M is rank deficient)."""
+    dense = not isinstance(M, LinearOperator)
+    if m <= n:
+        if dense:
+            _check_dense_finite(OP, M)
+        return torch.eye(m, dtype=dtype, device=device)
+    if dense:
+        return _orth(M.to(dtype), ortho, stats, name="M")
+    return _orth(_operator_columns(M, block_cols or n, dtype), ortho, stats,
+                 name="M.matmul(I) (the operator's columns)")
 
 
 def range_finder(M, k: int, *, oversample: int = 10, power_iters: int = 0,
@@ -125,24 +160,41 @@ def range_finder(M, k: int, *, oversample: int = 10, power_iters: int = 0,
     one matmul call per block. Power iterations use M's products (torch.matmul for a dense M).
     ortho: 'cholqr2' (Cholesky-QR2, Householder fallback when it breaks down) or
     'householder'. backend: the sketch_matmul (dense) or sketch_omega (operator) backend.
+    When k + oversample ≥ min(m, n) the whole range is asked for: Q is then exact, with no
+    sketch and no power iteration (I_m when m ≤ n, else orth(M) from M's n columns), since
+    a min(m, n)-column random sketch can miss part of the range.
+    Non-finite input raises lowrank_kernels.NonFiniteError (a ValueError) naming M, or the
+    operator callback (M.matmul / M.rmatmul) whose result was not finite; never a NaN Q.
     Returns Q, or (Q, SketchStats) with return_stats (stats.fallbacks counts the Householder
     fallbacks taken)."""
     m, n, dtype, device = check_matrix(OP, M)
     check_options(OP, k, oversample, power_iters, dist, seed, ortho)
     l = min(k + oversample, m, n)
-    if block_cols is not None and (not isinstance(block_cols, int) or block_cols < 4
+    if block_cols is not None and (not _is_int(block_cols) or block_cols < 4
                                    or block_cols % 4):
         raise ValueError(f"{OP}: block_cols must be a positive multiple of 4, got "
                          f"{block_cols!r}")
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"{OP}: return_stats must be a bool, got {return_stats!r}")
     stats = SketchStats(sketch_size=l)
+    if k + oversample >= min(m, n):
+        Q = _exact_basis(M, m, n, dtype, device, ortho, block_cols, stats)
+        return (Q, stats) if return_stats else Q
     if isinstance(M, LinearOperator):
         op = M
         Y = _operator_sketch(M, l, seed, dist, block_cols or l, dtype, backend)
+        Q = _orth(Y, ortho, stats, name="M.matmul(Ω) (the sketch)")
+        names = ("M.rmatmul(Q)" if M.rmatmul is not None else "M.matmul(Q)", "M.matmul(Z)")
     else:
         op = LinearOperator(tuple(M.shape), M.__matmul__, lambda Z: M.mT @ Z, dtype, device)
-        Y = sketch_matmul(M, l, seed, dist, backend=backend).to(dtype)
-    Q = _orth(Y, ortho, stats)
+        Y = _lk.sketch_matmul(M, l, seed, dist, backend=backend).to(dtype)
+        try:
+            Q = _orth(Y, ortho, stats, name="the sketch M Ω (overflow: rescale M)")
+        except ValueError:
+            _check_dense_finite(OP, M)  # names M when M has NaN/Inf
+            raise
+        names = ("Mᵀ Q", "M Z")
     for _ in range(power_iters):
-        Z = _orth(op.T.matmul(Q), ortho, stats)
-        Q = _orth(op.matmul(Z), ortho, stats)
+        Z = _orth(op.T.matmul(Q), ortho, stats, name=names[0])
+        Q = _orth(op.matmul(Z), ortho, stats, name=names[1])
     return (Q, stats) if return_stats else Q
