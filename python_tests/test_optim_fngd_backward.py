@@ -183,18 +183,18 @@ def test_bad_arguments_and_outputs():
     with pytest.raises(ValueError, match="reuse_via_backward"):
         FNGD(model, lr=0.1, steps_per_epoch=2, blocks="model", reuse_via_backward="yes")
 
-    class TupleOut(nn.Module):
+    class NoTensor(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(5, 3).double()
 
         def forward(self, x):
-            return (self.fc(x),)
+            return {"hidden": self.fc(x).detach()}
 
-    net = TupleOut()
+    net = NoTensor()
     opt = FNGD(net, lr=0.1, steps_per_epoch=1, blocks="model", reuse_via_backward=True)
     x, y = ref.batch(ref.mlp(), 4, 3)
-    F.cross_entropy(net(x)[0], y).backward()
+    F.cross_entropy(net.fc(x), y).backward()
     opt.step()
     opt.zero_grad()
     with pytest.raises(TypeError, match="reuse_via_backward"):
@@ -202,3 +202,34 @@ def test_bad_arguments_and_outputs():
     with torch.no_grad():  # evaluation is untouched
         net(x)
     opt.close()
+
+
+@pytest.mark.parametrize("wrap", ["tuple", "dict", "logits"])
+def test_model_outputs_holding_the_batch_tensor(wrap):
+    """A model returning a tuple, a dict or a ModelOutput-like dict with "logits" (as
+    transformers models do): the hook goes on the batch tensor, the parameters equal the
+    weighted-sum path's."""
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = ref.mlp()
+
+        def forward(self, x):
+            y = self.net(x)
+            return {"tuple": lambda: (y, y.sum()), "dict": lambda: {"out": y},
+                    "logits": lambda: {"loss": None, "logits": y}}[wrap]()
+
+    def logits(out):
+        return out[0] if wrap == "tuple" else out["out" if wrap == "dict" else "logits"]
+
+    model, twin = Wrapped(), Wrapped()
+    twin.load_state_dict(model.state_dict())
+    opt, plain = _make(model, True), _make(twin, False)
+    for k, B in enumerate(SIZES):
+        x, y = ref.batch(model.net, B, 10 + k)
+        for m, o in ((model, opt), (twin, plain)):
+            F.cross_entropy(logits(m(x)), y).backward()
+            o.step()
+            o.zero_grad()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert _relative(p, q) < 1e-12, (wrap, k, n)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import lowrank_kernels as lk
 from lowrank_kernels.capture import Capture
-from lowrank_kernels.optim import FNGD, KFAC, SENG, _captured
+from lowrank_kernels import natural_gradient
+from lowrank_kernels.optim import FNGD, KFAC, SENG
 
 import optim_reference as ref
 
@@ -124,27 +125,24 @@ def test_indefinite_gram_falls_back_to_gradient(method, monkeypatch):
     lam = 0.05
     opt = (FNGD(model, lr=1.0, damping=lam, steps_per_epoch=2) if method == "fngd"
            else SENG(model, lr=1.0, damping=lam, momentum=0.0))
-    gram = _captured.gram
+    block_grams = natural_gradient.block_grams
+    last = next(l for l, (_, params) in enumerate(opt.blocks)
+                if params[0] is next(model[2].parameters()))
     calls = []
 
-    def indefinite(contribution_list):
-        K = gram(contribution_list)
+    def patched(*args, **kwargs):
+        K = block_grams(*args, **kwargs).clone()
+        B = K.shape[1]
         calls.append(K)
-        B = K.shape[0]
-        return -10 * (K.norm() + lam * B) * torch.eye(B, dtype=K.dtype)
-
-    def patched(contribution_list):
-        return indefinite(contribution_list) if any(
-            c is x for x in patched.last for c in contribution_list) else gram(contribution_list)
+        K[last] = -10 * (K[last].norm() + lam * B) * torch.eye(B, dtype=K.dtype)
+        return K
 
     x, y = ref.batch(model, 6, 5)
     with opt.capture.paused():
         grads = ref.per_sample_grads(model, x, y)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     F.cross_entropy(model(x), y).backward()
-    per_param, _ = _captured.contributions(opt.capture)
-    patched.last = [c for p in model[2].parameters() for c in per_param[id(p)]]
-    monkeypatch.setattr(_captured, "gram", patched)
+    monkeypatch.setattr(natural_gradient, "block_grams", patched)
     opt.step()
     assert calls and int(opt.state["fallbacks"]) == 2 and int(opt.state["skipped"]) == 0
     for n, p in model.named_parameters():
@@ -201,3 +199,39 @@ def test_bad_arguments_name_the_argument():
         FNGD(model.parameters(), lr=0.1, steps_per_epoch=2)
     with pytest.raises(ValueError, match="either a model"):
         FNGD(model, lr=0.1, steps_per_epoch=2, capture=Capture(model))
+
+
+class _Squared(torch.nn.Module):
+    """A layer Capture has no kernel for: y = x ⊙ w²."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.w ** 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, **k: FNGD(m, lr=0.1, damping=0.1, steps_per_epoch=2, **k),
+    lambda m, **k: SENG(m, lr=0.1, damping=0.1, **k),
+    lambda m, **k: KFAC(m, lr=0.1, damping=0.1, **k)], ids=["fngd", "seng", "kfac"])
+def test_fallback_argument_reaches_the_capture(make):
+    """Without fallback a layer Capture has no kernel for is refused by name; with
+    fallback=True the optimizer trains through the torch.func fallback (warned once)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6).double(), _Squared(6),
+                                torch.nn.Linear(6, 3).double())
+    with pytest.raises(TypeError, match="'1'"):
+        make(model)
+    with pytest.warns(UserWarning, match="'1'"):
+        opt = make(model, fallback=True)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    losses = []
+    for _ in range(4):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] and int(opt.state["skipped"]) == 0
+    opt.close()

@@ -193,8 +193,9 @@ class Capture:
                 _disable_dynamo(self._forward_hook(module, handler, kind)), with_kwargs=True))
         for module, name, params in self._direct:
             pre, post = self._direct_hooks(name, params)
-            self._hooks.append(module.register_forward_pre_hook(pre))
-            self._hooks.append(module.register_forward_hook(post, always_call=True))
+            self._hooks.append(module.register_forward_pre_hook(_disable_dynamo(pre)))
+            self._hooks.append(module.register_forward_hook(_disable_dynamo(post),
+                                                            always_call=True))
         for _, p in self._param_names.values():
             self._hooks.append(p.register_hook(_disable_dynamo(self._param_hook(id(p)))))
         self._active = True
@@ -538,6 +539,20 @@ class Capture:
             if write_grad:
                 p.grad = total.to(p.dtype)
         return out
+
+    def blocks(self, by="module"):
+        """[(label, [param])] in model order: the blocks of gram / weighted_sum / project with
+        the same `by` — "model": one block, label None; "module": the first module (in
+        model.named_modules() order) that holds a parameter directly, labelled by its name
+        ("" for the model itself); "parameter": one block per parameter, labelled by its
+        name. The optimizers and ng_solve group by this one rule."""
+        if by not in ("model", "module", "parameter"):
+            raise ValueError(f"capture.blocks: by must be 'model', 'module' or 'parameter', "
+                             f"got {by!r}")
+        out = {}
+        for key, (_, p) in self._param_names.items():
+            out.setdefault(self._label(key, by), []).append(p)
+        return list(out.items())
 
     def _label(self, key, by):
         """The block of parameter id `key` under by = model / module / parameter."""

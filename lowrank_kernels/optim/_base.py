@@ -19,7 +19,9 @@ Usage (FNGD, SENG, KFAC alike):
         opt.step()
         opt.zero_grad()
 
-Built from a model, the optimizer makes a Capture(model, loss_reduction=..., keep=True) and
+Built from a model, the optimizer makes a Capture(model, loss_reduction=..., keep=True,
+fallback=...) (fallback=True: layers Capture has no kernel for go through torch.func, with a
+warning naming them and their cost) and
 keeps its hooks on (opt.close() removes them). Built from parameters, it takes
 capture=Capture(model) and enters it (do not wrap steps in your own `with capture:` unless
 the capture has keep=True and step() runs inside the block). One forward and backward per
@@ -33,7 +35,6 @@ saves it with torch.save and load_state_dict() resumes bit for bit.
 """
 import torch
 
-import lowrank_kernels
 from lowrank_kernels import NonFiniteError
 
 from . import _captured
@@ -42,12 +43,13 @@ from . import _captured
 class GuardedOptimizer(torch.optim.Optimizer):
     """Base class: subclasses set self.blocks and implement _directions(...)."""
 
-    def __init__(self, model_or_params, capture, defaults, *, loss_reduction, by_layer):
-        params, self.capture, model, self._recording = _captured.start(
-            model_or_params, capture, loss_reduction)
+    def __init__(self, model_or_params, capture, defaults, *, loss_reduction, by_layer,
+                 fallback=False):
+        params, self.capture, _, self._recording = _captured.start(
+            model_or_params, capture, loss_reduction, fallback)
         super().__init__(params, defaults)
         mine = [p for g in self.param_groups for p in g["params"]]
-        self.blocks = _captured.layer_blocks(model, mine, by_layer)
+        self.blocks = _captured.layer_blocks(self.capture, mine, by_layer)
         self._group = {id(p): g for g in self.param_groups for p in g["params"]}
         device = mine[0].device
         self.state["step"] = 0
@@ -134,10 +136,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
                 p.addcmul_(d, keep, value=-lr)
         self.state["fallbacks"], self.state["skipped"] = fallbacks, skipped
 
-    @staticmethod
-    def solve(Ks, dampings, R):
-        """X_l = (K_l + λ_l I)⁻¹ R_l for the stacked blocks, and ok_l (solved and finite).
-        Ks (L, B, B), dampings (L,), R (L, B, r)."""
-        X, info, _ = lowrank_kernels.woodbury_solve(Ks, dampings.to(Ks.dtype), R.to(Ks.dtype))
-        ok = (info == 0) & torch.isfinite(X).flatten(1).all(1)
-        return X, ok
+    def block_dampings(self, dtype, device):
+        """(L,): each block's damping λ (its first parameter's group)."""
+        return torch.tensor([self.group_of(params[0])["damping"] for _, params in self.blocks],
+                            dtype=dtype, device=device)

@@ -13,12 +13,10 @@ stored); other kinds (embeddings, materialized small parameters) stay exact. Non
 factors give a non-finite Gram: the layer's solve then fails (info ≠ 0) and the caller falls
 back, without a host sync.
 """
-from . import _captured
-
 DIST = "rademacher"
 
 
-def sketched_gram(factors_list, k, seed):
+def sketched_gram(factors, k, seed):
     """K̃ (B × B): the Gram of the Kronecker-sketched per-sample gradients (see above), with
     s = min(k, side) per side (non-finite where the factors are)."""
-    return _captured.gram([f.sketch(k, seed, dist=DIST) for f in factors_list])
+    return factors.sketch(k, seed, dist=DIST).gram()

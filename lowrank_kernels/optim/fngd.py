@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from . import _captured
+from .. import natural_gradient
 from ._base import GuardedOptimizer
 
 
@@ -76,7 +76,7 @@ class FNGD(GuardedOptimizer):
 
     def __init__(self, model_or_params, lr, damping=1e-3, *, steps_per_epoch, momentum=0.0,
                  weight_decay=0.0, blocks="layer", reuse="mean", refresh_every=None,
-                 loss_reduction="mean", capture=None, reuse_via_backward=False):
+                 loss_reduction="mean", capture=None, reuse_via_backward=False, fallback=False):
         if not lr > 0:
             raise ValueError(f"FNGD: lr must be > 0, got {lr}")
         if not damping > 0:
@@ -101,7 +101,7 @@ class FNGD(GuardedOptimizer):
                              f"coefficient vector for all parameters), got blocks={blocks!r}")
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
-                         by_layer=blocks == "layer")
+                         by_layer=blocks == "layer", fallback=fallback)
         self.steps_per_epoch, self.reuse, self.refresh_every = steps_per_epoch, reuse, refresh_every
         self.state["coefficients"] = {}
         self._reused_cache = {}  # (block, B, position) -> (c, ok): derived from the state
@@ -152,10 +152,7 @@ class FNGD(GuardedOptimizer):
         if self._paused is None:
             return
         self._resume_capture()
-        if not (isinstance(output, torch.Tensor) and output.dim() >= 1 and output.requires_grad):
-            raise TypeError("FNGD(reuse_via_backward=True): the model must return one tensor "
-                            "with the batch in dim 0 that requires grad, got "
-                            f"{type(output).__name__}")
+        output = _batch_output(output)
         B = output.shape[0]
         (c,), (ok,) = self._reused(B, self.state["step"] % self.steps_per_epoch)
         c = torch.where(ok, c, 1.0 / B)  # no solved batch: ḡ, as the weighted-sum path
@@ -218,35 +215,27 @@ class FNGD(GuardedOptimizer):
         if self.computing(step):
             if step % self.steps_per_epoch == 0:
                 self.state["coefficients"] = {}
-            coefficients, oks = self._solve_batch(per_param, B, step % self.steps_per_epoch)
-        else:
-            coefficients, oks = self._reused(B, step % self.steps_per_epoch)
-        out = {}
-        for (name, params), c, ok in zip(self.blocks, coefficients, oks):
-            for p in params:
-                factors = per_param.get(id(p), [])
-                if p.grad is not None and factors:
-                    out[id(p)] = (_captured.weighted_sum(factors, c, p.shape), ok)
-        return out
+            return self._solve_batch(per_param, B, step % self.steps_per_epoch)
+        coefficients, oks = self._reused(B, step % self.steps_per_epoch)
+        directions = natural_gradient.block_weighted_sums(per_param, self.blocks,
+                                                          torch.stack(coefficients))
+        return self._with_ok(directions, torch.stack(oks))
+
+    def _with_ok(self, directions, ok):
+        """{id(p): (d_p, ok of p's block)} for the parameters with a gradient."""
+        return {id(p): (directions[p], ok[l]) for l, (_, params) in enumerate(self.blocks)
+                for p in params if p.grad is not None and p in directions}
 
     def _solve_batch(self, per_param, B, position):
+        """c = (K + λB·I)⁻¹ 1 per block (natural_gradient: the one path), recorded for reuse,
+        and the directions U c."""
         self._reused_cache = {}
-        Ks = []
-        for name, params in self.blocks:
-            grams = [_captured.gram(per_param.get(id(p), [])) for p in params]
-            grams = [K for K in grams if K is not None]
-            Ks.append(sum(grams[1:], grams[0]) if grams else None)
-        template = next(K for K in Ks if K is not None)
-        Ks = torch.stack([template.new_zeros(B, B) if K is None else K.to(template.dtype)
-                          for K in Ks])
-        dampings = torch.tensor([self.group_of(params[0])["damping"] * B
-                                 for _, params in self.blocks], dtype=Ks.dtype, device=Ks.device)
-        X, ok = self.solve(Ks, dampings, torch.ones(len(self.blocks), B, 1, dtype=Ks.dtype,
-                                                    device=Ks.device))
-        coefficients = X[:, :, 0]
+        K = natural_gradient.block_grams(per_param, self.blocks, B)
+        solved = natural_gradient.natural_directions(
+            per_param, self.blocks, K, self.block_dampings(K.dtype, K.device), B)
         for l, (name, _) in enumerate(self.blocks):
-            self._record(name, coefficients[l], ok[l], B, position)
-        return list(coefficients), list(ok)
+            self._record(name, solved.coefficients[l], solved.ok[l], B, position)
+        return self._with_ok(solved.direction, solved.ok)
 
     def _record(self, name, c, ok, B, position):
         """Add w = B·c of a solved batch to the block's statistics."""
@@ -299,6 +288,25 @@ class FNGD(GuardedOptimizer):
             coefficients.append(w / B)
             oks.append(ok)
         return coefficients, oks
+
+
+def _batch_output(output):
+    """The tensor of a model's output whose rows are the samples: the output itself; of a
+    ModelOutput or dict, "logits" if present, else its first tensor with dims; of a tuple or
+    list, its first tensor with dims (exact when the loss depends on the parameters only
+    through it, as a loss computed from the logits does)."""
+    if isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
+        candidates = [output["logits"]] if "logits" in output else list(output.values())
+    elif isinstance(output, (tuple, list)):
+        candidates = list(output)
+    else:
+        candidates = [output]
+    for t in candidates:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.requires_grad:
+            return t
+    raise TypeError("FNGD(reuse_via_backward=True): the model must return a tensor with the "
+                    "batch in dim 0 that requires grad (or a ModelOutput/dict/tuple holding "
+                    f"one), got {type(output).__name__}")
 
 
 def _grow(t, size):

@@ -45,7 +45,7 @@ class KFAC(GuardedOptimizer):
 
     def __init__(self, model_or_params, lr, damping=1.0, *, momentum=0.9, weight_decay=0.0,
                  factor_decay=0.95, inverse_every=10, kl_clip=None, loss_reduction="mean",
-                 capture=None):
+                 capture=None, fallback=False):
         if not lr > 0:
             raise ValueError(f"KFAC: lr must be > 0, got {lr}")
         if not damping > 0:
@@ -58,7 +58,7 @@ class KFAC(GuardedOptimizer):
             raise ValueError(f"KFAC: kl_clip must be > 0 or None, got {kl_clip!r}")
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
-                         by_layer=True)
+                         by_layer=True, fallback=fallback)
         self.factor_decay, self.inverse_every, self.kl_clip = factor_decay, inverse_every, kl_clip
         self.state["kfac"] = {}
         others = _unpreconditioned(self.capture.model, self.blocks)
@@ -211,10 +211,9 @@ def _split(params, per_param):
     weight = next((p for p in params if p.grad is not None and p.dim() in (2, 4)), None)
     if weight is None:
         return None
-    factors = per_param.get(id(weight), [])
-    if len(factors) != 1:
+    f = per_param.get(weight)
+    if f is None:
         return None
-    (f,) = factors
     embedding = f.embedding_tokens()
     if embedding is not None:
         return weight, None, "embedding", embedding

@@ -1,6 +1,7 @@
 """SENG — Sketchy Empirical Natural Gradient (arXiv 2006.05924)."""
 import torch
 
+from .. import natural_gradient
 from . import _captured
 from ._base import GuardedOptimizer
 from ._sketch import sketched_gram
@@ -40,7 +41,7 @@ class SENG(GuardedOptimizer):
 
     def __init__(self, model_or_params, lr, damping=1e-2, *, update_freq=1, momentum=0.9,
                  weight_decay=0.0, damping_schedule=None, sketch_threshold=2 ** 20,
-                 sketch_size=128, seed=0, loss_reduction="mean", capture=None):
+                 sketch_size=128, seed=0, loss_reduction="mean", capture=None, fallback=False):
         if not lr > 0:
             raise ValueError(f"SENG: lr must be > 0, got {lr}")
         if not damping > 0:
@@ -55,7 +56,7 @@ class SENG(GuardedOptimizer):
             raise ValueError(f"SENG: momentum must be in [0, 1), got {momentum}")
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
-                         by_layer=True)
+                         by_layer=True, fallback=fallback)
         self.update_freq, self.damping_schedule = update_freq, damping_schedule
         self.sketch_threshold, self.sketch_size, self.seed = sketch_threshold, sketch_size, seed
         self.state["curvature"] = None
@@ -75,69 +76,44 @@ class SENG(GuardedOptimizer):
         return self._precondition(per_param, B)
 
     def _refresh(self, per_param, B, step):
-        Ks, index = [], 0
-        for name, params in self.blocks:
-            K = None
-            for p in params:
-                factors = per_param.get(id(p), [])
-                index += 1
-                if not factors:
-                    continue
-                if p.numel() > self.sketch_threshold:
-                    seed = (self.seed * 1_000_003 + step * 4099 + index * 64) % 2 ** 62
-                    Kp = sketched_gram(factors, self.sketch_size, seed)
-                else:
-                    Kp = _captured.gram(factors)
-                K = Kp if K is None else K + Kp.to(K.dtype)
-            Ks.append(K)
-        template = next(K for K in Ks if K is not None)
-        Ks = torch.stack([template.new_zeros(B, B) if K is None else K.to(template.dtype)
-                          for K in Ks])
+        """The batch's curvature (K per block, sketched for big parameters) and d = U c,
+        c = (K + λB·I)⁻¹ 1 (natural_gradient: the one path); the factors, K, λ and B kept."""
+        index = {id(p): i for i, p in enumerate(p for _, params in self.blocks for p in params)}
+
+        def gram(p, factors):
+            if p.numel() <= self.sketch_threshold:
+                return factors.gram()
+            seed = (self.seed * 1_000_003 + step * 4099 + (index[id(p)] + 1) * 64) % 2 ** 62
+            return sketched_gram(factors, self.sketch_size, seed)
+
+        K = natural_gradient.block_grams(per_param, self.blocks, B, gram)
         lams = [self.damping(params, step) for _, params in self.blocks]
-        dampings = torch.tensor(lams, dtype=Ks.dtype, device=Ks.device) * B
-        X, ok = self.solve(Ks, dampings, torch.ones(len(self.blocks), B, 1, dtype=Ks.dtype,
-                                                    device=Ks.device))
-        out = {}
-        for l, (name, params) in enumerate(self.blocks):
-            for p in params:
-                factors = per_param.get(id(p), [])
-                if p.grad is not None and factors:
-                    d = _captured.weighted_sum(factors, X[l, :, 0], p.shape)
-                    out[id(p)] = (d, ok[l])
+        lam = torch.tensor(lams, dtype=K.dtype, device=K.device)
+        solved = natural_gradient.natural_directions(per_param, self.blocks, K, lam, B)
         self.state["curvature"] = {
-            "K": Ks, "damping": torch.tensor(lams, dtype=Ks.dtype), "batch_size": B, "ok": ok,
-            "factors": [[_captured.pack(per_param.get(id(p), [])) for p in params]
+            "K": K, "damping": torch.tensor(lams, dtype=K.dtype), "batch_size": B,
+            "ok": solved.ok,
+            "factors": [[_captured.pack(per_param.get(p)) for p in params]
                         for _, params in self.blocks]}
-        return out
+        return self._with_ok(solved.direction, solved.ok)
 
     def _precondition(self, per_param, B):
+        """d = (ḡ − U_r (K_r + λ_r B_r·I)⁻¹ U_rᵀ ḡ) / λ_r with the kept curvature (the general-v
+        formula of natural_gradient)."""
         curvature = self.state["curvature"]
-        Ks, lams, Br = curvature["K"], curvature["damping"].to(curvature["K"].device), \
-            curvature["batch_size"]
+        K, Br = curvature["K"], curvature["batch_size"]
+        lam = curvature["damping"].to(K.device)
         backend = self.capture.backend
-        factors = [[_captured.unpack(f, backend) for f in block] for block in curvature["factors"]]
-        projections, grads = [], []
-        for (name, params), block_factors in zip(self.blocks, factors):
-            r = Ks.new_zeros(Br)
-            block_grads = {}
-            for p, old in zip(params, block_factors):
-                if p.grad is None:
-                    continue
-                g = _captured.mean_grad(self.capture, p, B)
-                block_grads[id(p)] = g
-                if old:
-                    r = r + _captured.project(old, torch.nan_to_num(g, 0.0, 0.0, 0.0)).to(r.dtype)
-            projections.append(r)
-            grads.append(block_grads)
-        Y, ok = self.solve(Ks, lams * Br, torch.stack(projections)[:, :, None])
-        ok = ok & curvature["ok"]
-        out = {}
-        for l, ((name, params), block_factors) in enumerate(zip(self.blocks, factors)):
-            lam = lams[l]
-            for p, old in zip(params, block_factors):
-                g = grads[l].get(id(p))
-                if g is None:
-                    continue
-                correction = _captured.weighted_sum(old, Y[l, :, 0], p.shape) if old else 0
-                out[id(p)] = ((g.to(Ks.dtype) - correction) / lam, ok[l])
-        return out
+        kept = {p: _captured.unpack(f, backend)
+                for (_, params), block in zip(self.blocks, curvature["factors"])
+                for p, f in zip(params, block)}
+        kept = {p: f for p, f in kept.items() if f is not None}
+        grads = {p: _captured.mean_grad(self.capture, p, B)
+                 for _, params in self.blocks for p in params if p.grad is not None}
+        solved = natural_gradient.natural_directions(kept, self.blocks, K, lam, Br, grads)
+        return self._with_ok(solved.direction, solved.ok & curvature["ok"])
+
+    def _with_ok(self, directions, ok):
+        """{id(p): (d_p, ok of p's block)} for the parameters with a gradient."""
+        return {id(p): (directions[p], ok[l]) for l, (_, params) in enumerate(self.blocks)
+                for p in params if p.grad is not None and p in directions}
