@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..sketch import orthonormalize
+from . import _args
 
 
 @dataclasses.dataclass
@@ -91,6 +92,11 @@ def build_subspace(checkpoints, *, model=None, dtype=torch.float32, device=None,
     checkpoints: flat parameter vectors (D) or state_dicts (then `model` gives the parameter
     names and order). dtype: P's dtype. device: where P lives (default: the checkpoints'
     device; 'cpu' offloads, pinned when pin_memory and a GPU is available)."""
+    op = "build_subspace"
+    _args.float_dtype(op, "dtype", dtype)
+    for name, flag in (("shard", shard), ("pin_memory", pin_memory)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("build_subspace: checkpoints must hold at least one checkpoint")
@@ -98,6 +104,12 @@ def build_subspace(checkpoints, *, model=None, dtype=torch.float32, device=None,
     flats = [_as_flat(c, names, i) for i, c in enumerate(checkpoints)]
     D = flats[0].numel()
     for i, f in enumerate(flats):
+        if not f.is_floating_point():
+            raise TypeError(f"build_subspace: checkpoints[{i}] must be floating point, got "
+                            f"{f.dtype}")
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"build_subspace: checkpoints[{i}] contains non-finite values "
+                             f"(NaN or Inf)")
         if f.numel() != D:
             raise ValueError(f"build_subspace: checkpoints[{i}] has {f.numel()} parameters, "
                              f"checkpoints[0] has {D}")
@@ -133,8 +145,13 @@ class CheckpointCollector:
 
     def __init__(self, model, every=1, max_checkpoints=None, dtype=torch.float32,
                  device="cpu"):
-        if every < 1:
-            raise ValueError(f"CheckpointCollector: every must be ≥ 1, got {every}")
+        op = "CheckpointCollector"
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+        _args.positive_int(op, "every", every)
+        if max_checkpoints is not None:
+            _args.positive_int(op, "max_checkpoints", max_checkpoints)
+        _args.float_dtype(op, "dtype", dtype)
         self.params = [p for p in model.parameters()]
         self.every, self.max_checkpoints = every, max_checkpoints
         self.dtype, self.device = dtype, torch.device(device)

@@ -4,6 +4,7 @@ of the full model's."""
 import dataclasses
 import json
 
+from . import _args
 from .model import SubspaceModel
 
 
@@ -63,11 +64,15 @@ def intrinsic_dimension(build_model, train_and_evaluate, dims, projection="fastf
     train_and_evaluate(model, trainable_parameters) → accuracy, against the full model
     (train_and_evaluate(build_model(), its parameters)). d_int = min{d : acc(d) ≥ threshold ·
     acc_full}. build_model() must return a freshly initialized model each call."""
-    dims = sorted(int(d) for d in dims)
-    if not dims or dims[0] < 1:
-        raise ValueError(f"intrinsic_dimension: dims must be positive integers, got {dims}")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"intrinsic_dimension: threshold must be in (0, 1], got {threshold}")
+    op = "intrinsic_dimension"
+    if not callable(build_model) or not callable(train_and_evaluate):
+        raise TypeError(f"{op}: build_model and train_and_evaluate must be callables")
+    dims = list(dims)
+    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
+        raise ValueError(f"{op}: dims must be a non-empty list of positive ints, got {dims}")
+    dims = sorted(dims)
+    threshold = _args.real_in(op, "threshold", threshold, 0, 1)
+    _args.seed(op, seed)
     full_model = build_model()
     num_parameters = sum(p.numel() for p in full_model.parameters())
     full = float(train_and_evaluate(full_model, list(full_model.parameters())))

@@ -2,6 +2,7 @@
 Landscapes", ICLR 2018): only d coordinates train, θ = θ₀ + P d."""
 import torch
 
+from . import _args
 from .checkpoints import flatten_parameters
 from .projections import make_projection
 
@@ -15,8 +16,14 @@ class SubspaceModel(torch.nn.Module):
 
     def __init__(self, model, d, projection="fastfood", seed=0, **projection_kwargs):
         super().__init__()
-        if d < 1:
-            raise ValueError(f"SubspaceModel: d must be ≥ 1, got {d}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"SubspaceModel: model must be a torch.nn.Module, got "
+                            f"{type(model).__name__}")
+        _args.positive_int("SubspaceModel", "d", d)
+        if not isinstance(projection, (str, torch.nn.Module)):
+            raise TypeError(f"SubspaceModel: projection must be a name ('dense', 'sparse', "
+                            f"'fastfood', 'onthefly') or a projection module, got "
+                            f"{type(projection).__name__}")
         self.module = model
         named = list(model.named_parameters())
         if not named:

@@ -17,9 +17,18 @@ import math
 
 import torch
 
-from ..ops.fwht import fwht
-from ..ops.random_subspace import random_subspace_expand
-from ..ops.subspace_project import subspace_expand
+import lowrank_kernels as _lk
+
+from . import _args
+
+DISTS = ("gaussian", "rademacher")
+
+
+def _check(op, D, d, seed, dtype=torch.float32):
+    _args.positive_int(op, "D", D)
+    _args.positive_int(op, "d", d)
+    _args.seed(op, seed)
+    _args.float_dtype(op, "dtype", dtype)
 
 
 def _generator(seed, device):
@@ -31,13 +40,14 @@ class DenseProjection(torch.nn.Module):
 
     def __init__(self, D, d, seed=0, dtype=torch.float32, device=None, backend=None):
         super().__init__()
+        _check("DenseProjection", D, d, seed, dtype)
         P = torch.randn(D, d, generator=_generator(seed, "cpu"), dtype=torch.float64)
         P /= P.norm(dim=0, keepdim=True)
         self.register_buffer("P", P.to(device=device, dtype=dtype))
         self.backend = backend
 
     def forward(self, coords, base):
-        return subspace_expand(self.P, coords, base, backend=self.backend)
+        return _lk.subspace_expand(self.P, coords, base, backend=self.backend)
 
 
 class SparseProjection(torch.nn.Module):
@@ -46,9 +56,9 @@ class SparseProjection(torch.nn.Module):
 
     def __init__(self, D, d, seed=0, density=None, dtype=torch.float32, device=None):
         super().__init__()
+        _check("SparseProjection", D, d, seed, dtype)
         density = 1.0 / math.sqrt(D) if density is None else density
-        if not 0 < density <= 1:
-            raise ValueError(f"SparseProjection: density must be in (0, 1], got {density}")
+        density = _args.real_in("SparseProjection", "density", density, 0, 1)
         per_col = max(1, math.ceil(density * D))
         g = _generator(seed, "cpu")
         rows = torch.randint(0, D, (d, per_col), generator=g)
@@ -72,6 +82,7 @@ class FastfoodProjection(torch.nn.Module):
 
     def __init__(self, D, d, seed=0, dtype=torch.float32, device=None, backend=None):
         super().__init__()
+        _check("FastfoodProjection", D, d, seed, dtype)
         n = 1 << max(d - 1, 0).bit_length()
         blocks = -(-D // n)
         g = _generator(seed, "cpu")
@@ -86,9 +97,9 @@ class FastfoodProjection(torch.nn.Module):
 
     def forward(self, coords, base):
         x = torch.nn.functional.pad(coords.to(self.signs.dtype), (0, self.n - self.d))
-        x = fwht(self.signs * x, backend=self.backend)                  # H B_j x
+        x = _lk.fwht(self.signs * x, backend=self.backend)                  # H B_j x
         x = torch.gather(x, 1, self.perm) * self.gauss                   # G_j Π_j
-        x = fwht(x, backend=self.backend) * self.scale                   # H … / (‖G_j‖√n)
+        x = _lk.fwht(x, backend=self.backend) * self.scale                   # H … / (‖G_j‖√n)
         return base + x.reshape(-1)[: self.D].to(base.dtype)
 
 
@@ -97,11 +108,15 @@ class OnTheFlyProjection(torch.nn.Module):
 
     def __init__(self, D, d, seed=0, dist="gaussian", backend=None):
         super().__init__()
+        _check("OnTheFlyProjection", D, d, seed)
+        if dist not in DISTS:
+            raise ValueError(f"OnTheFlyProjection: dist must be 'gaussian' or 'rademacher', "
+                             f"got {dist!r}")
         self.D, self.d, self.seed, self.dist, self.backend = D, d, seed, dist, backend
         self.scale = 1.0 / math.sqrt(max(D, 1))
 
     def forward(self, coords, base):
-        return random_subspace_expand(coords, self.seed, self.D, self.scale, self.dist, base,
+        return _lk.random_subspace_expand(coords, self.seed, self.D, self.scale, self.dist, base,
                                       backend=self.backend)
 
 
@@ -111,8 +126,8 @@ PROJECTIONS = {"dense": DenseProjection, "sparse": SparseProjection,
 
 def make_projection(kind, D, d, seed=0, dtype=torch.float32, device=None, **kwargs):
     """The projection `kind` ('dense', 'sparse', 'fastfood' or 'onthefly') for D×d."""
-    if kind not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {', '.join(map(repr, PROJECTIONS))}, "
+    if not isinstance(kind, str) or kind not in PROJECTIONS:
+        raise ValueError(f"make_projection: projection must be one of {', '.join(map(repr, PROJECTIONS))}, "
                          f"got {kind!r}")
     if kind == "onthefly":
         return OnTheFlyProjection(D, d, seed, **kwargs)
