@@ -30,8 +30,9 @@ left exactly as they were, state["skipped"] counts it, and the next batch trains
 A step cannot be taken when c = Pᵀ g is not finite (NaN or Inf gradients), when ‖c‖²
 overflows the gradients' dtype (float32 for float32/float16/bfloat16 models: ‖c‖ ≳ 1.8e19,
 e.g. a loss scaled by 1e30; float64 models: ‖c‖ ≳ 1.3e154), or when the new α or the new
-weights P α are not finite (the weights' dtype overflows). The test runs on the device (torch.where), without a host sync; in strict
-mode (lowrank_kernels.strict()) an op that raises NonFiniteError makes the step a skip too.
+weights P α are not finite (the weights' dtype overflows). The test runs on the device
+(torch.where), without a host sync; in strict mode (lowrank_kernels.strict()) an op that
+raises NonFiniteError makes the step a skip too.
 Every rank decides alike (c is all-reduced and w all-gathered before the test).
 Frozen parameters (requires_grad=False) never move: their gradients are left out of c and
 their rows of P α are not written (w_trainable = P_trainable α, the frozen values fixed).

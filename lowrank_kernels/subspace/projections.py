@@ -127,7 +127,8 @@ PROJECTIONS = {"dense": DenseProjection, "sparse": SparseProjection,
 def make_projection(kind, D, d, seed=0, dtype=torch.float32, device=None, **kwargs):
     """The projection `kind` ('dense', 'sparse', 'fastfood' or 'onthefly') for D×d."""
     if not isinstance(kind, str) or kind not in PROJECTIONS:
-        raise ValueError(f"make_projection: projection must be one of {', '.join(map(repr, PROJECTIONS))}, "
+        names = ", ".join(map(repr, PROJECTIONS))
+        raise ValueError(f"make_projection: projection must be one of {names}, "
                          f"got {kind!r}")
     if kind == "onthefly":
         return OnTheFlyProjection(D, d, seed, **kwargs)
