@@ -1,28 +1,29 @@
-"""Per-call cost of the public API over the op it runs: a tiny gram_linear (B = 8,
-d_in = d_out = 4, float32) and a tiny woodbury_solve (n = 8, r = 2, float64) through
-lowrank_kernels.<op>(...) (backend auto: the Python wrapper's argument handling and result
-type) against torch.ops.lowrank_kernels.<op> called directly (the dispatcher and the
-registered kernel, the floor of a call). A provider call is CALLS calls back to back, so the
-table's times are per call and the notes give the overhead per call.
-One torch thread (a worker of its own when the run uses more): what is measured is Python and
-dispatch, not BLAS.
+"""Per-call cost of the op layer, per op, on tiny inputs (the op-layer tests' samples), one
+torch thread: what is measured is Python and dispatch.
+
+- "dispatch <op>": lowrank_kernels.<op>(...) against the kernel the dispatcher runs on this
+  device called directly (the backend function of a Python kernel; for a C++ kernel the op
+  itself, the floor). Its difference is the layer's overhead, but for a Python kernel of
+  tens of µs it drowns in the kernel's own spread on a shared machine, so also:
+- "layer <op>": the layer alone — the same schema, checks and dispatcher path as <op>
+  (registered as probe_<op> with a kernel that returns a preallocated result), called the
+  way the entry point calls it (`_registry.call`), against that trivial kernel called
+  directly. Targets: ≤ 5 µs over the kernel for native ops, ≤ 10 µs for the others.
+A provider call is CALLS calls back to back; the table's times are per call.
 """
+import dataclasses
+import os
+import sys
+
 import torch
 from common import DEVICE, Case, Setup, Skip, baseline, ours
 
 import lowrank_kernels as lk
+from lowrank_kernels import _registry
 
-CALLS = 200
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python_tests"))
 
-
-def _op(name):
-    """torch.ops.lowrank_kernels.<name>.default, or Skip."""
-    packet = getattr(torch.ops.lowrank_kernels, name, None)
-    if packet is None:
-        raise Skip(f"no torch.ops.lowrank_kernels.{name}")
-    return packet.default
-
-
+CALLS = 50
 def _loop(fn):
     def run():
         for _ in range(CALLS):
@@ -31,29 +32,75 @@ def _loop(fn):
     return run
 
 
-def _gram_linear():
-    op = _op("gram_linear")
-    g = torch.Generator().manual_seed(0)
-    A = torch.randn(8, 4, generator=g).to(DEVICE)
-    E = torch.randn(8, 4, generator=g).to(DEVICE)
-    return Setup([ours("lk.gram_linear", _loop(lambda: lk.gram_linear(A, E))),
-                  baseline("torch.ops.lowrank_kernels.gram_linear",
-                           _loop(lambda: op(A, E, False, None, None, False, "auto")))],
-                 calls=CALLS, tol=1e-6)
+def _public_call(op, args):
+    """lowrank_kernels.<op> called with the schema's arguments by name."""
+    _, arguments = _registry._BY_OVERLOAD[getattr(torch.ops.lowrank_kernels, op).default]
+    kwargs = {a.name: v for a, v in zip(arguments, args)}
+    fn = getattr(lk, op)
+    return lambda: fn(**kwargs)
 
 
-def _woodbury_solve():
-    op = _op("woodbury_solve")
-    g = torch.Generator().manual_seed(0)
-    G = torch.randn(8, 8, generator=g, dtype=torch.float64)
-    K = (G @ G.T / 8 + torch.eye(8, dtype=torch.float64)).to(DEVICE)
-    R = torch.randn(8, 2, generator=g, dtype=torch.float64).to(DEVICE)
-    lam = torch.scalar_tensor(1e-3, dtype=torch.float64)
-    return Setup([ours("lk.woodbury_solve", _loop(lambda: lk.woodbury_solve(K, 1e-3, R))),
-                  baseline("torch.ops.lowrank_kernels.woodbury_solve",
-                           _loop(lambda: op(K, lam, R, None, 4)[0]))],
-                 calls=CALLS, tol=1e-12)
+def _case(op):
+    def build():
+        if DEVICE != "cpu":
+            raise Skip("the CUDA kernels' Python is measured by the GPU pass")
+        from test_op_layer import CASES  # tiny valid inputs for every op
+
+        args, kwargs = CASES[op][0]
+        overload = getattr(torch.ops.lowrank_kernels, op).default
+        spec, arguments = _registry._BY_OVERLOAD[overload]
+        full = _registry._complete(arguments, args, kwargs)
+        backend = _registry._KERNELS[op, "cpu"]
+        run = spec.backends[backend].run
+        kernel = (lambda: run(*full)) if backend != "native" else (lambda: overload(*full))
+        name = f"{backend} kernel direct" if backend != "native" else "C++ kernel via the op"
+        return Setup([ours(f"lk.{op}", _loop(_public_call(op, full))),
+                      baseline(name, _loop(kernel))],
+                     calls=CALLS, tol=1e-5, dtype="float32",
+                     notes={"kernel": backend})
+    return build
 
 
-CASES = [Case("dispatch gram_linear", "B=8 d=4x4 float32", _gram_linear, threads=1),
-         Case("dispatch woodbury_solve", "n=8 r=2 float64", _woodbury_solve, threads=1)]
+def _probe(op, result):
+    """probe_<op>: op's schema, checks and fake, every kernel returning `result`."""
+    name = f"probe_{op}"
+    if not hasattr(torch.ops.lowrank_kernels, name):
+        spec = lk.REGISTRY[op]
+        stub = _registry.Backend(lambda *args: result, {"cpu": spec.backends["reference"]
+                                                         .dtypes["cpu"]})
+        _registry.register(dataclasses.replace(
+            spec, name=name, backends={"reference": stub, "cpu": stub},
+            auto={"cpu": ("cpu",), "cuda": ()}))
+        del lk.REGISTRY[name]  # a probe, not a public op
+    return getattr(torch.ops.lowrank_kernels, name).default
+
+
+def _layer_case(op):
+    def build():
+        if DEVICE != "cpu":
+            raise Skip("the CUDA kernels' Python is measured by the GPU pass")
+        from test_op_layer import CASES
+
+        args, kwargs = CASES[op][0]
+        overload = getattr(torch.ops.lowrank_kernels, op).default
+        _, arguments = _registry._BY_OVERLOAD[overload]
+        full = _registry._complete(arguments, args, kwargs)
+        result = overload(*full)
+        probe = _probe(op, result)
+        spec = _registry._BY_OVERLOAD[probe][0]
+
+        def trivial():
+            return result
+
+        return Setup([ours(f"layer over a trivial kernel", _loop(
+                          lambda: _registry.call(probe, None, *full))),
+                      baseline("trivial kernel direct", _loop(trivial), check=False)],
+                     calls=CALLS, tol=1e-5, notes={"check": spec.check.__module__})
+    return build
+
+
+CASES = ([Case(f"dispatch {op}", "tiny (test_op_layer sample)", _case(op), threads=1)
+          for op in sorted(lk.REGISTRY)]
+         + [Case(f"layer {op}", "tiny, trivial kernel", _layer_case(op), threads=1)
+            for op in sorted(lk.REGISTRY)
+            if _registry._KERNELS[op, "cpu"] != "native"])

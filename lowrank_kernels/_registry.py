@@ -156,16 +156,17 @@ def register(spec: OpSpec) -> OpSpec:
     reference = spec.backends["reference"].run
     check = spec.check
     count = len(arguments)
+    complete = _completer(arguments)
 
     def fake(*args, **kwargs):
         if len(args) != count or kwargs:
-            args = _complete(arguments, args, kwargs)
+            args = complete(args, kwargs)
         check(*args)
         return spec.fake(*args)
 
     def default(*args, **kwargs):
         if len(args) != count or kwargs:  # the dispatcher drops trailing defaults
-            args = _complete(arguments, args, kwargs)
+            args = complete(args, kwargs)
         check(*args)
         return reference(*args)
 
@@ -189,16 +190,17 @@ def _override(spec, arguments, backend, device_type, reference):
     check, run, supports = spec.check, backend.run, backend.supports
     dtypes = backend.dtypes[device_type]
     count = len(arguments)
+    complete = _completer(arguments)
     if supports is None:
         def kernel(*args, **kwargs):
             if len(args) != count or kwargs:  # the dispatcher drops trailing defaults
-                args = _complete(arguments, args, kwargs)
+                args = complete(args, kwargs)
             lead = check(*args)
             return run(*args) if lead.dtype in dtypes else reference(*args)
     else:
         def kernel(*args, **kwargs):
             if len(args) != count or kwargs:
-                args = _complete(arguments, args, kwargs)
+                args = complete(args, kwargs)
             lead = check(*args)
             ok = lead.dtype in dtypes and supports(*args) is None
             return run(*args) if ok else reference(*args)
@@ -208,7 +210,8 @@ def _override(spec, arguments, backend, device_type, reference):
 
 # ---- forcing a backend; strict mode --------------------------------------------------------
 def _complete(arguments, args, kwargs):
-    """The op's arguments in schema order, defaults filled in."""
+    """The op's arguments in schema order, defaults filled in (the dispatcher drops trailing
+    arguments left at their defaults before it calls a Python kernel)."""
     if len(args) == len(arguments) and not kwargs:
         return args
     out = list(args)
@@ -219,6 +222,21 @@ def _complete(arguments, args, kwargs):
             default = a.default_value
             out.append(list(default) if isinstance(default, list) else default)
     return tuple(out)
+
+
+def _completer(arguments):
+    """A fast `_complete` for one schema: the common call (positional, trailing defaults
+    dropped, no list defaults) is one tuple concatenation."""
+    count = len(arguments)
+    defaults = tuple(a.default_value for a in arguments)
+    if any(isinstance(d, list) for d in defaults):
+        return lambda args, kwargs: _complete(arguments, args, kwargs)
+
+    def complete(args, kwargs):
+        if kwargs:
+            return _complete(arguments, args, kwargs)
+        return args + defaults[len(args):] if len(args) < count else args
+    return complete
 
 
 def _is_plain(t):
