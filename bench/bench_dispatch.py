@@ -92,7 +92,7 @@ def _layer_case(op):
         def trivial():
             return result
 
-        return Setup([ours(f"layer over a trivial kernel", _loop(
+        return Setup([ours("layer over a trivial kernel", _loop(
                           lambda: _registry.call(probe, None, *full))),
                       baseline("trivial kernel direct", _loop(trivial), check=False)],
                      calls=CALLS, tol=1e-5, notes={"check": spec.check.__module__})
