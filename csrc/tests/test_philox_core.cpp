@@ -1,6 +1,7 @@
 // ctest of lowrank/philox.h (torch-free): Philox4x32-10 against the known-answer vectors of
 // Random123 (kat_vectors, Salmon et al. SC'11), then the Ω definition: word/column mapping,
-// Rademacher signs, and the moments of the Gaussian entries.
+// Rademacher signs, the float32 Box–Muller at pinned edge words (shared with the PyTorch
+// reference's test) and its logarithm, and the moments of the Gaussian entries.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -9,6 +10,7 @@
 #include "expect.h"
 
 using lowrank::philox::Block4;
+using lowrank::philox::box_muller;
 using lowrank::philox::omega_entry;
 using lowrank::philox::omega_group;
 using lowrank::philox::omega_words;
@@ -43,16 +45,63 @@ int main() {
     EXPECT(r == ((wj.x[j % 4] >> 31) ? -1.0f : 1.0f), "rademacher entry %d is %g", j, r);
   }
 
-  // Gaussian: columns 4g..4g+3 are one Philox call; entries match omega_group, and Box–Muller
-  // of words (x0, x1) in double.
+  // Gaussian: columns 4g..4g+3 are one Philox call; entries match omega_group, which is
+  // box_muller of words (x0, x1) and (x2, x3).
   float group[4];
   omega_group(seed, i, 2, false, group);
   for (int q = 0; q < 4; ++q)
     EXPECT(omega_entry(seed, i, 8 + q, false) == group[q], "omega_entry column %d", 8 + q);
   const Block4 w2 = omega_words(seed, i, 2);
-  const double u = (w2.x[0] + 0.5) * std::ldexp(1.0, -32), v = (w2.x[1] + 0.5) * std::ldexp(1.0, -32);
-  const double z0 = std::sqrt(-2.0 * std::log(u)) * std::cos(6.283185307179586 * v);
-  EXPECT(group[0] == static_cast<float>(z0), "Box-Muller: %g vs %g", group[0], z0);
+  float z0, z1, z2, z3;
+  box_muller(w2.x[0], w2.x[1], z0, z1);
+  box_muller(w2.x[2], w2.x[3], z2, z3);
+  EXPECT(group[0] == z0 && group[1] == z1 && group[2] == z2 && group[3] == z3, "pairs");
+
+  // The float32 Box–Muller at the edge words, bit for bit the values of the PyTorch
+  // reference (python_tests/test_sketch_omega.py pins the same ones), and within a few
+  // float32 ulps (absolute 3e-7 here) of the float64 formula.
+  struct Pin {
+    std::uint32_t a, b;
+    float z_cos, z_sin;
+  };
+  const Pin pins[] = {
+      {0x0u, 0x0u, 0x1.b0e08ep+2f, 0x1.53fb1ep-28f},
+      {0x0u, 0x7fffffffu, -0x1.b0e08ep+2f, 0x1.53fb1ep-28f},
+      {0x0u, 0x80000000u, -0x1.b0e08ep+2f, -0x1.53fb1ep-28f},
+      {0x0u, 0xffffffffu, 0x1.b0e08ep+2f, -0x1.53fb1ep-28f},
+      {0x7fffffffu, 0x0u, 0x1.2d6abep+0f, 0x1.d976f4p-31f},
+      {0x7fffffffu, 0x7fffffffu, -0x1.2d6abep+0f, 0x1.d976f4p-31f},
+      {0x7fffffffu, 0x80000000u, -0x1.2d6abep+0f, -0x1.d976f4p-31f},
+      {0x7fffffffu, 0xffffffffu, 0x1.2d6abep+0f, -0x1.d976f4p-31f},
+      {0x80000000u, 0x0u, 0x1.2d6abep+0f, 0x1.d976f4p-31f},
+      {0x80000000u, 0x7fffffffu, -0x1.2d6abep+0f, 0x1.d976f4p-31f},
+      {0x80000000u, 0x80000000u, -0x1.2d6abep+0f, -0x1.d976f4p-31f},
+      {0x80000000u, 0xffffffffu, 0x1.2d6abep+0f, -0x1.d976f4p-31f},
+      {0xffffffffu, 0x0u, 0x1.000000p-16f, 0x1.921fb6p-47f},
+      {0xffffffffu, 0x7fffffffu, -0x1.000000p-16f, 0x1.921fb6p-47f},
+      {0xffffffffu, 0x80000000u, -0x1.000000p-16f, -0x1.921fb6p-47f},
+      {0xffffffffu, 0xffffffffu, 0x1.000000p-16f, -0x1.921fb6p-47f},
+  };
+  for (const Pin& p : pins) {
+    float c, s;
+    box_muller(p.a, p.b, c, s);
+    EXPECT(c == p.z_cos && s == p.z_sin, "box_muller(%08x, %08x) = (%a, %a), pinned (%a, %a)",
+           p.a, p.b, c, s, p.z_cos, p.z_sin);
+    const double u = (p.a + 0.5) * std::ldexp(1.0, -32), v = (p.b + 0.5) * std::ldexp(1.0, -32);
+    const double r = std::sqrt(-2.0 * std::log(u)), theta = 6.283185307179586 * v;
+    EXPECT(std::fabs(c - r * std::cos(theta)) < 3e-7 && std::fabs(s - r * std::sin(theta)) < 3e-7,
+           "box_muller(%08x, %08x) vs float64", p.a, p.b);
+  }
+  // log_fp32 against ln over [2^-33, 1] (every binade), within 2 float32 ulps.
+  for (int e = -33; e <= 0; ++e)
+    for (int t = 0; t < 4096; ++t) {
+      const float x = std::ldexp(1.0f + t / 4096.0f, e - 1);
+      if (x > 1.0f) continue;
+      const double ln = std::log(static_cast<double>(x));
+      const double err = std::fabs(lowrank::philox::log_fp32(x) - ln);
+      EXPECT(err <= 2 * std::ldexp(1.0, std::ilogb(ln) - 23) || ln == 0.0,
+             "log_fp32(%a): error %g", x, err);
+    }
 
   // Moments over 400k entries: mean 0, variance 1, fourth moment 3 (standard errors
   // 1.6e-3, 2.2e-3, 1.6e-2 — bounds at about 5 standard errors).

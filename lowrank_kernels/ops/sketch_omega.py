@@ -1,5 +1,5 @@
 """lowrank_kernels::sketch_omega — the sketch matrix Ω itself, Ω[rows, c0:c0+k] (float32), from
-the counter-based definition Ω_ij = f(seed, i, j) (Philox4x32-10 + Box–Muller in float64, or
+the counter-based definition Ω_ij = f(seed, i, j) (Philox4x32-10 + Box–Muller in float32, or
 Rademacher signs; see lowrank_kernels/reference/sketch_omega.py). The fused sketch kernels
 never store Ω; this op materializes rows of it for tests, debugging and operator inputs."""
 import torch
@@ -75,11 +75,15 @@ def sketch_omega(rows: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussia
     Ω_ij = f(seed, i, j):
 
         (x0..x3) = Philox4x32-10(key = (lo32 seed, hi32 seed), counter = (⌊j/4⌋, lo32 i, hi32 i, 0))
-        gaussian:   Box–Muller in float64 of (x0, x1) for j mod 4 ∈ {0,1} (cos, sin) and of
-                    (x2, x3) for j mod 4 ∈ {2,3}, u = (x + ½)2⁻³²; rounded to float32
+        gaussian:   Box–Muller of (a, b) = (x0, x1) for j mod 4 ∈ {0,1} (cos, sin) and (x2, x3)
+                    for j mod 4 ∈ {2,3}: r = √(−2 ln u), u = (a + ½)2⁻³², θ = 2π(b + ½)2⁻³²,
+                    in float32 operation by operation (ln: Cephes logf, log1p form for
+                    u > ½; cos/sin: octant of b + Cephes polynomials), within 4 float32 ulps
+                    of the float64 formula
         rademacher: 1 − 2·(x_{j mod 4} >> 31)
 
-    The same Ω on every device and backend (bit for bit up to a rare 1-ulp double rounding).
+    The same Ω bit for bit from the reference, the native CPU kernel and Triton's interpreter;
+    compiled Triton (CUDA) fuses a·b + c into FMAs (not yet measured on a GPU; tests allow 2 ulps).
     rows: 1-D int64 indices ≥ 0; 0 ≤ seed < 2⁶³; col_offset a multiple of 4 (one Philox call
     covers columns 4g .. 4g+3). backend: None (the device's kernel), or force 'reference' /
     'triton' / 'native' (see use_backend)."""

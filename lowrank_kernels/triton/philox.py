@@ -1,41 +1,61 @@
 """Ω tiles generated in registers: the Triton implementation of Ω_ij = f(seed, i, j) (the
 definition is in lowrank_kernels/reference/sketch_omega.py and csrc/include/lowrank/philox.h).
 
-tl.philox(seed, c0, c1, c2, c3) is Philox4x32-10 with key (lo32(seed), hi32(seed)). Two
-Box–Muller transforms of the words:
-
-- FP64=True (sketch_omega, the materialized Ω): the reference's own float64 formula, so that
-  the entries agree with the C++ and PyTorch implementations to 1 ulp (float64 log/cos/sin of
-  different libraries differ by an ulp of float64 at most).
-- FP64=False (the fused kernels: sketch_matmul, random_subspace): the same function in float32
-  arithmetic, accurate to a few float32 ulps of the float64 formula everywhere (no float64
-  instruction; on an H100 float64 runs at 1/2 the fp32 FMA rate, on other GPUs at 1/64):
-      −ln u: u = (a + ½)·2⁻³² directly for a < 2³¹ (|ln u| ≥ ln 2: no cancellation); for
+tl.philox(seed, c0, c1, c2, c3) is Philox4x32-10 with key (lo32(seed), hi32(seed)). The
+Box–Muller transform of the words is the float32 one of philox.h, operation by operation
+(no float64 instruction):
+    −2 ln u: u = (a + ½)·2⁻³² directly for a < 2³¹ (|ln u| ≥ ln 2: no cancellation); for
              a ≥ 2³¹, w = 1 − u = (~a + ½)·2⁻³² exactly and ln u = log1p(−w) (Goldberg:
-             log(1 − w)·(−w)/((1 − w) − 1), exact-ish in float32);
-      θ = 2π(b + ½)·2⁻³² = (o + f)·π/4 with octant o = b >> 29: cos θ and sin θ are ± cos β,
-             ± sin β of β = (f′ + ½)·2⁻²⁹·π/4 ∈ (0, π/4], f′ the low 29 bits of b (of ~b in
-             odd octants), so there is no cancellation near the zeros of cos and sin.
+             ln(1 − w)·(−w)/((1 − w) − 1)); ln by Cephes' logf (_log_fp32), not tl.log, so
+             that the result does not depend on the math library;
+    θ = 2π(b + ½)·2⁻³² = (o + t)·π/4 with octant o = b >> 29: cos θ and sin θ are ± cos β,
+             ± sin β of β = (f + ½)·2⁻²⁹·π/4 ∈ (0, π/4], f the low 29 bits of b (of ~b in odd
+             octants), so there is no cancellation near the zeros of cos and sin.
+The interpreter (numpy float32) gives the reference's bits. Compiled, Triton fuses a·b + c
+into FMAs (enable_fp_fusion), which moves an entry by about an ulp now and then.
 """
 import triton
 import triton.language as tl
 
-_TWO_PI = tl.constexpr(6.283185307179586)
 _TWO_POW_M32 = tl.constexpr(2.3283064365386963e-10)
 _QUARTER_PI_POW_M29 = tl.constexpr(1.4629180792671596e-09)  # π/4 · 2⁻²⁹
 
 
 @triton.jit
+def _log_fp32(x):
+    """ln x of float32 normal x > 0: Cephes logf, the operations of philox.h log_fp32."""
+    bits = x.to(tl.int32, bitcast=True)
+    m = ((bits & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)  # x = m·2^e
+    small = m < 0.70710677
+    e = ((bits >> 23) - 126 - small.to(tl.int32)).to(tl.float32)
+    f = (m - 1.0) + tl.where(small, m, 0.0)  # m − 1 or 2m − 1, exact
+    z = f * f
+    p = f * 7.0376836292e-2 + -1.1514610310e-1
+    p = p * f + 1.1676998740e-1
+    p = p * f + -1.2420140846e-1
+    p = p * f + 1.4249322787e-1
+    p = p * f + -1.6668057665e-1
+    p = p * f + 2.0000714765e-1
+    p = p * f + -2.4999993993e-1
+    p = p * f + 3.3333331174e-1
+    y = p * f * z
+    y = y + e * -2.12194440e-4
+    y = y + -0.5 * z
+    return (f + y) + e * 0.693359375
+
+
+@triton.jit
 def _box_muller_fp32(a, b):
     """(r cos θ, r sin θ) in float32 of the words a (radius) and b (angle); see above."""
-    # r² = −2 ln u.
+    # r² = −2 ln u: one logarithm, of u or of y.
     u = (a.to(tl.float32) + 0.5) * _TWO_POW_M32
     w = ((~a).to(tl.float32) + 0.5) * _TWO_POW_M32
     y = 1.0 - w
+    lower = a < 0x80000000
     one = y == 1.0
-    log1p = tl.where(one, -w, tl.log(y) * (-w / tl.where(one, 1.0, y - 1.0)))
-    ln_u = tl.where(a < 0x80000000, tl.log(u), log1p)
-    r = tl.sqrt_rn(-2.0 * ln_u)
+    log_x = _log_fp32(tl.where(lower, u, y))
+    log1p = log_x * (-w / tl.where(one, 1.0, y - 1.0))
+    r = tl.sqrt_rn(-2.0 * tl.where(lower, log_x, tl.where(one, -w, log1p)))
     # θ by octant.
     octant = (b >> 29).to(tl.int32)
     odd = (octant & 1) == 1
@@ -56,15 +76,6 @@ def _box_muller_fp32(a, b):
 
 
 @triton.jit
-def _box_muller(a, b):
-    u = (a.to(tl.float64) + 0.5) * _TWO_POW_M32
-    v = (b.to(tl.float64) + 0.5) * _TWO_POW_M32
-    r = tl.sqrt(-2.0 * tl.log(u))  # float64 sqrt is correctly rounded
-    theta = _TWO_PI * v
-    return (r * tl.cos(theta)).to(tl.float32), (r * tl.sin(theta)).to(tl.float32)
-
-
-@triton.jit
 def _sign(x):
     return 1.0 - 2.0 * (x >> 31).to(tl.float32)
 
@@ -72,8 +83,9 @@ def _sign(x):
 @triton.jit
 def omega_tile(seed, rows, groups, RADEMACHER: tl.constexpr, FP64: tl.constexpr = False):
     """Ω[rows, 4·groups + q] as a (len(rows), 4·len(groups)) float32 tile, column 4g + q of
-    group g. rows: int64 row indices; groups: int32 column-group indices ⌊j/4⌋. FP64: the
-    float64 Box–Muller (1 ulp from the reference), else the float32 one (a few ulps)."""
+    group g. rows: int64 row indices; groups: int32 column-group indices ⌊j/4⌋. FP64: no
+    effect (there is one Box–Muller, float32); accepted until triton/sketch_omega.py stops
+    passing it."""
     i = rows[:, None]
     c0 = (groups[None, :] + 0 * i).to(tl.uint32)
     c1 = (i & 0xFFFFFFFF).to(tl.uint32) + 0 * c0
@@ -82,9 +94,6 @@ def omega_tile(seed, rows, groups, RADEMACHER: tl.constexpr, FP64: tl.constexpr 
     x0, x1, x2, x3 = tl.philox(seed, c0, c1, c2, c3)
     if RADEMACHER:
         z0, z1, z2, z3 = _sign(x0), _sign(x1), _sign(x2), _sign(x3)
-    elif FP64:
-        z0, z1 = _box_muller(x0, x1)
-        z2, z3 = _box_muller(x2, x3)
     else:
         z0, z1 = _box_muller_fp32(x0, x1)
         z2, z3 = _box_muller_fp32(x2, x3)
