@@ -243,6 +243,9 @@ def _is_plain(t):
     return not isinstance(t, torch.Tensor) or (type(t) is torch.Tensor and not t.is_meta)
 
 
+_STRICT = [0]  # how many strict() blocks (and LOWRANK_STRICT) are active
+
+
 class _Routing(TorchDispatchMode):
     """Routes torch.ops.lowrank_kernels.* to a forced backend and/or checks their results
     (strict); every other op, and calls on fake/meta tensors, pass through."""
@@ -267,7 +270,7 @@ class _Routing(TorchDispatchMode):
         else:
             name = choose_backend(spec, _device_type(lead), lead.dtype, self.backend, args)
             result = spec.backends[name].run(*args)
-        if self.strict:
+        if self.strict or _STRICT[0]:  # also when a forced backend runs inside strict()
             raise_if_nonfinite(spec, result, arguments, args)
         return result
 
@@ -304,8 +307,12 @@ def use_backend(backend: str):
 def strict():
     """Check the result of every lowrank_kernels op inside the block for NaN/Inf (one host
     sync per op) and raise NonFiniteError naming the non-finite input."""
-    with _Routing(strict=True):
-        yield
+    _STRICT[0] += 1
+    try:
+        with _Routing(strict=True):
+            yield
+    finally:
+        _STRICT[0] -= 1
 
 
 def call(op, backend, *args):
@@ -324,6 +331,7 @@ def _environment_mode():
     if backend is None and not strict_on:
         return None
     mode = _Routing(backend=backend, strict=strict_on)
+    _STRICT[0] += int(strict_on)
     mode.__enter__()  # left on for the process
     return mode
 

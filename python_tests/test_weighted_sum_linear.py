@@ -90,7 +90,8 @@ def test_opcheck_and_compile():
     A, E, c = _inputs((4, 3, 5, 2, None, True), torch.float32, "cpu")
     op = torch.ops.lowrank_kernels.weighted_sum_linear.default
     torch.library.opcheck(op, (A, E, c, True))
-    torch.library.opcheck(op, (A, E, torch.stack([c, -c], 1)), {"backend": "reference"})
+    with lk.use_backend("reference"):
+        torch.library.opcheck(op, (A, E, torch.stack([c, -c], 1)))
 
     def f(a, e, w):
         W, b = lk.weighted_sum_linear(a, e, w, True)
