@@ -37,17 +37,28 @@ import torch
 
 from lowrank_kernels import NonFiniteError
 
-from . import _captured
+from . import _captured, _distributed
 
 
 class GuardedOptimizer(torch.optim.Optimizer):
-    """Base class: subclasses set self.blocks and implement _directions(...)."""
+    """Base class: subclasses set self.blocks and implement _directions(...).
+
+    Data parallel (see _distributed and the README's "Data-parallel training"): with
+    distributed="auto" (default) a model wrapped in DistributedDataParallel (or a
+    process_group given) under an initialized torch.distributed with R > 1 ranks trains in
+    "exact" mode — the update is the single-process update on the global batch (the ranks'
+    samples concatenated in rank order); "local" (opt-in) solves with each rank's own samples
+    and averages the directions (an approximation); False: single-process behaviour."""
 
     def __init__(self, model_or_params, capture, defaults, *, loss_reduction, by_layer,
-                 fallback=False):
-        params, self.capture, _, self._recording = _captured.start(
+                 fallback=False, distributed="auto", process_group=None):
+        params, self.capture, model, self._recording = _captured.start(
             model_or_params, capture, loss_reduction, fallback)
         super().__init__(params, defaults)
+        self.data_parallel = _distributed.setup(model, distributed, process_group)
+        self._local_batch = None
+        if self.data_parallel is not None:
+            self.data_parallel.skip_ddp_allreduce = self._skip_grad_allreduce
         mine = [p for g in self.param_groups for p in g["params"]]
         self.blocks = _captured.layer_blocks(self.capture, mine, by_layer)
         self._group = {id(p): g for g in self.param_groups for p in g["params"]}
@@ -73,8 +84,17 @@ class GuardedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         try:
             per_param, B = _captured.contributions(self.capture)
+            self._local_batch = B
+            dp = self.data_parallel
+            if dp is not None and not dp.ddp and not self._skip_grad_allreduce():
+                dp.average_grads(p for g in self.param_groups for p in g["params"])
             try:
-                directions = self._directions(per_param, B)
+                if dp is None:
+                    directions = self._directions(per_param, B)
+                elif dp.mode == "local":
+                    directions = self._averaged(self._directions(per_param, B))
+                else:
+                    directions, B = self._exact_directions(per_param, B)
             except NonFiniteError:  # strict mode: an op refused the batch's data
                 directions = self._unusable(per_param)
             self._update(directions, B)
@@ -82,6 +102,31 @@ class GuardedOptimizer(torch.optim.Optimizer):
         finally:  # a step that raised still consumes its batch: the next one starts clean
             self.capture.release()
         return loss
+
+    # ---- data parallel ---------------------------------------------------------------------
+    def _skip_grad_allreduce(self):
+        """Whether this step's backward may leave p.grad local (the optimizer communicates the
+        direction itself): asked by DDP's comm hook during backward."""
+        return False
+
+    def _ordered_params(self):
+        return [p for _, params in self.blocks for p in params]
+
+    def _exact_directions(self, per_param, b):
+        """(directions, B): the single-process math on the global batch's factors (gathered
+        from every rank); identical on every rank."""
+        factors, B, _ = self.data_parallel.gather_factors(per_param, self._ordered_params(), b)
+        return self._directions(factors, B), B
+
+    def _averaged(self, directions):
+        """Local mode: each rank's directions averaged over the ranks (ok: all ranks ok)."""
+        keys = [id(p) for g in self.param_groups for p in g["params"] if id(p) in directions]
+        ds = [directions[k][0] for k in keys]
+        oks = [directions[k][1].to(ds[0].dtype if ds else torch.float32).reshape(1)
+               for k in keys]
+        averaged = self.data_parallel.average(ds + oks)
+        n = len(keys)
+        return {k: (averaged[i], averaged[n + i][0] > 1 - 1e-6) for i, k in enumerate(keys)}
 
     def _unusable(self, per_param):
         """Directions for a batch the ops refused: none usable (every parameter falls back to
@@ -94,6 +139,8 @@ class GuardedOptimizer(torch.optim.Optimizer):
     def _mean_grad(self, p, B):
         """ḡ for p (the fallback direction), or None where the step has none (then every
         parameter with a .grad must get a direction, and a non-finite one is skipped)."""
+        if self.data_parallel is not None:  # DDP-averaged p.grad: the local b undoes it
+            B = self._local_batch
         return _captured.mean_grad(self.capture, p, B)
 
     def _update(self, directions, B):

@@ -76,7 +76,8 @@ class FNGD(GuardedOptimizer):
 
     def __init__(self, model_or_params, lr, damping=1e-3, *, steps_per_epoch, momentum=0.0,
                  weight_decay=0.0, blocks="layer", reuse="mean", refresh_every=None,
-                 loss_reduction="mean", capture=None, reuse_via_backward=False, fallback=False):
+                 loss_reduction="mean", capture=None, reuse_via_backward=False, fallback=False,
+                 distributed="auto", process_group=None):
         if not lr > 0:
             raise ValueError(f"FNGD: lr must be > 0, got {lr}")
         if not damping > 0:
@@ -101,7 +102,8 @@ class FNGD(GuardedOptimizer):
                              f"coefficient vector for all parameters), got blocks={blocks!r}")
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
-                         by_layer=blocks == "layer", fallback=fallback)
+                         by_layer=blocks == "layer", fallback=fallback,
+                         distributed=distributed, process_group=process_group)
         self.steps_per_epoch, self.reuse, self.refresh_every = steps_per_epoch, reuse, refresh_every
         self.state["coefficients"] = {}
         self._reused_cache = {}  # (block, B, position) -> (c, ok): derived from the state
@@ -110,6 +112,7 @@ class FNGD(GuardedOptimizer):
         self._pending = None  # (step, B, ok) of a forward whose output gradient is scaled
         self._paused = None  # the capture's paused() context during such a forward
         self._fused_step = False  # inside _update of a step whose direction came from backward
+        self._local_grads = False  # data parallel reuse step: p.grad was not all-reduced
         self._model_hooks = []
         if reuse_via_backward:
             model = self.capture.model
@@ -154,8 +157,16 @@ class FNGD(GuardedOptimizer):
         self._resume_capture()
         output = _batch_output(output)
         B = output.shape[0]
-        (c,), (ok,) = self._reused(B, self.state["step"] % self.steps_per_epoch)
-        c = torch.where(ok, c, 1.0 / B)  # no solved batch: ḡ, as the weighted-sum path
+        position = self.state["step"] % self.steps_per_epoch
+        dp = self.data_parallel
+        if dp is not None and dp.mode == "exact":
+            # rank r's rows of the global batch's c; DDP's averaging divides by R
+            (c,), (ok,) = self._reused(dp.world * B, position)
+            c = torch.where(ok, c, 1.0 / (dp.world * B))[dp.rank * B:(dp.rank + 1) * B]
+            c = c * dp.world
+        else:
+            (c,), (ok,) = self._reused(B, position)
+            c = torch.where(ok, c, 1.0 / B)  # no solved batch: ḡ, as the weighted-sum path
         w = (c / self.capture.loss_scale(B)).to(device=output.device)
         self._pending = (self.state["step"], B, ok)
 
@@ -165,7 +176,44 @@ class FNGD(GuardedOptimizer):
         output.register_hook(scale)
 
     def _mean_grad(self, p, B):
-        return None if self._fused_step else super()._mean_grad(p, B)
+        return None if self._fused_step or self._local_grads else super()._mean_grad(p, B)
+
+    # ---- data parallel -------------------------------------------------------------------
+    def _skip_grad_allreduce(self):
+        """Exact mode, a reuse step on the weighted-sum path: p.grad stays local and the
+        direction U c = Σ_r U_r c_r is all-reduced instead (the same bytes as DDP's)."""
+        dp = self.data_parallel
+        if dp is None or dp.mode != "exact" or self.computing():
+            return False
+        fused = self.reuse_via_backward and self._pending is not None and \
+            self._pending[0] == self.state["step"]
+        return not fused
+
+    def _exact_directions(self, per_param, b):
+        """First epoch / refresh: the global batch's factors gathered, the single-process
+        solve. Reuse: U c = Σ_r U_r c_r with each rank's rows of the global c (the ranks'
+        batches of equal size b, B = R·b: a DistributedSampler's), one all-reduce; a
+        parameter without factors takes the all-reduced mean gradient."""
+        if self.computing():
+            return super()._exact_directions(per_param, b)
+        dp = self.data_parallel
+        B, rows = dp.world * b, slice(dp.rank * b, (dp.rank + 1) * b)
+        coefficients, oks = self._reused(B, self.state["step"] % self.steps_per_epoch)
+        ok = torch.stack(oks)
+        C = torch.where(ok[:, None], torch.stack(coefficients), 1.0 / B)[:, rows]
+        local = natural_gradient.block_weighted_sums(per_param, self.blocks, C)
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        parts = [local[p] if p in local else
+                 super(FNGD, self)._mean_grad(p, b) / dp.world for p in params]
+        summed = dp.average(parts)  # (1/R) Σ_r: scaled back by R below
+        self._local_grads = True
+        true = torch.ones((), dtype=torch.bool, device=params[0].device)
+        block = {id(p): l for l, (_, ps) in enumerate(self.blocks) for p in ps}
+        failed = sum((~ok[block[id(p)]]).long() for p in params if p in local)
+        if isinstance(failed, torch.Tensor):  # no solved batch: ḡ (c = 1/B), as a fallback
+            self.state["fallbacks"] = self.state["fallbacks"] + failed.to(
+                self.state["fallbacks"].device)
+        return {id(p): (d * dp.world, true) for p, d in zip(params, summed)}, B
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -178,6 +226,7 @@ class FNGD(GuardedOptimizer):
         return self._step(None)
 
     def _step(self, loss):
+        self._local_grads = False
         pending, self._pending = self._pending, None
         if not self.reuse_via_backward or self.computing():
             super().step()
@@ -187,6 +236,9 @@ class FNGD(GuardedOptimizer):
             super().step()
             return loss
         _, B, ok = pending
+        dp = self.data_parallel
+        if dp is not None and not dp.ddp:  # what DDP's all-reduce would have done
+            dp.average_grads(p for g in self.param_groups for p in g["params"])
         directions = {}
         for group in self.param_groups:
             for p in group["params"]:

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from ..capture._generic import is_conv1d
-from . import _captured
 from ._base import GuardedOptimizer
 
 
@@ -45,7 +44,7 @@ class KFAC(GuardedOptimizer):
 
     def __init__(self, model_or_params, lr, damping=1.0, *, momentum=0.9, weight_decay=0.0,
                  factor_decay=0.95, inverse_every=10, kl_clip=None, loss_reduction="mean",
-                 capture=None, fallback=False):
+                 capture=None, fallback=False, distributed="auto", process_group=None):
         if not lr > 0:
             raise ValueError(f"KFAC: lr must be > 0, got {lr}")
         if not damping > 0:
@@ -58,7 +57,8 @@ class KFAC(GuardedOptimizer):
             raise ValueError(f"KFAC: kl_clip must be > 0 or None, got {kl_clip!r}")
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
-                         by_layer=True, fallback=fallback)
+                         by_layer=True, fallback=fallback, distributed=distributed,
+                         process_group=process_group)
         self.factor_decay, self.inverse_every, self.kl_clip = factor_decay, inverse_every, kl_clip
         self.state["kfac"] = {}
         others = _unpreconditioned(self.capture.model, self.blocks)
@@ -69,10 +69,16 @@ class KFAC(GuardedOptimizer):
                           f"the mean gradient: {shown}{', …' if len(others) > 6 else ''}",
                           stacklevel=2)
 
-    def _directions(self, per_param, B):
+    def _exact_directions(self, per_param, b):
+        """Data parallel, exact: the batch factors' sums and the batch size are all-reduced
+        (A and G of the global batch, identical on every rank); at an inverse step each layer's
+        inverses are computed by one rank (layer l on rank l mod R) and broadcast."""
+        return self._directions(per_param, b, reduce=True), b
+
+    def _directions(self, per_param, B, reduce=False):
         step = self.state["step"]
-        out = {}
-        preconditioned = set()
+        dp = self.data_parallel if reduce else None
+        layers = []  # (name, weight, bias, kind, A_sum, G_sum, tokens per sample)
         for name, params in self.blocks:
             found = _split(params, per_param)
             if found is None:
@@ -80,11 +86,25 @@ class KFAC(GuardedOptimizer):
             weight, bias, kind, tokens = found
             if kind == "embedding":
                 idx, e, rows, padding_idx = tokens
-                A_batch, G_batch = _embedding_factors(idx, e, rows, padding_idx, B)
+                A_sum, G_sum = _embedding_factors(idx, e, rows, padding_idx)
+                per_sample = idx.numel() // max(idx.shape[0], 1)
             else:
                 a, e = _flat_tokens(tokens, bias is not None)  # (G, N, d_in[+1]), (G, N, d_out)
-                A_batch = a.transpose(1, 2) @ a / a.shape[1]
-                G_batch = e.transpose(1, 2) @ e / B
+                A_sum, G_sum = a.transpose(1, 2) @ a, e.transpose(1, 2) @ e
+                per_sample = a.shape[1] // max(B, 1)
+            layers.append((name, weight, bias, kind, A_sum, G_sum, per_sample))
+        if dp is not None:  # Σ over the ranks: one all-reduce per dtype, one for B
+            B = int(dp.all_reduce_sum(torch.tensor([B], dtype=torch.int64)))
+            sums = [t for layer in layers for t in layer[4:6]]
+            for dtype in dict.fromkeys(t.dtype for t in sums):
+                mine = [t for t in sums if t.dtype == dtype]
+                for t, total in zip(mine, dp.sum(mine)):
+                    t.copy_(total)
+        inverting = step % self.inverse_every == 0
+        states, owners = {}, {}
+        for k, (name, weight, bias, kind, A_sum, G_sum, per_sample) in enumerate(layers):
+            A_batch = A_sum / max(per_sample * B, 1)
+            G_batch = G_sum / B
             layer = _load(self.state["kfac"].get(name), kind)
             beta = self.factor_decay
             finite = torch.isfinite(A_batch).all() & torch.isfinite(G_batch).all()
@@ -98,8 +118,29 @@ class KFAC(GuardedOptimizer):
                                            layer["A"]),
                              G=torch.where(finite, beta * layer["G"] + (1 - beta) * G_batch,
                                            layer["G"]))
-            if step % self.inverse_every == 0 or "A_inv" not in layer:
-                layer = _invert(layer, self.group_of(weight)["damping"], kind)
+            if inverting or "A_inv" not in layer:
+                owners[name] = 0 if dp is None else k % dp.world
+                if dp is None or owners[name] == dp.rank:
+                    layer = _invert(layer, self.group_of(weight)["damping"], kind)
+                else:  # computed by its owner, broadcast below
+                    layer = dict(layer, A_inv=torch.empty_like(layer["A"]),
+                                 G_inv=torch.empty_like(layer["G"]),
+                                 ok=torch.zeros((), dtype=torch.bool, device=layer["A"].device))
+            states[name] = layer
+        if dp is not None:  # the inverses computed this step, from their owners, in layer order
+            for name, owner in owners.items():
+                layer = states[name]
+                packed = torch.cat([layer["A_inv"].reshape(-1), layer["G_inv"].reshape(-1),
+                                    layer["ok"].to(layer["A_inv"].dtype).reshape(1)])
+                dp.broadcast(packed, owner)
+                a, g = layer["A_inv"].numel(), layer["G_inv"].numel()
+                states[name] = dict(layer, A_inv=packed[:a].reshape(layer["A_inv"].shape),
+                                    G_inv=packed[a:a + g].reshape(layer["G_inv"].shape),
+                                    ok=packed[a + g] > 0.5)
+        out = {}
+        preconditioned = set()
+        for name, weight, bias, kind, *_ in layers:
+            layer = states[name]
             self.state["kfac"][name] = _store(layer, kind)
             direction = self._precondition(layer, weight, bias, kind, B)
             ok = layer["ok"]
@@ -118,7 +159,7 @@ class KFAC(GuardedOptimizer):
 
     def _precondition(self, layer, weight, bias, kind, B):
         """G⁻¹ [∇W, ∇b] A⁻¹ per group, back in the parameters' shapes."""
-        grad = _captured.mean_grad(self.capture, weight, B)
+        grad = self._mean_grad(weight, B)
         dtype = layer["G_inv"].dtype
         if kind == "embedding":  # W (rows × d): diagonal A⁻¹ on the rows
             return (layer["A_inv"][:, None] * grad.to(dtype)) @ layer["G_inv"][0]
@@ -127,7 +168,7 @@ class KFAC(GuardedOptimizer):
             grad = grad.T
         grad = grad.reshape(groups, grad.shape[0] // groups, -1).to(dtype)  # (G, o, d_in)
         if bias is not None:
-            g_bias = _captured.mean_grad(self.capture, bias, B).reshape(groups, -1, 1)
+            g_bias = self._mean_grad(bias, B).reshape(groups, -1, 1)
             grad = torch.cat([grad, g_bias.to(dtype)], 2)
         direction = layer["G_inv"] @ grad @ layer["A_inv"]
         d_bias = None
@@ -147,7 +188,7 @@ class KFAC(GuardedOptimizer):
             for p in group["params"]:
                 if id(p) in out:
                     d, ok = out[id(p)]
-                    g = _captured.mean_grad(self.capture, p, B).to(d.dtype)
+                    g = self._mean_grad(p, B).to(d.dtype)
                     term = torch.where(ok, (d * g).sum() * group["lr"] ** 2, 0)
                     total = term if total is None else total + term
         nu = torch.clamp(torch.sqrt(self.kl_clip / total.abs().clamp(min=1e-30)), max=1.0)
@@ -241,17 +282,17 @@ def _flat_tokens(tokens, with_bias):
     return a, e
 
 
-def _embedding_factors(idx, e, rows, padding_idx, B):
-    """A = token frequencies (rows,), G = (1/B) Σ e eᵀ (1, d, d) over the looked-up tokens."""
+def _embedding_factors(idx, e, rows, padding_idx):
+    """(Σ counts (rows,), Σ e eᵀ (1, d, d)) over the looked-up tokens: A = counts / N,
+    G = (1/B) Σ e eᵀ."""
     dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
     idx = idx.reshape(-1)
     e = e.reshape(-1, e.shape[-1]).to(dtype)
     keep = torch.ones_like(idx, dtype=dtype) if padding_idx is None else (
         idx != padding_idx).to(dtype)
     counts = torch.zeros(rows, dtype=dtype, device=e.device).index_add_(0, idx, keep)
-    A = counts / max(idx.numel(), 1)
-    G = (e * keep[:, None]).T @ e / B
-    return A, G[None]
+    G = (e * keep[:, None]).T @ e
+    return counts, G[None]
 
 
 def _eye_like(M, kind):

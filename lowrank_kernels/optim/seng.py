@@ -41,7 +41,8 @@ class SENG(GuardedOptimizer):
 
     def __init__(self, model_or_params, lr, damping=1e-2, *, update_freq=1, momentum=0.9,
                  weight_decay=0.0, damping_schedule=None, sketch_threshold=2 ** 20,
-                 sketch_size=128, seed=0, loss_reduction="mean", capture=None, fallback=False):
+                 sketch_size=128, seed=0, loss_reduction="mean", capture=None, fallback=False,
+                 distributed="auto", process_group=None):
         if not lr > 0:
             raise ValueError(f"SENG: lr must be > 0, got {lr}")
         if not damping > 0:
@@ -56,7 +57,8 @@ class SENG(GuardedOptimizer):
             raise ValueError(f"SENG: momentum must be in [0, 1), got {momentum}")
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
-                         by_layer=True, fallback=fallback)
+                         by_layer=True, fallback=fallback, distributed=distributed,
+                         process_group=process_group)
         self.update_freq, self.damping_schedule = update_freq, damping_schedule
         self.sketch_threshold, self.sketch_size, self.seed = sketch_threshold, sketch_size, seed
         self.state["curvature"] = None
@@ -74,6 +76,16 @@ class SENG(GuardedOptimizer):
         if step % self.update_freq == 0 or self.state["curvature"] is None:
             return self._refresh(per_param, B, step)
         return self._precondition(per_param, B)
+
+    def _refreshing(self):
+        return self.state["step"] % self.update_freq == 0 or self.state["curvature"] is None
+
+    def _exact_directions(self, per_param, b):
+        """Refresh: the global batch's factors gathered (kept: identical on every rank).
+        Between refreshes: the kept curvature and the DDP-averaged ḡ, no communication."""
+        if self._refreshing():
+            return super()._exact_directions(per_param, b)
+        return self._precondition(per_param, b), b
 
     def _refresh(self, per_param, B, step):
         """The batch's curvature (K per block, sketched for big parameters) and d = U c,
@@ -108,7 +120,7 @@ class SENG(GuardedOptimizer):
                 for (_, params), block in zip(self.blocks, curvature["factors"])
                 for p, f in zip(params, block)}
         kept = {p: f for p, f in kept.items() if f is not None}
-        grads = {p: _captured.mean_grad(self.capture, p, B)
+        grads = {p: self._mean_grad(p, B)
                  for _, params in self.blocks for p in params if p.grad is not None}
         solved = natural_gradient.natural_directions(kept, self.blocks, K, lam, Br, grads)
         return self._with_ok(solved.direction, solved.ok & curvature["ok"])

@@ -1,0 +1,216 @@
+"""FNGD, SENG and KFAC data parallel on 2 and 4 gloo processes (CPU, float64): each rank holds
+B/R samples of the global batch, the model is wrapped in DistributedDataParallel (or bare,
+given the process group), and every step's update equals the single-process update on the
+global batch — first-epoch and refresh steps (factors gathered), reuse steps (U c all-reduced,
+or carried by DDP's own all-reduce), SENG's refresh and between-refresh steps, KFAC's factor
+all-reduce and spread inverses. A checkpoint saved on rank 0 and loaded on every rank of a new
+process group resumes bit for bit. Rendezvous, teardown and deadlines as in
+test_twa_distributed.py."""
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_kernels.optim import FNGD, KFAC, SENG
+
+from test_twa_distributed import _loopback_interface, _spawn
+
+GLOBAL_BATCH = 8
+RESUME_AT = 3
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(18, 6), nn.Tanh(),
+                         nn.Linear(6, 3)).double()
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(GLOBAL_BATCH, 1, 5, 5, generator=g, dtype=torch.float64),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=g))
+
+
+# name: (optimizer factory (model, **distributed kwargs), steps, wrap in DDP)
+CASES = {
+    # steps 0-1 epoch 0 (solve), 2-3 reuse, 4-5 refresh (epoch 2), 6 reuse
+    "fngd_layer": (lambda m, **kw: FNGD(m, lr=0.1, damping=0.3, steps_per_epoch=2,
+                                        momentum=0.9, weight_decay=1e-3, refresh_every=2, **kw),
+                   7, True),
+    "fngd_model_backward": (lambda m, **kw: FNGD(m, lr=0.1, damping=0.3, steps_per_epoch=2,
+                                                 blocks="model", reuse="per_step",
+                                                 reuse_via_backward=True, momentum=0.5, **kw),
+                            5, True),
+    "fngd_bare_group": (lambda m, **kw: FNGD(m, lr=0.1, damping=0.3, steps_per_epoch=2,
+                                             momentum=0.9, **kw), 5, False),
+    # refresh at 0, 2, 4; sketched Grams for the three 18+-entry weights
+    "seng": (lambda m, **kw: SENG(m, lr=0.1, damping=0.2, update_freq=2, momentum=0.9,
+                                  weight_decay=1e-3, sketch_threshold=15, sketch_size=3,
+                                  **kw), 5, True),
+    "kfac": (lambda m, **kw: KFAC(m, lr=0.1, damping=0.5, inverse_every=2, momentum=0.9,
+                                  kl_clip=1e-2, **kw), 5, True),
+}
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _train(name, model, opt, steps, first, rows, bare_group):
+    """[θ after each step] and [bytes of each step] (optimizer's, DDP's)."""
+    thetas, traffic = [], []
+    for step in range(first, steps):
+        x, y = _batch(step)
+        before = opt.data_parallel.counters() if opt.data_parallel else None
+        opt.zero_grad()
+        F.cross_entropy(model(x[rows]), y[rows]).backward()
+        opt.step()
+        thetas.append(_flat(model).clone())
+        if before is not None:
+            after = opt.data_parallel.counters()
+            traffic.append((after["bytes"] - before["bytes"],
+                            after["ddp_bytes"] - before["ddp_bytes"]))
+    return thetas, traffic
+
+
+def _build(name, rank, world, mode="auto"):
+    factory, steps, ddp = CASES[name]
+    base = _model()
+    model = nn.parallel.DistributedDataParallel(base) if ddp else base
+    kw = {"distributed": mode}
+    if not ddp:
+        kw["process_group"] = dist.group.WORLD
+    return model, base, factory(model, **kw), steps, not ddp
+
+
+def _worker(rank, world, init_file, out_dir, phase):
+    torch.set_num_threads(1)
+    loopback = _loopback_interface()
+    if loopback is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        b = GLOBAL_BATCH // world
+        rows = slice(rank * b, (rank + 1) * b)
+        results = {}
+        for name in CASES:
+            model, base, opt, steps, bare = _build(name, rank, world)
+            if phase == "train":
+                thetas, traffic = _train(name, model, opt, RESUME_AT, 0, rows, bare)
+                if rank == 0:  # saved on one rank
+                    torch.save({"model": base.state_dict(), "opt": opt.state_dict()},
+                               os.path.join(out_dir, f"{name}.ckpt"))
+                more, traffic2 = _train(name, model, opt, steps, RESUME_AT, rows, bare)
+                results[name] = {"thetas": thetas + more, "traffic": traffic + traffic2}
+            else:  # resume: loaded on every rank of a new process group
+                dist.barrier()
+                ckpt = torch.load(os.path.join(out_dir, f"{name}.ckpt"))
+                base.load_state_dict(ckpt["model"])
+                opt.load_state_dict(ckpt["opt"])
+                thetas, _ = _train(name, model, opt, steps, RESUME_AT, rows, bare)
+                results[name] = {"thetas": thetas}
+            opt.close()
+        if phase == "train" and world == 2:  # local approximation: its first step vs exact
+            model, base, opt, _, _ = _build("fngd_layer", rank, world, mode="local")
+            start = _flat(model).clone()
+            _train("fngd_layer", model, opt, 1, 0, rows, False)
+            results["local_step"] = _flat(model) - start
+            opt.close()
+        torch.save(results, os.path.join(out_dir, f"{phase}{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _single(name):
+    """The single-process θ after each step on the global batches."""
+    factory, steps, _ = CASES[name]
+    model = _model()
+    opt = factory(model)
+    thetas = []
+    for step in range(steps):
+        x, y = _batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        thetas.append(_flat(model).clone())
+    opt.close()
+    return thetas
+
+
+def _updates(thetas):
+    start = _flat(_model())
+    return [t - s for t, s in zip(thetas, [start] + thetas[:-1])]
+
+
+@pytest.fixture(scope="module")
+def single():
+    return {name: _single(name) for name in CASES}
+
+
+def _run(tmp_path, world, phase):
+    _spawn(_worker, (world, str(tmp_path / f"store_{phase}"), str(tmp_path), phase), world)
+    return [torch.load(tmp_path / f"{phase}{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ranks2")
+    return path, _run(path, 2, "train")
+
+
+def _check_equal_to_single(ranks, single):
+    for name in CASES:
+        reference = _updates(single[name])
+        for r, result in enumerate(ranks):
+            got = _updates(result[name]["thetas"])
+            assert len(got) == len(reference)
+            for step, (u, v) in enumerate(zip(got, reference)):
+                rel = float((u - v).norm() / v.norm())
+                assert rel <= 1e-10, f"{name} rank {r} step {step}: relative {rel:.3g}"
+        for result in ranks[1:]:  # every rank holds the same weights
+            for a, b in zip(result[name]["thetas"], ranks[0][name]["thetas"]):
+                assert torch.equal(a, b), name
+
+
+def test_two_gloo_processes_match_single_process_on_global_batch(two, single):
+    _check_equal_to_single(two[1], single)
+
+
+def test_four_gloo_processes_match_single_process_on_global_batch(tmp_path, single):
+    _check_equal_to_single(_run(tmp_path, 4, "train"), single)
+
+
+def test_fngd_reuse_step_communicates_no_more_than_ddp(two):
+    ranks = two[1]
+    grad_bytes = sum(p.numel() * 8 for p in _model().parameters())  # float64
+    for name, reuse_steps in (("fngd_layer", (2, 3, 6)), ("fngd_model_backward", (2, 3)),
+                              ("fngd_bare_group", (2, 3, 4))):
+        for step in reuse_steps:
+            own, ddp = ranks[0][name]["traffic"][step]
+            assert own + ddp == grad_bytes, (name, step, own, ddp)
+    own, ddp = ranks[0]["fngd_layer"]["traffic"][0]  # a solve step gathers the factors
+    assert ddp == grad_bytes and own > 0
+
+
+def test_resume_from_rank0_checkpoint_is_bit_identical(two):
+    path, ranks = two
+    resumed = _run(path, 2, "resume")
+    for name in CASES:
+        for r in range(2):
+            for a, b in zip(resumed[r][name]["thetas"], ranks[r][name]["thetas"][RESUME_AT:]):
+                assert torch.equal(a, b), f"{name} rank {r}"
+
+
+def test_local_mode_is_an_approximation_close_to_exact(two, single):
+    ranks = two[1]
+    exact = _updates(single["fngd_layer"])[0]
+    local = ranks[0]["local_step"]
+    assert torch.equal(local, ranks[1]["local_step"])  # the ranks stay in sync
+    cosine = float(local @ exact / (local.norm() * exact.norm()))
+    assert 0.5 < cosine < 1 - 1e-8, cosine  # close, but not the exact direction
