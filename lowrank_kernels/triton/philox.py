@@ -81,11 +81,9 @@ def _sign(x):
 
 
 @triton.jit
-def omega_tile(seed, rows, groups, RADEMACHER: tl.constexpr, FP64: tl.constexpr = False):
+def omega_tile(seed, rows, groups, RADEMACHER: tl.constexpr):
     """Ω[rows, 4·groups + q] as a (len(rows), 4·len(groups)) float32 tile, column 4g + q of
-    group g. rows: int64 row indices; groups: int32 column-group indices ⌊j/4⌋. FP64: no
-    effect (there is one Box–Muller, float32); accepted until triton/sketch_omega.py stops
-    passing it."""
+    group g. rows: int64 row indices; groups: int32 column-group indices ⌊j/4⌋."""
     i = rows[:, None]
     c0 = (groups[None, :] + 0 * i).to(tl.uint32)
     c1 = (i & 0xFFFFFFFF).to(tl.uint32) + 0 * c0

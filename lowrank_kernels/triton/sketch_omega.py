@@ -14,7 +14,7 @@ def _sketch_omega_kernel(rows_ptr, n, out, k, seed, first_group, RADEMACHER: tl.
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     groups = first_group + tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     rows = tl.load(rows_ptr + r, mask=r < n, other=0).to(tl.int64)
-    tile = omega_tile(seed, rows, groups, RADEMACHER, FP64=True)
+    tile = omega_tile(seed, rows, groups, RADEMACHER)
     cols = tl.program_id(1) * (4 * BLOCK_G) + tl.arange(0, 4 * BLOCK_G)
     r64 = r.to(tl.int64)[:, None]
     tl.store(out + r64 * k + cols[None, :], tile, mask=(r64 < n) & (cols[None, :] < k))
