@@ -38,7 +38,9 @@ def _extensions():
         )
     build_cuda = want_cuda == "1" or (want_cuda == "auto" and has_toolkit)
 
-    sources = [os.path.join("csrc", "ops.cpp")] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/<op>.cpp: an op's registration, checks and CPU kernel (its CUDA glue in CUDA
+    # builds); csrc/cuda/<op>.cu: its torch-free CUDA kernel; ops.cpp: the Python module.
+    sources = sorted(glob.glob("csrc/*.cpp"))
     # One C++ standard for setup.py, CMakeLists.txt and the suite's nvcc check: C++20 (what
     # torch >= 2.13 needs; older torch headers build with it too).
     cxx = ["-O3", "-std=c++20"]
@@ -51,7 +53,7 @@ def _extensions():
 
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0")
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # read by cpp_extension for -gencode
-    sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
     # The arch list as one preprocessor token ("8.0;9.0+PTX" -> 8.0_9.0_PTX), stringified in ops.cpp.
     arch_token = "".join(ch if ch.isalnum() or ch == "." else "_" for ch in archs)
     defines = ["-DLOWRANK_WITH_CUDA", f"-DLOWRANK_CUDA_ARCHS={arch_token}"]

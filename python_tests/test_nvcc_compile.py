@@ -1,6 +1,6 @@
-"""Every csrc/**/*.cu compiles with nvcc for sm_90 (objects only), and every CUDA torch glue
-(csrc/cuda/*_glue.cpp) parses against torch's CUDA headers, so a CUDA build break is caught on
-machines without a GPU. The .cu files are torch-free (raw pointers), so the CUDA toolkit's own
+"""Every csrc/**/*.cu compiles with nvcc for sm_90 (objects only), and every op registration
+with CUDA glue (csrc/<op>.cpp under LOWRANK_WITH_CUDA) parses against torch's CUDA headers, so
+a CUDA build break is caught on machines without a GPU. The .cu files are torch-free (raw pointers), so the CUDA toolkit's own
 headers are all they need. In CI (CI=true) a missing nvcc or CUDA header is a failure."""
 import os
 import pathlib
@@ -42,7 +42,8 @@ def test_cu_compiles_for_sm90(source, tmp_path):
     assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{proc.stderr[-4000:]}"
 
 
-GLUE_FILES = sorted((ROOT / "csrc" / "cuda").glob("*_glue.cpp"))
+GLUE_FILES = sorted(p for p in (ROOT / "csrc").glob("*.cpp")
+                    if "LOWRANK_WITH_CUDA" in p.read_text() and p.name != "ops.cpp")
 
 
 def _cuda_include():
@@ -51,6 +52,10 @@ def _cuda_include():
             return pathlib.Path(home) / "include"
     nvcc = NVCC and pathlib.Path(NVCC).resolve().parent.parent / "include"
     return nvcc if nvcc and (nvcc / "cuda_runtime.h").exists() else None
+
+
+def test_there_is_cuda_glue():
+    assert GLUE_FILES, "no csrc/<op>.cpp with CUDA glue"
 
 
 @pytest.mark.parametrize("source", GLUE_FILES, ids=lambda p: p.name)

@@ -9,7 +9,6 @@
 // shared core (lowrank/woodbury_core.h), run here with BlockExec; the CPU kernel and the ctest run
 // the same schedule serially (and in random orders, to show it is free of races).
 #include "lowrank/woodbury_core.h"
-#include "woodbury_solve.cuh"
 
 namespace lowrank {
 namespace {

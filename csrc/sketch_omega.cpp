@@ -1,4 +1,5 @@
-// CPU kernel of lowrank_kernels::sketch_omega: Ω[rows, col_offset + 0:k] (float32) from the
+// lowrank_kernels::sketch_omega's CPU kernel, registered on the public schema (declared in
+// lowrank_kernels/ops/sketch_omega.py): Ω[rows, col_offset + 0:k] (float32) from the
 // counter-based definition in lowrank/philox.h, one Philox call per 4 columns. The (row, column
 // group) pairs of a block of rows are taken kLanes at a time in plain arrays, so that the
 // compiler vectorizes Philox and the branch-free float32 Box–Muller across them; blocks of
