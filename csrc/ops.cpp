@@ -1,6 +1,6 @@
 // The Python module of the native extension. Its kernels are registered on the public ops
 // (whose schemas the Python package declares, lowrank_kernels/ops/<op>.py) with
-// TORCH_LIBRARY_IMPL(lowrank_kernels, CPU|CUDA, m) in cpu/<op>.cpp and cuda/<op>_glue.cpp, so
+// TORCH_LIBRARY_IMPL(lowrank_kernels, CPU|CUDA, m) in <op>.cpp (the CUDA glue there too), so
 // the dispatcher calls them without entering Python.
 #include <Python.h>
 

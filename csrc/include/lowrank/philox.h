@@ -1,6 +1,6 @@
 // The sketch matrix Ω of lowrank_kernels, entry by entry from a counter-based RNG, so that
 // Ω is never stored and is the same on every device and backend. Torch-free, host+device:
-// the CPU kernel (csrc/cpu/sketch_omega.cpp) runs it, ctest checks it against the Random123
+// the CPU kernel (csrc/sketch_omega.cpp) runs it, ctest checks it against the Random123
 // known-answer vectors, and the Triton kernels and the PyTorch reference implement the same
 // definition (lowrank_kernels/triton/philox.py, lowrank_kernels/reference/sketch_omega.py):
 //
