@@ -28,7 +28,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python_tests"))
 
-GLOBAL_BATCH, STEPS_PER_EPOCH, WARMUP = 128, 6, 1
+GLOBAL_BATCH, STEPS_PER_EPOCH, WARMUP = 128, 6, 1  # step 0 (warm-up) is not measured
 
 
 def _model():
@@ -85,7 +85,7 @@ def _worker(rank, world, init_file, out):
             counter = getattr(opt, "data_parallel", None) or \
                 _distributed.DataParallel(model, "exact", None)  # DDP + SGD: the hook only
             per_step = []
-            for step in range(WARMUP + steps):
+            for step in range(steps):
                 x, y = data[step % len(data)]
                 before = counter.counters()
                 dist.barrier()
@@ -99,12 +99,10 @@ def _worker(rank, world, init_file, out):
                 slowest = torch.tensor([elapsed])
                 dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                 per_step.append((float(slowest), sent))
-            # the warm-up step repeats step 0's phase: measured steps are WARMUP.. (shifted)
-            measured = per_step[WARMUP:]
+            measured = list(enumerate(per_step))[WARMUP:]  # (step, (time, bytes))
             results[name] = {
-                phase: {"ms": 1e3 * statistics.median(t for s, (t, _) in enumerate(measured)
-                                                      if pred(s)),
-                        "bytes": max(n for s, (_, n) in enumerate(measured) if pred(s))}
+                phase: {"ms": 1e3 * statistics.median(t for s, (t, _) in measured if pred(s)),
+                        "bytes": max(n for s, (_, n) in measured if pred(s))}
                 for phase, pred in phases.items()}
             if hasattr(opt, "close"):
                 opt.close()
