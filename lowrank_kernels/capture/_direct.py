@@ -82,6 +82,10 @@ class DirectUses(TorchFunctionMode):
         entry = self.tracked.get(id(a)) if isinstance(a, torch.Tensor) else None
         return entry if entry is not None and entry[0] is a else None
 
+    # Eager under torch.compile: traced, its lookups by id() would guard on the identity of
+    # every tensor reaching an op, and the owner's frames would recompile on every call. So
+    # the owner's forward runs eagerly while captured; the rest of the model compiles.
+    @torch._dynamo.disable(recursive=True)
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         flat, spec = tree_flatten((args, kwargs))

@@ -1,0 +1,207 @@
+"""torch.compile of a model under Capture: the capture's hooks run eagerly (torch.compiler
+disable), so the compiled model compiles once per input shape — no recompile on every step
+from the hooks' bookkeeping — and its Gram equals the eager model's. Models: Linear /
+LayerNorm, a parameter used directly in a block's forward (followed op by op, eagerly: that
+block runs eager while captured, the rest compiles) and GPT-2 from transformers (Conv1D,
+tied wte/lm_head, a position table broadcast over the batch). Also: FNGD, SENG and KFAC
+stepping a compiled model give the eager losses. The backend is aot_eager (dynamo and
+AOTAutograd, the parts that trace the hooks; inductor's C++ code generation takes 30-110 s
+per model on the 2-core CPU and adds nothing that the capture touches). No timings are
+asserted here: they belong to bench/."""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowrank_kernels as lk
+from lowrank_kernels.optim import FNGD, KFAC, SENG
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+V, T, STEPS = 11, 6, 6
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs dynamo hands it (one per compile of a
+    frame, recompiles included) and then runs aot_eager."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+@pytest.fixture
+def backend():
+    torch._dynamo.reset()
+    yield CountingBackend()
+    torch._dynamo.reset()
+
+
+class PositionBlock(nn.Module):
+    """A learned position table added in the block's own forward (a parameter used directly,
+    like a ViT's pos_embed), then a LayerNorm."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, T, d) * 0.1)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, h):
+        return self.norm(h + self.pos[:, :h.shape[1]])
+
+
+class DirectModel(nn.Module):
+    def __init__(self, d=8, classes=3):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.block = PositionBlock(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.block(self.emb(ids))).mean(1))
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _gpt2():
+    transformers = pytest.importorskip(
+        "transformers", reason="transformers is a test-only dependency (scripts/install.sh)")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=V,
+                                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _labels(B):
+    return torch.arange(B) % 3
+
+
+def _mlp_loss(model, x):
+    return F.cross_entropy(model(x), _labels(x.shape[0]))
+
+
+def _lm_loss(model, ids):
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+
+
+def _float_batch(B, seed=0):
+    return torch.randn(B, 6, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def _id_batch(B, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# name: (build, batch(B, seed), loss(model, batch))
+MODELS = {
+    "mlp": (_mlp, _float_batch, _mlp_loss),
+    "direct_parameter": (DirectModel, _id_batch, _mlp_loss),
+    "gpt2": (_gpt2, _id_batch, _lm_loss),
+}
+
+
+def _build(name):
+    build, batch, loss = MODELS[name]
+    torch.manual_seed(0)
+    return build().to(F64).eval(), batch, loss
+
+
+def _captured_gram(model, run, loss, x):
+    model.zero_grad()
+    with lk.Capture(model) as cap:
+        loss(run, x).backward()
+        return cap.gram()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_model_under_capture_compiles_once_per_shape(name, backend):
+    """STEPS captured steps at B = 4, each followed by an uncaptured no_grad evaluation (the
+    hooks come and go with the `with` block), then the same at B = 3 (GPT-2: B = 4 only, its
+    ~18 graphs take 30 s per shape): after the first pass at a shape nothing compiles again,
+    and every compiled Gram equals the eager one."""
+    model, batch, loss = _build(name)
+    compiled = torch.compile(model, backend=backend)
+    graphs = {}
+    for B in (4,) if name == "gpt2" else (4, 3):
+        x = batch(B)
+        eager = _captured_gram(model, model, loss, x)
+        for step in range(STEPS):
+            K = _captured_gram(model, compiled, loss, x)
+            assert _rel(K, eager) < 1e-6, f"step {step}, B = {B}: {_rel(K, eager):.3g}"
+            with torch.no_grad():
+                loss(compiled, x)
+            if step == 0:
+                graphs[B] = backend.graphs
+        assert backend.graphs == graphs[B], (
+            f"B = {B}: {backend.graphs - graphs[B]} graph(s) compiled after the first step "
+            f"({graphs[B]} then)")
+    assert backend.graphs > 0, "nothing was compiled"
+
+
+def test_a_parameter_used_directly_keeps_the_rest_compiled(backend):
+    """The block that owns a directly used parameter runs eagerly while captured (its uses are
+    followed op by op in Python); the embedding and the head still compile, and the
+    uncaptured model compiles whole."""
+    model, batch, loss = _build("direct_parameter")
+    compiled = torch.compile(model, backend=backend)
+    _captured_gram(model, compiled, loss, batch(4))
+    assert backend.graphs >= 2, f"{backend.graphs} graph(s): emb and head should compile"
+
+
+OPTIMIZERS = {
+    "FNGD": lambda model: FNGD(model, lr=0.05, damping=1.0, steps_per_epoch=2),
+    "SENG": lambda model: SENG(model, lr=0.05, damping=1.0, momentum=0.0),
+    "KFAC": lambda model: KFAC(model, lr=0.05, momentum=0.0, inverse_every=2),
+}
+
+
+def _train(model, run, method, loss, x, after_first_step=lambda: None):
+    """STEPS steps of one optimizer; after_first_step() is called once, after step 1."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="KFAC:")
+        opt = OPTIMIZERS[method](model)
+    history = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        value = loss(run, x)
+        value.backward()
+        opt.step()
+        history.append(float(value))
+        if step == 0:
+            after_first_step()
+    if hasattr(opt, "close"):
+        opt.close()
+    return history
+
+
+@pytest.mark.parametrize("method", OPTIMIZERS)
+@pytest.mark.parametrize("name", ["mlp", "direct_parameter"])
+def test_optimizer_steps_a_compiled_model(name, method, backend):
+    """STEPS optimizer steps through the compiled model: the losses are finite, equal the
+    eager run's (1e-6 relative) and nothing compiles again after the first step."""
+    model, batch, loss = _build(name)
+    twin = copy.deepcopy(model)
+    x = batch(4)
+    compiled = torch.compile(model, backend=backend)
+    graphs = []
+    history = _train(model, compiled, method, loss, x, lambda: graphs.append(backend.graphs))
+    assert backend.graphs == graphs[0], f"{backend.graphs - graphs[0]} recompile(s) after step 1"
+    eager = _train(twin, twin, method, loss, x)
+    assert all(math.isfinite(h) for h in history), history
+    for k, (a, b) in enumerate(zip(history, eager)):
+        assert abs(a - b) <= 1e-6 * abs(b), f"step {k}: compiled {a} vs eager {b}"
+    assert history[-1] < history[0], f"{method}: loss did not decrease {history}"
