@@ -15,7 +15,7 @@ import torch
 from .. import _checks
 from .._registry import Backend, OpSpec, call, register
 from ..reference.sketch_matmul import sketch_matmul as reference_sketch_matmul
-from .sketch_omega import check_dist, check_seed
+from ._common import check_dist, check_seed
 
 OP = "sketch_matmul"
 

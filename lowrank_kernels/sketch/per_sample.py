@@ -23,8 +23,7 @@ import torch
 from .. import _checks
 from ..ops.gram_linear import gram_linear
 from ..ops.sketch_matmul import sketch_matmul
-from ..ops.sketch_omega import DISTS
-from ..reference.sketch_omega import omega_words
+from ..ops.sketch_omega import DISTS, sketch_omega
 
 # The output side of the Kronecker sketch uses an independent Philox key.
 _OUTPUT_SEED_SHIFT = 0x5851F42D4C957F2D
@@ -118,8 +117,9 @@ def kronecker_sketch_gram(A, E, s_in: int, s_out: int, *, bias: bool = False, se
 
 def token_subsample(A, E, s: int, *, seed: int = 0):
     """(A_sub, E_sub), both (B, s, ·): per sample i, the s tokens with the smallest keys
-    x0(seed, i, t) (the first Philox word of Ω's counter (t, i) — uniform without replacement,
-    independent across samples; ties, of probability < T²/2³³, go to the lower t), with E_sub
+    Ω_{i,4t} (the sketch matrix, Gaussian: i.i.d. continuous keys, so the subset is uniform
+    without replacement, independent across samples; ties, of probability < T²/2²⁴, go to the
+    lower t), with E_sub
     scaled by T/s, so that the per-sample gradient of (A_sub, E_sub) is
     ĝ_i = (T/s) Σ_{t∈S_i} e_it a_itᵀ (and the bias gradient (T/s) Σ_{t∈S_i} e_it): E[ĝ_i] = g_i.
     A, E: (B, T, ·) with 1 ≤ s ≤ T."""
@@ -130,7 +130,7 @@ def token_subsample(A, E, s: int, *, seed: int = 0):
     B, T, _ = A.shape
     if s > T:
         raise ValueError(f"{op}: s must be <= T = {T}, got {s}")
-    keys = omega_words(torch.arange(B, device=A.device), T, seed)[0]  # B × T uniform uint32
+    keys = sketch_omega(torch.arange(B, device=A.device), 4 * T, seed)[:, ::4]  # B × T, i.i.d.
     idx = torch.sort(keys, dim=1, stable=True).indices[:, :s]
     A_sub = torch.gather(A, 1, idx[:, :, None].expand(B, s, A.shape[2]))
     E_sub = torch.gather(E, 1, idx[:, :, None].expand(B, s, E.shape[2])) * (T / s)
