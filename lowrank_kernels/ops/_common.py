@@ -165,17 +165,12 @@ def check_coefficients(op, c, lead):
 
 
 def fake_outputs(lead, c, weight_shape, n_out, bias):
-    """The (weight part, bias part) pair; the bias part is empty (0,) without bias."""
+    """The (weight part, bias part or None) pair of a weighted sum."""
     dtype = torch.float64 if lead.dtype == torch.float64 else torch.float32
     stack = tuple(c.shape[1:])
-    bias_shape = stack + (n_out,) if bias else (0,)
     return (lead.new_empty(stack + tuple(weight_shape), dtype=dtype),
-            lead.new_empty(bias_shape, dtype=dtype))
+            lead.new_empty(stack + (n_out,), dtype=dtype) if bias else None)
 
-
-def as_outputs(W, b):
-    """Backend results to the op's pair: an empty (0,) bias part where there is none."""
-    return W, (b if b is not None else W.new_empty((0,)))
 
 # ---- projections ---------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import torch
 from .._registry import OpSpec, call, register
 from ..cpu.weighted_sum_conv2d import weighted_sum_conv2d as cpu_weighted_sum
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
-from ._common import (as_outputs, check_coefficients, check_conv2d, fake_outputs,
+from ._common import (check_coefficients, check_conv2d, fake_outputs,
                       layer_backends, pair)
 
 OP = "weighted_sum_conv2d"
@@ -27,19 +27,19 @@ def fake(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
 
 
 def _reference(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
-    return as_outputs(*reference_weighted_sum(X, E, c, kernel_size, stride, padding, dilation,
+    return tuple(reference_weighted_sum(X, E, c, kernel_size, stride, padding, dilation,
                                               groups, bias))
 
 
 def _cpu(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
-    return as_outputs(*cpu_weighted_sum(X, E, c, kernel_size, stride, padding, dilation, groups,
+    return tuple(cpu_weighted_sum(X, E, c, kernel_size, stride, padding, dilation, groups,
                                         bias))
 
 
 def _triton(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
     from ..triton.weighted_sum_conv2d import weighted_sum_conv2d as triton_weighted_sum
 
-    return as_outputs(*triton_weighted_sum(X, E, c, kernel_size, stride, padding, dilation,
+    return tuple(triton_weighted_sum(X, E, c, kernel_size, stride, padding, dilation,
                                            groups, bias))
 
 
@@ -47,7 +47,7 @@ SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor X, Tensor E, Tensor c, int[2] kernel_size, int[2] stride=1, "
            "int[2] padding=0, int[2] dilation=1, int groups=1, bool bias=False"
-           ") -> (Tensor, Tensor)",
+           ") -> (Tensor, Tensor?)",
     check=check,
     fake=fake,
     **layer_backends(_reference, _triton, _cpu),
@@ -70,4 +70,4 @@ def weighted_sum_conv2d(X: torch.Tensor, E: torch.Tensor, c: torch.Tensor, kerne
     stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
     dilation = pair(OP, "dilation", dilation, 1)
     W, b = call(_OP, backend, X, E, c, kernel_size, stride, padding, dilation, groups, bias)
-    return W, (b if bias else None)
+    return W, b

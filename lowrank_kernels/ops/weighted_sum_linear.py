@@ -14,7 +14,7 @@ from .. import _checks
 from .._registry import OpSpec, call, register
 from ..cpu.weighted_sum_linear import weighted_sum_linear as cpu_weighted_sum
 from ..reference.weighted_sum_linear import weighted_sum_linear as reference_weighted_sum
-from ._common import (as_outputs, check_coefficients, check_linear_layer, fake_outputs,
+from ._common import (check_coefficients, check_linear_layer, fake_outputs,
                       layer_backends)
 
 OP = "weighted_sum_linear"
@@ -37,23 +37,23 @@ def fake(A, E, c, bias):
 
 
 def _reference(A, E, c, bias):
-    return as_outputs(*reference_weighted_sum(A, E, c, bias))
+    return tuple(reference_weighted_sum(A, E, c, bias))
 
 
 def _cpu(A, E, c, bias):
-    return as_outputs(*cpu_weighted_sum(A, E, c, bias))
+    return tuple(cpu_weighted_sum(A, E, c, bias))
 
 
 def _triton(A, E, c, bias):
     from ..triton.weighted_sum_linear import weighted_sum_linear as triton_weighted_sum
 
-    return as_outputs(*triton_weighted_sum(A, E, c, bias))
+    return tuple(triton_weighted_sum(A, E, c, bias))
 
 
 SPEC = register(OpSpec(
     name=OP,
     schema="(Tensor A, Tensor E, Tensor c, bool bias=False) "
-           "-> (Tensor, Tensor)",
+           "-> (Tensor, Tensor?)",
     check=check,
     fake=fake,
     **layer_backends(_reference, _triton, _cpu),
@@ -72,4 +72,4 @@ def weighted_sum_linear(A: torch.Tensor, E: torch.Tensor, c: torch.Tensor, bias:
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns (grad_weight, grad_bias or None), float32 (float64 for float64 inputs)."""
     W, b = call(_OP, backend, A, E, c, bias)
-    return W, (b if bias else None)
+    return W, b
