@@ -1,23 +1,26 @@
 """Triton kernel of the embedding weighted sum: row r of U C is Σ_{i,t: idx_it = r} C_i e_it.
-Tokens are sorted by index (torch.sort, stable) into segments, one per distinct row; one
-program per (segment, block of d, block of m columns of C) sums its segment in a fixed order
-with tl.dot — no atomics, deterministic."""
+Tokens are sorted by index (torch.sort, stable); the segment of table row r is
+[starts[r], starts[r+1]) with starts = searchsorted(sorted rows, 0..num_embeddings) — sizes
+known on the host, so nothing is read back (no sync). One program per (table row, block of
+d, block of m columns of C) sums its segment in a fixed order with tl.dot and writes its
+tile (zeros for an unused row or padding_idx: no separate zero fill) — no atomics,
+deterministic."""
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _weighted_sum_embedding_kernel(ORDER, STARTS, ROWS, T, E, se0, se1, se2, d,
+def _weighted_sum_embedding_kernel(ORDER, STARTS, PADDING, T, E, se0, se1, se2, d,
                                    C, sc0, sc1, m, OUT, so0, so1,
                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    seg = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    start = tl.load(STARTS + seg)
-    end = tl.load(STARTS + seg + 1)
-    row = tl.load(ROWS + seg).to(tl.int64)
+    start = tl.load(STARTS + row)
+    end = tl.load(STARTS + row + 1)
+    end = tl.where(row == PADDING, start, end)  # padding_idx gets no gradient
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for p0 in range(start, end, BLOCK_T):
         p = p0 + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -49,25 +52,18 @@ def weighted_sum_embedding(idx, E, c, num_embeddings, padding_idx=None):
     d = E.shape[-1]
     C = (c if c.dim() == 2 else c[:, None]).to(torch.float32)
     m = C.shape[1]
-    out = torch.zeros((m, num_embeddings, d), device=E.device, dtype=torch.float32)
-    rows = idx.reshape(-1)
-    tokens = torch.arange(rows.numel(), device=idx.device)
-    if padding_idx is not None:
-        keep = rows != padding_idx
-        rows, tokens = rows[keep], tokens[keep]
-    if rows.numel() and d and m:
-        sorted_rows, perm = torch.sort(rows, stable=True)
-        order = tokens[perm].contiguous()
-        segment_rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-        starts = torch.zeros(counts.numel() + 1, device=idx.device, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=starts[1:])
+    out = torch.empty((m, num_embeddings, d), device=E.device, dtype=torch.float32)
+    if d and m:
+        sorted_rows, order = torch.sort(idx.reshape(-1), stable=True)
+        table_rows = torch.arange(num_embeddings + 1, device=idx.device, dtype=torch.int64)
+        starts = torch.searchsorted(sorted_rows, table_rows)  # (num_embeddings + 1,)
         block_d = 64 if d > 32 else (32 if d > 16 else 16)
         block_m = 32 if m > 16 else 16
-        grid = (segment_rows.numel(), triton.cdiv(d, block_d), triton.cdiv(m, block_m))
+        grid = (num_embeddings, triton.cdiv(d, block_d), triton.cdiv(m, block_m))
         # Token indices run over a contiguous (B, T) layout: flat token = b T + t.
         _weighted_sum_embedding_kernel[grid](
-            order, starts, segment_rows.contiguous(), T, E, E.stride(0), E.stride(1),
-            E.stride(2), d, C, C.stride(0), C.stride(1), m, out, out.stride(0), out.stride(1),
-            BLOCK_T=16, BLOCK_D=block_d, BLOCK_M=block_m,
+            order, starts, -1 if padding_idx is None else padding_idx, T, E, E.stride(0),
+            E.stride(1), E.stride(2), d, C, C.stride(0), C.stride(1), m, out, out.stride(0),
+            out.stride(1), BLOCK_T=16, BLOCK_D=block_d, BLOCK_M=block_m,
             PRECISION="ieee" if not torch.backends.cuda.matmul.allow_tf32 else "tf32")
     return out if c.dim() == 2 else out[0]
