@@ -49,3 +49,15 @@ def device_backend_params(op):
     """pytest params (device, backend) for every backend of op that runs here."""
     return [pytest.param(d, b, id=f"{d}-{b}", marks=[pytest.mark.cuda] if d == "cuda" else [])
             for d in DEVICES for b in backends_for(op, d)]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="test_fuzz_ops: the long property-based fuzz run (>= 20,000 cases) "
+                          "instead of the CI one (>= 1,000)")
+
+
+@pytest.fixture(scope="session")
+def fuzz_long(request):
+    """True under --fuzz-long (test_fuzz_ops sizes its example counts by it)."""
+    return request.config.getoption("--fuzz-long")
