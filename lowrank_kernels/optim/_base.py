@@ -3,12 +3,15 @@ per-layer blocks, the batched damped solve, and the guarded (momentum-)SGD updat
 
     dir = d + wd·θ,   buf ← μ·buf + dir,   θ ← θ − lr·buf      (μ = 0: θ ← θ − lr·dir)
 
-with d the method's preconditioned direction for θ. Safety: where d is not finite or its
-layer's solve failed (woodbury_solve info ≠ 0), d is replaced by the mean gradient ḡ (the
-plain (momentum-)SGD direction) and state["fallbacks"] counts the parameter; where ḡ is not
-finite either, θ and its momentum buffer are left unchanged and state["skipped"] counts it.
-The checks run on the device without synchronizing (torch.where), so nothing non-finite is
-ever written into the weights.
+with d the method's preconditioned direction for θ. Safety: a tensor is usable when its
+squared norm ‖·‖² is finite (accumulated in float32, float64 for float64 parameters): NaN,
+Inf, and directions so large that ‖d‖² overflows (a loss scaled by 1e30 in float32) are
+not. Where d is not usable or its layer's solve failed (woodbury_solve info ≠ 0), d is
+replaced by the mean gradient ḡ (the plain (momentum-)SGD direction) and state["fallbacks"]
+counts the parameter; where ḡ is not usable either, θ and its momentum buffer are left
+unchanged and state["skipped"] counts it — the step cannot be taken. The checks run on the
+device without synchronizing (torch.where), so nothing non-finite is ever written into the
+weights.
 
 Usage (FNGD, SENG, KFAC alike):
 
@@ -145,9 +148,7 @@ class GuardedOptimizer(torch.optim.Optimizer):
 
     def _update(self, directions, B):
         """directions: {id(p): (d, ok)} with ok a 0-dim bool tensor (missing: plain ḡ).
-        A tensor counts as finite when the sum of its entries is (NaN and ±Inf propagate
-        through the sum; a finite tensor whose sum overflows counts as non-finite, which only
-        makes the guard stricter) — one reduction, no temporary of the parameter's size."""
+        d and ḡ are used where `_usable` (‖·‖² finite), see the module docstring."""
         fallbacks, skipped = self.state["fallbacks"], self.state["skipped"]
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -158,10 +159,10 @@ class GuardedOptimizer(torch.optim.Optimizer):
                 if g is None:  # no ḡ this step: a non-finite d skips the parameter
                     grad_ok = torch.zeros((), dtype=torch.bool, device=p.device)
                 else:
-                    grad_ok = torch.isfinite(g.sum())
+                    grad_ok = _usable(g)
                 if id(p) in directions:
                     d, ok = directions[id(p)]
-                    ok = ok & torch.isfinite(d.sum())
+                    ok = ok & _usable(d)
                     d = torch.where(ok, d.to(p.dtype),
                                     0 if g is None else torch.where(grad_ok, g, 0))
                     fallbacks = fallbacks + (~ok).long()
@@ -187,3 +188,10 @@ class GuardedOptimizer(torch.optim.Optimizer):
         """(L,): each block's damping λ (its first parameter's group)."""
         return torch.tensor([self.group_of(params[0])["damping"] for _, params in self.blocks],
                             dtype=dtype, device=device)
+
+
+def _usable(t):
+    """0-d bool: ‖t‖² finite, accumulated in float32 (float64 for float64): one reduction,
+    no temporary of t's size."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return torch.isfinite(torch.linalg.vector_norm(t, dtype=acc))
