@@ -234,8 +234,8 @@ class Factors:
         generated from (seed, row, column), never stored). Every call of the parameter uses
         the same S_in, S_out, so g̃_i is the sketch of the sum. Other parameters (embeddings,
         materialized small ones, grouped convolutions) have no two-sided factors and come back
-        unchanged (exact). The sketch ops reject non-finite factors (ValueError) unless
-        LOWRANK_CHECK_FINITE=0."""
+        unchanged (exact). Non-finite factors give a non-finite sketch (strict mode:
+        lowrank_kernels.NonFiniteError)."""
         if not (isinstance(size, int) and size >= 1):
             raise ValueError(f"Factors.sketch: size must be an int >= 1, got {size!r}")
         if not all(isinstance(p, LinearFactors) or (isinstance(p, Conv2dFactors) and p.geometry[4] == 1)
