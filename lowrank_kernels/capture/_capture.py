@@ -327,8 +327,8 @@ class Capture:
         def hook(grad):
             if self._active:
                 self._seen[key] = self._seen.get(key, 0) + 1
-                if not self._checked:
-                    self._hook_grads[key] = grad.detach()
+                if not self._checked:  # a copy: DDP averages the .grad it aliases in place
+                    self._hook_grads[key] = grad.detach().clone()
         return hook
 
     # ---- the per-sample gradients, per parameter -----------------------------------------

@@ -25,12 +25,7 @@ def start(model_or_params, capture, loss_reduction, fallback=False):
         if fallback not in (False, True):
             raise TypeError(f"optimizer: fallback must be a bool, got {fallback!r}")
         model = model_or_params
-        # Under DDP the first-batch check would compare the local per-sample gradients with
-        # the rank-averaged .grad (the capture keeps the gradient tensor that DDP overwrites
-        # in place), so it is left off there.
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        capture = Capture(model, loss_reduction=loss_reduction, keep=True, fallback=fallback,
-                          **({"check": False} if ddp else {}))
+        capture = Capture(model, loss_reduction=loss_reduction, keep=True, fallback=fallback)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         if not isinstance(capture, Capture):
