@@ -5,7 +5,7 @@ between refreshes: DDP only), KFAC (factor sums all-reduced every step; inverses
 the ranks and broadcast every `inverse_every` steps) and DDP + SGD, on the same MLP
 (64-256-256-10, float32, global batch 128 split over R ranks), R = 2 and 4.
 
-    python bench/bench_distributed.py            # writes bench/results/cpu-2core/distributed.{md,json}
+    python bench/distributed_gloo.py            # writes bench/results/cpu-2core/distributed.{md,json}
 
 Bytes: per rank and step, the optimizer's own collectives (all-reduce/broadcast: the buffer;
 all-gather: its result) plus DDP's gradient buckets (counted by the comm hook). Time: median
