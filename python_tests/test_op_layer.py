@@ -227,3 +227,18 @@ def test_empty_token_dimension_gives_zero_grams():
         K = lk.gram_embedding(idx, E, 5, idx2=idx[:2], E2=E[:2], backend=backend)
         assert K.shape == (3, 2) and (K == 0).all(), backend
         assert (lk.gram_embedding(idx, E, 5, backend=backend) == 0).all(), backend
+
+
+def test_a_nan_at_a_padding_token_is_ignored_on_every_backend():
+    """padding_idx gets no gradient: whatever its tokens' output gradients hold (NaN
+    included) changes nothing, on every backend alike (issue 12.6)."""
+    idx = torch.tensor([[0, 1, 2], [1, 0, 2]])
+    E = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    clean, dirty = E.clone(), E.clone()
+    clean[idx == 1], dirty[idx == 1] = 0.0, float("nan")
+    V, c = torch.randn(3, 4), torch.randn(2)
+    for backend in backends_for("gram_embedding", "cpu"):
+        for fn in (lambda e: lk.gram_embedding(idx, e, 3, 1, backend=backend),
+                   lambda e: lk.weighted_sum_embedding(idx, e, c, 3, 1, backend=backend),
+                   lambda e: lk.project_embedding(idx, e, V, 1, backend=backend)):
+            torch.testing.assert_close(fn(dirty), fn(clean), rtol=0, atol=0)

@@ -232,6 +232,14 @@ def normalized_padding(padding_idx, num_embeddings):
     return padding_idx + num_embeddings
 
 
+def without_padding(idx, E, padding_idx):
+    """E with the rows of padding tokens zeroed (torch.where: a NaN there is dropped too, as
+    the Triton kernels skip those tokens) — padding_idx gets no gradient."""
+    if padding_idx is None:
+        return E
+    return torch.where((idx == padding_idx)[..., None], torch.zeros((), dtype=E.dtype), E)
+
+
 def check_index_range(op, name, idx, num_embeddings):
     """Every index in [0, num_embeddings), asserted on the device without a host sync (on a
     GPU a bad index stops the stream with this message, as torch's embedding does)."""

@@ -16,7 +16,7 @@ from .._registry import OpSpec, call, register
 from ..reference.gram_embedding import gram_embedding as reference_gram_embedding
 from ..cpu.gram_embedding import gram_embedding as cpu_gram_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
-                      normalized_padding)
+                      normalized_padding, without_padding)
 
 OP = "gram_embedding"
 
@@ -44,14 +44,18 @@ def fake(idx, E, num_embeddings, padding_idx, idx2, E2, diagonal):
     return E.new_empty(shape, dtype=dtype)
 
 
-def _prepared(run):
-    """Range-check the indices and normalize padding_idx, then run a backend."""
+def _prepared(run, skips_padding=False):
+    """Range-check the indices and normalize padding_idx, then run a backend (one that does
+    not skip padding tokens itself gets their E rows zeroed)."""
     def backend(idx, E, num_embeddings, padding_idx, idx2, E2, diagonal):
         check_index_range(OP, "idx", idx, num_embeddings)
         if idx2 is not None:
             check_index_range(OP, "idx2", idx2, num_embeddings)
-        return run(idx, E, num_embeddings, normalized_padding(padding_idx, num_embeddings),
-                   idx2, E2, diagonal)
+        padding_idx = normalized_padding(padding_idx, num_embeddings)
+        if not skips_padding:
+            E = without_padding(idx, E, padding_idx)
+            E2 = None if E2 is None else without_padding(idx2, E2, padding_idx)
+        return run(idx, E, num_embeddings, padding_idx, idx2, E2, diagonal)
     return backend
 
 
@@ -67,7 +71,7 @@ SPEC = register(OpSpec(
            "Tensor? idx2=None, Tensor? E2=None, bool diagonal=False) -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_prepared(reference_gram_embedding), _prepared(_triton),
+    **layer_backends(_prepared(reference_gram_embedding), _prepared(_triton, skips_padding=True),
                      _prepared(cpu_gram_embedding)),
     finite_inputs=("E", "E2"),
 ))

@@ -13,7 +13,7 @@ from .._registry import OpSpec, call, register
 from ..reference.project_embedding import project_embedding as reference_project_embedding
 from ..cpu.project_embedding import project_embedding as cpu_project_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
-                      normalized_padding)
+                      normalized_padding, without_padding)
 
 OP = "project_embedding"
 
@@ -34,10 +34,15 @@ def fake(idx, E, V, padding_idx):
     return E.new_empty((B,) if V.dim() == 2 else (B, V.shape[0]), dtype=dtype)
 
 
-def _prepared(run):
+def _prepared(run, skips_padding=False):
+    """Range-check, normalize padding_idx (and zero padding tokens' E for a backend that
+    does not skip them), then run a backend."""
     def backend(idx, E, V, padding_idx):
         check_index_range(OP, "idx", idx, V.shape[-2])
-        return run(idx, E, V, normalized_padding(padding_idx, V.shape[-2]))
+        padding_idx = normalized_padding(padding_idx, V.shape[-2])
+        if not skips_padding:
+            E = without_padding(idx, E, padding_idx)
+        return run(idx, E, V, padding_idx)
     return backend
 
 
@@ -53,7 +58,7 @@ SPEC = register(OpSpec(
            "-> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_prepared(reference_project_embedding), _prepared(_triton),
+    **layer_backends(_prepared(reference_project_embedding), _prepared(_triton, skips_padding=True),
                      _prepared(cpu_project_embedding)),
     finite_inputs=("E", "V"),
 ))

@@ -14,7 +14,7 @@ from ..reference.weighted_sum_embedding import (
     weighted_sum_embedding as reference_weighted_sum_embedding)
 from ..cpu.weighted_sum_embedding import weighted_sum_embedding as cpu_weighted_sum_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
-                      normalized_padding)
+                      normalized_padding, without_padding)
 
 OP = "weighted_sum_embedding"
 
@@ -35,10 +35,15 @@ def fake(idx, E, c, num_embeddings, padding_idx):
     return E.new_empty(shape if c.dim() == 1 else (c.shape[1], *shape), dtype=dtype)
 
 
-def _prepared(run):
+def _prepared(run, skips_padding=False):
+    """Range-check, normalize padding_idx (and zero padding tokens' E for a backend that
+    does not skip them), then run a backend."""
     def backend(idx, E, c, num_embeddings, padding_idx):
         check_index_range(OP, "idx", idx, num_embeddings)
-        return run(idx, E, c, num_embeddings, normalized_padding(padding_idx, num_embeddings))
+        padding_idx = normalized_padding(padding_idx, num_embeddings)
+        if not skips_padding:
+            E = without_padding(idx, E, padding_idx)
+        return run(idx, E, c, num_embeddings, padding_idx)
     return backend
 
 
@@ -55,7 +60,7 @@ SPEC = register(OpSpec(
            "-> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_prepared(reference_weighted_sum_embedding), _prepared(_triton),
+    **layer_backends(_prepared(reference_weighted_sum_embedding), _prepared(_triton, skips_padding=True),
                      _prepared(cpu_weighted_sum_embedding)),
     finite_inputs=("E", "c"),
 ))
