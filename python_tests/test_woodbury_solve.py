@@ -378,3 +378,37 @@ def test_cuda_failures_match_the_reference(dtype):
     torch.testing.assert_close(ours.damping_used.cpu(), ref.damping_used, rtol=16 * UNIT[dtype],
                                atol=0)
     assert torch.isfinite(ours.X).all() and (ours.X[ours.info != 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,r", [(256, 1), (128, 16)])
+def test_large_members_take_lapack_first_with_the_same_contract(n, r, dtype):
+    """On CPU, large members are solved by LAPACK first (faster there) and those it cannot
+    solve go through the core's ladder: the same X, info codes and damping_used as the
+    reference, member by member — SPD, needing jitter, NaN in the read triangle, NaN only in
+    the unread upper triangle, a bad damping, a solution that overflows."""
+    g = torch.Generator().manual_seed(n + r)
+    X = torch.randn(6, n, n, generator=g, dtype=torch.float64)
+    K = X @ X.mT / n + 0.5 * torch.eye(n, dtype=torch.float64)
+    lam = torch.full((6,), 0.1, dtype=torch.float64)
+    K[1] = -K[1]  # indefinite: no rung saves it
+    v = torch.randn(n, 1, generator=g, dtype=torch.float64)
+    K[2] = v @ v.T  # rank one, PSD: the damping alone... and lam = 0 -> the jitter ladder
+    lam[2] = 0.0
+    K[3, n - 1, 0] = float("nan")  # in the read (lower) triangle
+    K[4, 0, n - 1] = float("nan")  # upper triangle: never read
+    lam[5] = -1.0  # a bad damping
+    R = torch.randn(6, n, r, generator=g, dtype=torch.float64)
+    K, R, lam = K.to(dtype), R.to(dtype), lam.to(dtype)
+    got = lk.woodbury_solve(K, lam, R)
+    want = lk.woodbury_solve(K, lam, R, backend="reference")
+    assert torch.equal(got.info, want.info), (got.info, want.info)
+    assert got.info.tolist()[3:] == [INFO_NONFINITE, 0, -3] and got.info[0] == 0
+    torch.testing.assert_close(got.damping_used, want.damping_used, equal_nan=True)
+    well = [0, 4]  # well conditioned (κ ≤ ~10): a dense float64 solve is the oracle
+    Kw = K[well].double().tril()
+    exact = torch.linalg.solve(Kw + torch.tril(Kw, -1).mT + 0.1 * torch.eye(n, dtype=torch.float64),
+                               R[well].double())
+    error = (got.X[well].double() - exact).norm() / exact.norm()
+    assert error < (1e-4 if dtype == torch.float32 else 1e-12), error
+    assert (got.X[got.info != 0] == 0).all()
