@@ -9,9 +9,10 @@ from .._registry import Backend
 
 def pair(op, name, value, minimum):
     """An int or a pair of ints (each ≥ minimum) as a list of two ints."""
-    if type(value) is list and len(value) == 2 and type(value[0]) is int and \
-            type(value[1]) is int and value[0] >= minimum and value[1] >= minimum:
-        return value  # what the dispatcher passes: checked in one expression
+    if (type(value) is list or type(value) is tuple) and len(value) == 2 and \
+            type(value[0]) is int and type(value[1]) is int and value[0] >= minimum and \
+            value[1] >= minimum:
+        return list(value)  # what the dispatcher passes: checked in one expression
     integer = (int, torch.SymInt)  # SymInt: a kernel size read from V's shape while tracing
     values = [value, value] if isinstance(value, integer) else list(value)
     if len(values) != 2 or not all(isinstance(v, integer) and v >= minimum for v in values):
@@ -178,6 +179,13 @@ def check_directions(op, V, V_bias, shape, lead):
     """V (shape) or (m, *shape), V_bias (shape[0],) or (m, shape[0]) — floating, on lead's
     device, one V_bias row per direction."""
     n = len(shape)
+    if type(V) is torch.Tensor and (V.dim() == n or V.dim() == n + 1) and \
+            V.dtype in ALL_FLOAT and V.device == lead.device and \
+            tuple(V.shape[-n:]) == tuple(shape) and (V_bias is None or (
+                type(V_bias) is torch.Tensor and V_bias.dtype in ALL_FLOAT and
+                V_bias.device == V.device and
+                tuple(V_bias.shape) == tuple(V.shape[:-n]) + (shape[0],))):
+        return  # the common case in one expression; errors come from the checks below
     _checks.check_tensor(op, "V", V, (n, n + 1), f"{' x '.join(map(str, shape))} or m x that: "
                                                  "weight-shaped directions")
     _checks.check_float(op, "V", V)
