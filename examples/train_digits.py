@@ -32,7 +32,7 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total, desc, enabled):
+def progress_bar(total, desc, enabled):
     """A tqdm progress bar (tqdm is imported only when one is shown)."""
     if not enabled:
         return _NoBar()
@@ -99,7 +99,7 @@ def train(model_kind, opt_name, epochs, data, seed=0, progress=True):
     history = {"step": [], "loss": [], "time": [], "cpu_time": [], "eval_step": [],
                "eval_time": [], "test_loss": [], "test_acc": []}
     elapsed, cpu, step = 0.0, 0.0, 0
-    bar = _progress_bar(epochs * steps_per_epoch, f"{model_kind}/{opt_name}", progress)
+    bar = progress_bar(epochs * steps_per_epoch, f"{model_kind}/{opt_name}", progress)
     for _ in range(epochs):
         order = torch.randperm(len(y_train), generator=g)
         for k in range(steps_per_epoch):
@@ -141,8 +141,8 @@ def plot(results, path):
             if m != model_kind:
                 continue
             ax = axes[row]
-            ax[0].plot(h["step"], _smooth(h["loss"]), label=name)
-            ax[1].plot(h["time"], _smooth(h["loss"]), label=name)
+            ax[0].plot(h["step"], smooth(h["loss"]), label=name)
+            ax[1].plot(h["time"], smooth(h["loss"]), label=name)
             ax[2].plot(h["eval_step"], h["test_acc"], marker=".", label=name)
             ax[3].plot(h["eval_time"], h["test_acc"], marker=".", label=name)
         titles = ["train loss vs step", "train loss vs wall time (s)",
@@ -160,7 +160,7 @@ def plot(results, path):
     plt.close(fig)
 
 
-def _smooth(values, width=10):
+def smooth(values, width=10):
     out, acc = [], 0.0
     for k, v in enumerate(values):
         acc += v

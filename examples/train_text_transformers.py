@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_kernels.optim import FNGD, KFAC, SENG
+from train_digits import progress_bar, smooth  # the examples' one progress bar and smoother
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # standard-library modules whose source is the corpus (pure Python, present on every CPython)
@@ -31,26 +32,6 @@ TRAIN_MODULES = ["textwrap", "string", "heapq", "bisect", "fnmatch", "shlex", "g
 VALID_MODULES = ["queue", "sched"]
 BLOCK = 64   # characters per sample (the model's context)
 BATCH = 16
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, **values):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress_bar(total, desc, enabled):
-    """A tqdm progress bar (tqdm is imported only when one is shown)."""
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def load_corpus():
@@ -135,7 +116,7 @@ def train(opt_name, steps, data, seed=0, eval_every=25, progress=True):
     history = {"step": [], "loss": [], "time": [], "cpu_time": [], "eval_step": [0],
                "eval_time": [0.0], "valid_loss": [evaluate(model, valid_ids)]}
     elapsed, cpu = 0.0, 0.0
-    bar = _progress_bar(steps, opt_name, progress)
+    bar = progress_bar(steps, opt_name, progress)
     for step, (x, y) in enumerate(batches(train_ids, steps, seed), 1):
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = lm_loss(model, x, y)
@@ -161,16 +142,6 @@ def train(opt_name, steps, data, seed=0, eval_every=25, progress=True):
     return history
 
 
-def _smooth(values, width=10):
-    out, acc = [], 0.0
-    for k, v in enumerate(values):
-        acc += v
-        if k >= width:
-            acc -= values[k - width]
-        out.append(acc / min(k + 1, width))
-    return out
-
-
 def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -178,8 +149,8 @@ def plot(results, path):
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, h in results.items():
-        line, = axes[0].plot(h["step"], _smooth(h["loss"]), label=name)
-        axes[1].plot(h["time"], _smooth(h["loss"]), color=line.get_color(), label=name)
+        line, = axes[0].plot(h["step"], smooth(h["loss"]), label=name)
+        axes[1].plot(h["time"], smooth(h["loss"]), color=line.get_color(), label=name)
         axes[2].plot(h["eval_time"], h["valid_loss"], marker=".", color=line.get_color(),
                      label=name)
     titles = ["train loss vs step (10-step mean)", "train loss vs wall time (s)",
