@@ -47,7 +47,7 @@ def block_grams(factors: dict, blocks: list, batch_size: int, gram=None) -> torc
     return torch.stack([zero if K is None else K.to(dtype) for K in Ks])
 
 
-def block_projections(factors: dict, blocks: list, v: dict, batch_size: int, dtype):
+def block_projections(factors: dict, blocks: list, v: dict, batch_size: int, dtype, device):
     """(L, B): (U_lᵀ v)_i = Σ_{p ∈ block l} ⟨g_ip, v_p⟩ (NaN/Inf in v read as 0: they reach the
     direction through v itself)."""
     rows = []
@@ -60,8 +60,7 @@ def block_projections(factors: dict, blocks: list, v: dict, batch_size: int, dty
             Vp = torch.nan_to_num(v[p], 0.0, 0.0, 0.0).to(_operand_dtype(f))
             term = f.project(Vp).to(dtype)
             r = term if r is None else r + term
-        rows.append(torch.zeros(batch_size, dtype=dtype, device=v[params[0]].device)
-                    if r is None else r)
+        rows.append(torch.zeros(batch_size, dtype=dtype, device=device) if r is None else r)
     return torch.stack(rows)
 
 
@@ -103,7 +102,7 @@ def natural_directions(factors: dict, blocks: list, K, damping, batch_size: int,
     if v is None:
         R = torch.ones(K.shape[0], B, 1, dtype=K.dtype, device=K.device)
     else:
-        R = block_projections(factors, blocks, v, B, K.dtype)[:, :, None]
+        R = block_projections(factors, blocks, v, B, K.dtype, K.device)[:, :, None]
     X, ok, info, used = solve_blocks(K, lam * B, R, backend)
     C = X[:, :, 0]
     weighted = block_weighted_sums(factors, blocks, C)

@@ -235,3 +235,40 @@ def test_fallback_argument_reaches_the_capture(make):
         losses.append(float(loss))
     assert losses[-1] < losses[0] and int(opt.state["skipped"]) == 0
     opt.close()
+
+
+class _TwoHeads(torch.nn.Module):
+    """A trunk and two heads; a batch uses one head (the other gets no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(4, 6).double()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(6, 3).double() for _ in range(2)])
+        self.head = 0
+
+    def forward(self, x):
+        return self.heads[self.head](torch.tanh(self.trunk(x)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: SENG(m, lr=0.1, damping=0.1, update_freq=3),
+    lambda m: FNGD(m, lr=0.1, damping=0.1, steps_per_epoch=2)], ids=["seng", "fngd"])
+def test_a_module_without_gradient_this_batch(make):
+    """A block whose parameters got no gradient this batch (an unused head) is left alone in
+    refresh, between-refresh and reuse steps; the used ones train."""
+    model = _TwoHeads()
+    opt = make(model)
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        model.head = step % 2
+        x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (5,), generator=g)
+        idle = [p.detach().clone() for p in model.heads[1 - model.head].parameters()]
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        assert all(torch.equal(p, q) for p, q in
+                   zip(model.heads[1 - model.head].parameters(), idle)), step
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert int(opt.state["skipped"]) == 0
+    opt.close()
