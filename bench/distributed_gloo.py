@@ -12,7 +12,6 @@ all-gather: its result) plus DDP's gradient buckets (counted by the comm hook). 
 over the measured steps of the slowest rank's forward + backward + step (wall clock; on a
 shared 2-core machine 4 ranks oversubscribe the cores, so read the 4-rank times as relative).
 """
-import datetime
 import json
 import os
 import statistics
@@ -63,16 +62,10 @@ def _configs():
 
 
 def _worker(rank, world, init_file, out):
-    from test_twa_distributed import _loopback_interface
+    import gloo
 
     from lowrank_kernels.optim import _distributed
-    torch.set_num_threads(1)
-    loopback = _loopback_interface()
-    if loopback is not None:
-        os.environ["GLOO_SOCKET_IFNAME"] = loopback
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
-    try:
+    with gloo.process_group(rank, world, init_file, timeout_s=300):
         b = GLOBAL_BATCH // world
         g = torch.Generator().manual_seed(1)
         data = [(torch.randn(GLOBAL_BATCH, 64, generator=g),
@@ -108,16 +101,13 @@ def _worker(rank, world, init_file, out):
                 opt.close()
         if rank == 0:
             torch.save(results, out)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def run(world):
-    from test_twa_distributed import _spawn
+    from gloo import spawn
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out.pt")
-        _spawn(_worker, (world, os.path.join(tmp, "store"), out), world, deadline_s=900)
+        spawn(_worker, (world, os.path.join(tmp, "store"), out), world, deadline_s=900)
         return torch.load(out)
 
 

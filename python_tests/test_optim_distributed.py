@@ -6,7 +6,6 @@ or carried by DDP's own all-reduce), SENG's refresh and between-refresh steps, K
 all-reduce and spread inverses. A checkpoint saved on rank 0 and loaded on every rank of a new
 process group resumes bit for bit. Rendezvous, teardown and deadlines as in
 test_twa_distributed.py."""
-import datetime
 import os
 
 import pytest
@@ -17,7 +16,7 @@ from torch import nn
 
 from lowrank_kernels.optim import FNGD, KFAC, SENG
 
-from test_twa_distributed import _loopback_interface, _spawn
+import gloo
 
 GLOBAL_BATCH = 8
 RESUME_AT = 3
@@ -88,13 +87,7 @@ def _build(name, rank, world, mode="auto"):
 
 
 def _worker(rank, world, init_file, out_dir, phase):
-    torch.set_num_threads(1)
-    loopback = _loopback_interface()
-    if loopback is not None:
-        os.environ["GLOO_SOCKET_IFNAME"] = loopback
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
+    with gloo.process_group(rank, world, init_file):
         b = GLOBAL_BATCH // world
         rows = slice(rank * b, (rank + 1) * b)
         results = {}
@@ -122,9 +115,6 @@ def _worker(rank, world, init_file, out_dir, phase):
             results["local_step"] = _flat(model) - start
             opt.close()
         torch.save(results, os.path.join(out_dir, f"{phase}{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _single(name):
@@ -154,7 +144,7 @@ def single():
 
 
 def _run(tmp_path, world, phase):
-    _spawn(_worker, (world, str(tmp_path / f"store_{phase}"), str(tmp_path), phase), world)
+    gloo.spawn(_worker, (world, str(tmp_path / f"store_{phase}"), str(tmp_path), phase), world)
     return [torch.load(tmp_path / f"{phase}{r}.pt") for r in range(world)]
 
 
