@@ -226,11 +226,11 @@ def _complete(arguments, args, kwargs):
 
 def _completer(arguments):
     """A fast `_complete` for one schema: the common call (positional, trailing defaults
-    dropped, no list defaults) is one tuple concatenation."""
+    dropped) is one tuple concatenation; list defaults (int[2] stride=1) are shared as
+    tuples, which no kernel mutates."""
     count = len(arguments)
-    defaults = tuple(a.default_value for a in arguments)
-    if any(isinstance(d, list) for d in defaults):
-        return lambda args, kwargs: _complete(arguments, args, kwargs)
+    defaults = tuple(tuple(d) if isinstance(d, list) else d
+                     for d in (a.default_value for a in arguments))
 
     def complete(args, kwargs):
         if kwargs:

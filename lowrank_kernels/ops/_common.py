@@ -21,6 +21,25 @@ def pair(op, name, value, minimum):
     return values
 
 
+# The conv entry points' defaults of stride, padding, dilation, groups (the schema's: an int
+# for an int[2] is both entries).
+CONV_DEFAULTS = (1, 0, 1, 1)
+
+
+def conv_arguments(head, tail, tail_defaults):
+    """A conv op's arguments from its entry point: head (tensors, kernel size), stride,
+    padding, dilation, groups, then the rest — without the trailing ones that are
+    (identically) the entry point's defaults, which the dispatcher then neither converts nor
+    passes (the kernel completes them). Geometry values go to the op as given: the schema's
+    int[2] takes an int or a pair, the op's check their ranges."""
+    args = head + tail
+    defaults = CONV_DEFAULTS + tail_defaults
+    n, k = len(args), len(defaults)
+    while k and args[n - 1] is defaults[k - 1]:
+        n, k = n - 1, k - 1
+    return args[:n]
+
+
 def output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -31,14 +50,16 @@ def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_nam
     if type(X) is torch.Tensor and type(E) is torch.Tensor and X.dim() == 4 and \
             E.dim() == 4 and X.dtype is E.dtype and X.dtype in ALL_FLOAT and \
             X.device == E.device and type(groups) is int and groups >= 1:
-        k, st, p, d = (pair(op, "kernel_size", kernel_size, 1), pair(op, "stride", stride, 1),
-                       pair(op, "padding", padding, 0), pair(op, "dilation", dilation, 1))
-        x, e = X.shape, E.shape
-        h = (x[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // st[0] + 1
-        w = (x[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // st[1] + 1
-        if x[0] == e[0] and not x[1] % groups and not e[1] % groups and e[2] == h and \
-                e[3] == w and h >= 1 and w >= 1:
-            return k, st, p, d  # the common case; errors come from the checks below
+        if type(kernel_size) is list and type(stride) is list and type(padding) is list and \
+                type(dilation) is list:  # from the dispatcher: int[2], two ints each
+            (k0, k1), (s0, s1), (p0, p1), (d0, d1) = kernel_size, stride, padding, dilation
+            x, e = X.shape, E.shape
+            if min(k0, k1, s0, s1, d0, d1) >= 1 and p0 >= 0 and p1 >= 0:
+                h = (x[2] + 2 * p0 - d0 * (k0 - 1) - 1) // s0 + 1
+                w = (x[3] + 2 * p1 - d1 * (k1 - 1) - 1) // s1 + 1
+                if x[0] == e[0] and not x[1] % groups and not e[1] % groups and \
+                        e[2] == h and e[3] == w and h >= 1 and w >= 1:
+                    return kernel_size, stride, padding, dilation  # the common case
     _checks.check_tensor(op, x_name, X, 4, "B x C_in x H x W: the layer input")
     _checks.check_tensor(op, "E", E, 4, "B x C_out x H_out x W_out: the output gradient")
     _checks.check_float(op, x_name, X)

@@ -16,7 +16,7 @@ from .. import _checks
 from .._registry import OpSpec, call, register
 from ..cpu.gram_conv2d import gram_conv2d as cpu_gram_conv2d
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
-from ._common import check_conv2d, check_cross, choose_route, layer_backends, pair
+from ._common import check_conv2d, check_cross, choose_route, conv_arguments, layer_backends
 
 OP = "gram_conv2d"
 
@@ -84,8 +84,6 @@ def gram_conv2d(X: torch.Tensor, E: torch.Tensor, kernel_size, stride=1, padding
     X2/E2: a second batch, for the cross-Gram (B × B2). diagonal: return diag(K) (B).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 inputs)."""
-    kernel_size = pair(OP, "kernel_size", kernel_size, 1)
-    stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
-    dilation = pair(OP, "dilation", dilation, 1)
-    return call(_OP, backend, X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2,
-                diagonal)
+    return call(_OP, backend, *conv_arguments(
+        (X, E, kernel_size, stride, padding, dilation), (groups, bias, X2, E2, diagonal),
+        (False, None, None, False)))

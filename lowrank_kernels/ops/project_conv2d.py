@@ -11,7 +11,8 @@ from .. import _checks
 from .._registry import OpSpec, call, register
 from ..cpu.project_conv2d import project_conv2d as cpu_project
 from ..reference.project_conv2d import project_conv2d as reference_project
-from ._common import check_conv2d, check_directions, fake_projection, layer_backends, pair
+from ._common import (check_conv2d, check_directions, conv_arguments, fake_projection,
+                      layer_backends, pair)
 
 OP = "project_conv2d"
 
@@ -62,6 +63,5 @@ def project_conv2d(X: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=Non
         if V.dim() < 2 or list(V.shape[-2:]) != kernel_size:
             raise ValueError(f"{OP}: kernel_size {kernel_size} must equal V's last two dims "
                              f"(kh, kw), got V of shape {tuple(V.shape)}")
-    stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
-    dilation = pair(OP, "dilation", dilation, 1)
-    return call(_OP, backend, X, E, V, V_bias, stride, padding, dilation, groups)
+    return call(_OP, backend, *conv_arguments((X, E, V, V_bias, stride, padding, dilation),
+                                              (groups,), ()))

@@ -9,8 +9,8 @@ import torch
 from .._registry import OpSpec, call, register
 from ..cpu.weighted_sum_conv2d import weighted_sum_conv2d as cpu_weighted_sum
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
-from ._common import (check_coefficients, check_conv2d, fake_outputs,
-                      layer_backends, pair)
+from ._common import (check_coefficients, check_conv2d, conv_arguments, fake_outputs,
+                      layer_backends)
 
 OP = "weighted_sum_conv2d"
 
@@ -66,8 +66,6 @@ def weighted_sum_conv2d(X: torch.Tensor, E: torch.Tensor, c: torch.Tensor, kerne
     c: (B,) -> ((C_out, C_in/groups, kh, kw), (C_out,)); c: (B, m) -> ((m, …), (m, C_out)).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns (grad_weight, grad_bias or None), float32 (float64 for float64 inputs)."""
-    kernel_size = pair(OP, "kernel_size", kernel_size, 1)
-    stride, padding = pair(OP, "stride", stride, 1), pair(OP, "padding", padding, 0)
-    dilation = pair(OP, "dilation", dilation, 1)
-    W, b = call(_OP, backend, X, E, c, kernel_size, stride, padding, dilation, groups, bias)
+    W, b = call(_OP, backend, *conv_arguments(
+        (X, E, c, kernel_size, stride, padding, dilation), (groups, bias), (False,)))
     return W, b
