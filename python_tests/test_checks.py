@@ -26,3 +26,19 @@ def test_check_messages():
     with pytest.raises(TypeError, match=r"^op: A must have a floating dtype \(float32, "
                                         r"float64\), got torch.int64$"):
         _checks.check_float("op", "A", A.long(), (torch.float32, torch.float64))
+
+
+@pytest.mark.parametrize("op", ["gram_conv2d", "weighted_sum_conv2d", "project_conv2d"])
+@pytest.mark.parametrize("name,value,minimum", [("stride", (1,), 1), ("padding", (1, 1, 1), 0),
+                                                ("dilation", 0, 1), ("padding", -1, 0)])
+def test_conv_geometry_errors_name_the_argument(op, name, value, minimum):
+    """The schema's int[2] takes any list length; the op's check names a wrong one."""
+    import lowrank_kernels as lk
+
+    X, E = torch.ones(2, 4, 5, 5), torch.ones(2, 6, 5, 5)
+    args = {"gram_conv2d": (X, E, 3), "weighted_sum_conv2d": (X, E, torch.ones(2), 3),
+            "project_conv2d": (X, E, torch.ones(6, 4, 3, 3))}[op]
+    geometry = {"stride": 1, "padding": 1, "dilation": 1, name: value}
+    with pytest.raises(ValueError, match=rf"^{op}: {name} must be an int or a pair of ints "
+                                         rf"≥ {minimum}, got "):
+        getattr(lk, op)(*args, **geometry)

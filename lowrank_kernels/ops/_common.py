@@ -44,22 +44,28 @@ def output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+_PAIRS = (list, tuple)
+
+
 def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_name="X"):
     """X (B, C_in, H, W) and E (B, C_out, H_out, W_out) of one Conv2d call: ranks, dtypes,
     devices, the batch, channels divisible by groups, and H_out, W_out as the geometry gives."""
+    # The common case in one expression; the geometry from the dispatcher (int[2]: ints, the
+    # length not enforced there) or the defaults as the completer shares them (tuples).
     if type(X) is torch.Tensor and type(E) is torch.Tensor and X.dim() == 4 and \
             E.dim() == 4 and X.dtype is E.dtype and X.dtype in ALL_FLOAT and \
-            X.device == E.device and type(groups) is int and groups >= 1:
-        if type(kernel_size) is list and type(stride) is list and type(padding) is list and \
-                type(dilation) is list:  # from the dispatcher: int[2], two ints each
-            (k0, k1), (s0, s1), (p0, p1), (d0, d1) = kernel_size, stride, padding, dilation
-            x, e = X.shape, E.shape
-            if min(k0, k1, s0, s1, d0, d1) >= 1 and p0 >= 0 and p1 >= 0:
-                h = (x[2] + 2 * p0 - d0 * (k0 - 1) - 1) // s0 + 1
-                w = (x[3] + 2 * p1 - d1 * (k1 - 1) - 1) // s1 + 1
-                if x[0] == e[0] and not x[1] % groups and not e[1] % groups and \
-                        e[2] == h and e[3] == w and h >= 1 and w >= 1:
-                    return kernel_size, stride, padding, dilation  # the common case
+            X.device == E.device and type(groups) is int and groups >= 1 and \
+            type(kernel_size) in _PAIRS and type(stride) in _PAIRS and \
+            type(padding) in _PAIRS and type(dilation) in _PAIRS and \
+            len(kernel_size) == len(stride) == len(padding) == len(dilation) == 2:
+        (k0, k1), (s0, s1), (p0, p1), (d0, d1) = kernel_size, stride, padding, dilation
+        x, e = X.shape, E.shape
+        if min(k0, k1, s0, s1, d0, d1) >= 1 and p0 >= 0 and p1 >= 0:
+            h = (x[2] + 2 * p0 - d0 * (k0 - 1) - 1) // s0 + 1
+            w = (x[3] + 2 * p1 - d1 * (k1 - 1) - 1) // s1 + 1
+            if x[0] == e[0] and not x[1] % groups and not e[1] % groups and e[2] == h and \
+                    e[3] == w and h >= 1 and w >= 1:
+                return kernel_size, stride, padding, dilation
     _checks.check_tensor(op, x_name, X, 4, "B x C_in x H x W: the layer input")
     _checks.check_tensor(op, "E", E, 4, "B x C_out x H_out x W_out: the output gradient")
     _checks.check_float(op, x_name, X)
