@@ -7,28 +7,22 @@ import torch
 from layer_bounds import exact_and_bound
 from numerics import U32, assert_within, gamma
 
-import lowrank_kernels.cpu.gram_embedding as cpu_gram_embedding
-import lowrank_kernels.cpu.gram_linear as cpu_gram_linear
+import lowrank_kernels as lk
+from lowrank_kernels import _capabilities as caps
 import lowrank_kernels.cpu.project_linear as cpu_project_linear
 import lowrank_kernels.cpu.random_subspace as cpu_random_subspace
 import lowrank_kernels.cpu.weighted_sum_linear as cpu_weighted_sum_linear
 from lowrank_kernels.cpu.fwht import fwht
-from lowrank_kernels.cpu.gram_conv2d import gram_conv2d
 from lowrank_kernels.cpu.project_conv2d import project_conv2d
-from lowrank_kernels.cpu.project_embedding import project_embedding
 from lowrank_kernels.cpu.subspace_project import subspace_expand, subspace_project
 from lowrank_kernels.cpu.weighted_sum_conv2d import weighted_sum_conv2d
-from lowrank_kernels.cpu.weighted_sum_embedding import weighted_sum_embedding
 from lowrank_kernels.reference import fwht as ref_fwht
 from lowrank_kernels.reference import gram_conv2d as ref_gram_conv2d
-from lowrank_kernels.reference import gram_embedding as ref_gram_embedding
 from lowrank_kernels.reference import gram_linear as ref_gram_linear
 from lowrank_kernels.reference import project_conv2d as ref_project_conv2d
-from lowrank_kernels.reference import project_embedding as ref_project_embedding
 from lowrank_kernels.reference import project_linear as ref_project_linear
 from lowrank_kernels.reference import subspace_project as ref_subspace
 from lowrank_kernels.reference import weighted_sum_conv2d as ref_weighted_sum_conv2d
-from lowrank_kernels.reference import weighted_sum_embedding as ref_weighted_sum_embedding
 from lowrank_kernels.reference import weighted_sum_linear as ref_weighted_sum_linear
 from lowrank_kernels.reference.sketch_omega import sketch_omega as ref_sketch_omega
 
@@ -73,7 +67,16 @@ def _bound(run, tensors, args, n, dtype):
     return exact_and_bound(run, tensors, args, n, u_extra=U32 if dtype != torch.float64 else 0)
 
 
-# ---- gram_linear / gram_conv2d ---------------------------------------------------------
+# ---- gram_linear / gram_conv2d (C++: csrc/gram_linear.cpp, csrc/gram_conv2d.cpp) ---------
+
+native = pytest.mark.skipif(not caps.native_built(), reason="the native extension is not built")
+
+
+def _gram_tokens(A, E, bias, A2, E2, diagonal, route, groups=1):
+    """The C++ token core with its route and group count forced (a test-only op)."""
+    return torch.ops.lowrank_kernels_testing.gram_tokens(A, E, bias, A2, E2, diagonal, route,
+                                                         groups)
+
 
 # (B, B2, T, d_in, d_out, groups); T = 0 means 2-D inputs (T = 1).
 GRAM_SHAPES = [(1, 1, 0, 1, 1, 1), (13, 5, 0, 17, 11, 1), (131, 7, 0, 5, 3, 1),
@@ -87,6 +90,7 @@ def _gram_n(T, d_in, d_out, groups):
     return max(d_in + 1 + d_out + T * T, T + d_out * (d_in + 1)) + groups + 3
 
 
+@native
 @pytest.mark.parametrize("route", ["token_pair", "per_sample", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", GRAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -104,60 +108,104 @@ def test_gram_linear(shape, dtype, route):
                 return ref_gram_linear.gram_linear(A_, E_, bias, A2_, E2_, diagonal, "token_pair", G)
 
             expected = _bound(run, (A, E, *second), (), n, dtype)
-            K = cpu_gram_linear.gram_linear(A, E, bias, *second, diagonal, route, G)
+            K = _gram_tokens(A, E, bias, *second, diagonal, route, G)
             _check(K, expected, dtype, f"{shape} bias={bias} diag={diagonal}")
             if second[0] is None and not diagonal:
                 assert torch.equal(K, K.T), "K must be exactly symmetric"
-    K = cpu_gram_linear.gram_linear(_noncontiguous(A), _noncontiguous(E), True, None, None, False,
-                                    route, G)
+            if G == 1:  # the public op: the same kernel, its checks in front
+                torch.testing.assert_close(lk.gram_linear(A, E, bias, A2=second[0],
+                                                          E2=second[1], diagonal=diagonal,
+                                                          route=route), K, rtol=0, atol=0)
+    K = _gram_tokens(_noncontiguous(A), _noncontiguous(E), True, None, None, False, route, G)
     _check(K, _bound(ref_gram_linear.gram_linear, (A, E), (True, None, None, False,
                                                              "token_pair", G), n, dtype),
            dtype, "non-contiguous")
 
 
-def test_gram_linear_triangle_blocks_and_pair_blocks(monkeypatch):
-    """B ≥ 128 takes upper block rows; tiny pair/grad blocks exercise every block loop."""
-    monkeypatch.setattr(cpu_gram_linear, "_PAIR_BLOCK", 50)
-    monkeypatch.setattr(cpu_gram_linear, "_GRAD_BLOCK", 40)
-    for A, E in ((_rand(150, 9, dtype=torch.float32, seed=4),
-                  _rand(150, 5, dtype=torch.float32, seed=5)),
-                 (_rand(9, 4, 3, dtype=torch.float32, seed=6),
-                  _rand(9, 4, 5, dtype=torch.float32, seed=7))):
+@native
+def test_gram_linear_triangle_blocks_and_pair_blocks():
+    """Shapes past every block bound of the C++ core: B ≥ 128 (upper block rows of the
+    triangle, T = 1 and per sample), token-pair blocks (2²⁰ entries: T²·B > 2²⁰ / rows,
+    T² · rows > 2²⁰ for the diagonal) and per-sample gradient blocks (2²² entries)."""
+    shapes = [((150, 9), (150, 5)), ((300, 40), (300, 24)), ((140, 10, 3), (140, 10, 5)),
+              ((70, 128, 2), (70, 128, 3)), ((150, 2, 200), (150, 2, 160))]
+    for k, (sa, se) in enumerate(shapes):
+        A, E = _rand(*sa, dtype=torch.float32, seed=4 + k), _rand(*se, dtype=torch.float32, seed=9 + k)
         T = A.shape[1] if A.dim() == 3 else 0
         n = _gram_n(T, A.shape[-1], E.shape[-1], 1)
         for route in ("token_pair", "per_sample"):
+            if route == "token_pair" and T > 10 and A.shape[0] * T > 4096:
+                continue  # (B·T)² token pairs: too slow to be worth it here
             for diagonal in (False, True):
                 args = (True, None, None, diagonal, "token_pair", 1)
-                K = cpu_gram_linear.gram_linear(A, E, True, None, None, diagonal, route)
+                K = _gram_tokens(A, E, True, None, None, diagonal, route)
                 _check(K, _bound(ref_gram_linear.gram_linear, (A, E), args, n, torch.float32),
-                       torch.float32, f"{route} diag={diagonal}")
+                       torch.float32, f"{tuple(A.shape)} {route} diag={diagonal}")
+                if not diagonal:
+                    assert torch.equal(K, K.T), "K must be exactly symmetric"
 
 
+@native
 def test_gram_linear_route_model():
-    """auto: the per-sample route where T² ≫ d_in·d_out / B, token pair at T = 1."""
-    choose = cpu_gram_linear.choose_route
+    """auto: the per-sample route where T² ≫ d_in·d_out / B, token pair at T = 1 (the bench
+    shapes, where the measured faster route is the one named)."""
+    def choose(*args):
+        return ("token_pair", "per_sample")[torch.ops.lowrank_kernels_testing.gram_route(*args)]
+
     assert choose(256, 256, 1, 1024, 1024, 1, False, False, False) == "token_pair"
+    assert choose(16, 16, 1, 256, 256, 1, False, False, False) == "token_pair"
     assert choose(4, 4, 64, 64, 192, 1, False, False, False) == "per_sample"
+    assert choose(4, 4, 32, 128, 128, 1, False, False, False) == "per_sample"
+    assert choose(4, 4, 256, 144, 16, 1, False, False, False) == "per_sample"
     assert choose(32, 32, 512, 768, 768, 1, False, False, False) == "per_sample"
     assert choose(64, 64, 4, 768, 768, 1, False, False, False) == "token_pair"
 
 
+@native
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_gram_conv2d(dtype):
+    """The C++ conv kernel (im2col, then the token core on its auto route) at geometries with
+    stride, padding, dilation and groups; the token core's routes on the same tokens."""
+    from lowrank_kernels.reference.conv2d_tokens import input_tokens, output_tokens
+
     X, E = _rand(3, 4, 7, 6, dtype=dtype, seed=0), _rand(3, 6, 4, 3, dtype=dtype, seed=1)
     X2, E2 = _rand(2, 4, 7, 6, dtype=dtype, seed=2), _rand(2, 6, 4, 3, dtype=dtype, seed=3)
     geometry = ((3, 2), (2, 2), (1, 0), (1, 1), 2)
     n = _gram_n(12, 2 * 3 * 2, 3, 2)
-    for route in ("token_pair", "per_sample", "auto"):
-        for bias, second, diagonal in ((False, (None, None), False), (True, (X2, E2), False),
-                                       (True, (None, None), True)):
-            def run(X_, E_, X2_, E2_, bias=bias, diagonal=diagonal):
-                return ref_gram_conv2d.gram_conv2d(X_, E_, *geometry, bias, X2_, E2_, diagonal,
-                                                   "token_pair")
+    for bias, second, diagonal in ((False, (None, None), False), (True, (X2, E2), False),
+                                   (True, (None, None), True)):
+        def run(X_, E_, X2_, E2_, bias=bias, diagonal=diagonal):
+            return ref_gram_conv2d.gram_conv2d(X_, E_, *geometry, bias, X2_, E2_, diagonal,
+                                               "token_pair")
 
-            K = gram_conv2d(X, E, *geometry, bias, *second, diagonal, route)
-            _check(K, _bound(run, (X, E, *second), (), n, dtype), dtype,
-                   f"{route} bias={bias} diag={diagonal}")
+        expected = _bound(run, (X, E, *second), (), n, dtype)
+        K = lk.gram_conv2d(X, E, *geometry[:4], groups=2, bias=bias, X2=second[0], E2=second[1],
+                           diagonal=diagonal)
+        _check(K, expected, dtype, f"auto bias={bias} diag={diagonal}")
+        tokens = [(input_tokens(x, *geometry[:4]), output_tokens(e)) if x is not None
+                  else (None, None) for x, e in ((X, E), second)]
+        for route in ("token_pair", "per_sample"):
+            K = _gram_tokens(*tokens[0], bias, *tokens[1], diagonal, route, 2)
+            _check(K, expected, dtype, f"{route} bias={bias} diag={diagonal}")
+
+
+@native
+def test_gram_conv2d_im2col_geometries():
+    """The C++ im2col against F.unfold's tokens (the float64 reference) where padding, stride and
+    dilation put taps outside the input on either side, and a 1×1 output."""
+    for shape, k, s, p, d in (((2, 3, 9, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
+                              ((2, 2, 9, 8), (3, 2), (2, 3), (2, 1), (2, 1)),
+                              ((1, 2, 5, 7), (2, 3), (3, 2), (0, 2), (1, 3)),
+                              ((3, 1, 3, 3), (3, 3), (1, 1), (0, 0), (1, 1))):
+        X = _rand(*shape, dtype=torch.float64, seed=7)
+        h = (shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        w = (shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        E = _rand(shape[0], 4, h, w, dtype=torch.float64, seed=8)
+        for diagonal in (False, True):
+            K = lk.gram_conv2d(X, E, k, s, p, d, bias=True, diagonal=diagonal)
+            R = ref_gram_conv2d.gram_conv2d(X, E, k, s, p, d, 1, True, None, None, diagonal,
+                                            "token_pair")
+            torch.testing.assert_close(K, R, rtol=1e-12, atol=1e-12)
 
 
 # ---- weighted_sum_linear / project_linear (+ conv2d) -----------------------------------
@@ -204,63 +252,6 @@ def test_weighted_sum_and_project_conv2d(dtype):
     out = project_conv2d(X, E, V, Vb, *geometry)
     _check(out, _bound(ref_project_conv2d.project_conv2d, (X, E, V, Vb), geometry,
                        12 + 3 * 12 + 3 + 3 + 4, dtype), dtype, "Uᵀ V conv")
-
-
-# ---- embedding ops -----------------------------------------------------------------------
-
-# (B, T, N, d, B2, T2, padding_idx)
-EMBEDDING_SHAPES = [(1, 1, 1, 1, 1, 1, None), (7, 11, 13, 5, 3, 2, 0), (131, 3, 50, 4, 5, 3, 49),
-                    (3, 5, 4, 3, 2, 7, None), (4, 6, 3, 0, 2, 2, None)]
-
-
-def _idx(B, T, N, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(B, T, generator=g) ** 3 * N).long().clamp_(max=N - 1)
-
-
-@pytest.mark.parametrize("row_block", [1 << 22, 3])
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", EMBEDDING_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_gram_embedding(shape, dtype, row_block, monkeypatch):
-    monkeypatch.setattr(cpu_gram_embedding, "_ROWS_BLOCK", row_block)
-    monkeypatch.setattr(cpu_gram_embedding, "_PAIR_BLOCK", 0)  # the used-rows route
-    B, T, N, d, B2, T2, pad = shape
-    idx, idx2 = _idx(B, T, N, 0), _idx(B2, T2, N, 1)
-    E, E2 = _rand(B, T, d, dtype=dtype, seed=2), _rand(B2, T2, d, dtype=dtype, seed=3)
-    n = T + T2 + (B * T + B2 * T2) * d + T * T2 + d + 4
-    for second, diagonal in (((None, None), False), ((idx2, E2), False), ((None, None), True)):
-        K = cpu_gram_embedding.gram_embedding(idx, E, N, pad, *second, diagonal)
-        tensors = (E,) if second[0] is None else (E, E2)
-
-        def run(E_, E2_=None, second=second, diagonal=diagonal):
-            return ref_gram_embedding.gram_embedding(idx, E_, N, pad, second[0], E2_, diagonal)
-
-        _check(K, _bound(run, tensors, (), n, dtype), dtype, f"second={second[0] is not None}")
-        if second[0] is None and not diagonal:
-            assert torch.equal(K, K.T)
-    monkeypatch.setattr(cpu_gram_embedding, "_PAIR_BLOCK", 1 << 22)  # token pair where cheaper
-    K = cpu_gram_embedding.gram_embedding(idx, _noncontiguous(E), N, pad)
-    _check(K, _bound(lambda E_: ref_gram_embedding.gram_embedding(idx, E_, N, pad), (E,), (), n,
-                     dtype), dtype, "auto, non-contiguous")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", EMBEDDING_SHAPES + [(3, 0, 4, 2, 1, 1, None)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_weighted_sum_and_project_embedding(shape, dtype):
-    B, T, N, d, _, _, pad = shape
-    idx = _idx(B, T, N, 0)
-    E = _rand(B, T, d, dtype=dtype, seed=2)
-    for m in (0, 3):
-        c = _rand(B, *((m,) if m else ()), dtype=dtype, seed=4)
-        V = _rand(*((m,) if m else ()), N, d, dtype=dtype, seed=5)
-        for E_ in (E, _noncontiguous(E)):
-            out = weighted_sum_embedding(idx, E_, c, N, pad)
-            _check(out, _bound(lambda E1, c1: ref_weighted_sum_embedding.weighted_sum_embedding(
-                idx, E1, c1, N, pad), (E, c), (), B * T + 2, dtype), dtype, f"U c m={m}")
-            out = project_embedding(idx, E_, V, pad)
-            _check(out, _bound(lambda E1, V1: ref_project_embedding.project_embedding(
-                idx, E1, V1, pad), (E, V), (), T * d + 3, dtype), dtype, f"Uᵀ V m={m}")
 
 
 # ---- subspace: stored P, random P, fwht -------------------------------------------------

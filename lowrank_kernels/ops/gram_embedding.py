@@ -14,7 +14,6 @@ import torch
 from .. import _checks
 from .._registry import OpSpec, call, register
 from ..reference.gram_embedding import gram_embedding as reference_gram_embedding
-from ..cpu.gram_embedding import gram_embedding as cpu_gram_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
                       normalized_padding, without_padding)
 
@@ -72,7 +71,7 @@ SPEC = register(OpSpec(
     check=check,
     fake=fake,
     **layer_backends(_prepared(reference_gram_embedding), _prepared(_triton, skips_padding=True),
-                     _prepared(cpu_gram_embedding)),
+                     native_cpu=True),
     finite_inputs=("E", "E2"),
 ))
 _OP = torch.ops.lowrank_kernels.gram_embedding.default

@@ -11,7 +11,6 @@ import torch
 from .. import _checks
 from .._registry import OpSpec, call, register
 from ..reference.project_embedding import project_embedding as reference_project_embedding
-from ..cpu.project_embedding import project_embedding as cpu_project_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
                       normalized_padding, without_padding)
 
@@ -59,7 +58,7 @@ SPEC = register(OpSpec(
     check=check,
     fake=fake,
     **layer_backends(_prepared(reference_project_embedding), _prepared(_triton, skips_padding=True),
-                     _prepared(cpu_project_embedding)),
+                     native_cpu=True),
     finite_inputs=("E", "V"),
 ))
 _OP = torch.ops.lowrank_kernels.project_embedding.default

@@ -12,7 +12,6 @@ from .. import _checks
 from .._registry import OpSpec, call, register
 from ..reference.weighted_sum_embedding import (
     weighted_sum_embedding as reference_weighted_sum_embedding)
-from ..cpu.weighted_sum_embedding import weighted_sum_embedding as cpu_weighted_sum_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
                       normalized_padding, without_padding)
 
@@ -61,7 +60,7 @@ SPEC = register(OpSpec(
     check=check,
     fake=fake,
     **layer_backends(_prepared(reference_weighted_sum_embedding), _prepared(_triton, skips_padding=True),
-                     _prepared(cpu_weighted_sum_embedding)),
+                     native_cpu=True),
     finite_inputs=("E", "c"),
 ))
 _OP = torch.ops.lowrank_kernels.weighted_sum_embedding.default

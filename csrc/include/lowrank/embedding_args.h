@@ -1,0 +1,125 @@
+// The argument checks of the embedding ops' CPU kernels (gram_embedding, weighted_sum_embedding,
+// project_embedding): the same error types and messages as lowrank_kernels/ops/_common.py and
+// lowrank_kernels/_checks.py (TypeError / ValueError naming the op and the argument; an index
+// out of range a RuntimeError with the text of the device assert), and the helpers they share.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "lowrank/hd.h"
+
+namespace lowrank::embedding {
+
+// A shape as Python prints a tuple: (3, 4), (3,), ().
+inline std::string py_shape(at::IntArrayRef s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// A dtype as Python prints it (torch.float32).
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline std::string py_device(const at::Tensor& t) { return t.device().str(); }
+
+inline void check_ndim(const char* op, const char* name, const at::Tensor& t, int64_t lo,
+                       int64_t hi, const char* doc) {
+  const int64_t n = t.dim();
+  if (n >= lo && n <= hi) return;
+  const std::string want = lo == hi ? std::to_string(lo)
+                                    : std::to_string(lo) + " or " + std::to_string(hi);
+  TORCH_CHECK_VALUE(false, op, ": ", name, " must be a ", want, "-D tensor (", doc,
+                    "), got shape ", py_shape(t.sizes()));
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble,
+                   op, ": ", name, " must have a floating dtype (float32, float16, bfloat16, "
+                   "float64), got ", py_dtype(s));
+}
+
+inline void check_same_device(const char* op, const char* a, const at::Tensor& ta,
+                              const char* b, const at::Tensor& tb) {
+  TORCH_CHECK_VALUE(ta.device() == tb.device(), op, ": ", a, " and ", b,
+                    " must have the same device, got ", a, ": ", py_device(ta), ", ", b, ": ",
+                    py_device(tb));
+}
+
+inline void check_dim_match(const char* op, const char* a, int64_t sa, const char* b,
+                            int64_t sb, const char* what) {
+  TORCH_CHECK_VALUE(sa == sb, op, ": ", a, " and ", b, " must have the same ", what, ", got ",
+                    sa, " and ", sb);
+}
+
+// idx (B, T) int64 and E (B, T, d) floating, on one device.
+inline void check_idx_E(const char* op, const char* idx_name, const at::Tensor& idx,
+                        const char* E_name, const at::Tensor& E) {
+  check_ndim(op, idx_name, idx, 2, 2, "B x T: token indices");
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, op, ": ", idx_name,
+                   " must be an int64 tensor of indices, got ", py_dtype(idx.scalar_type()));
+  check_ndim(op, E_name, E, 3, 3, "B x T x d: gradients of the embedding outputs");
+  check_float(op, E_name, E);
+  check_same_device(op, idx_name, idx, E_name, E);
+  TORCH_CHECK_VALUE(E.size(0) == idx.size(0) && E.size(1) == idx.size(1), op, ": ", idx_name,
+                    " and ", E_name, " must have the same (B, T) leading dims, got ",
+                    py_shape(idx.sizes()), " and ", py_shape(E.sizes()));
+}
+
+// padding_idx in [-N, N), returned as nn.Embedding stores it (from 0; -1: no padding).
+inline int64_t checked_padding(const char* op, int64_t num_embeddings,
+                               std::optional<int64_t> padding_idx) {
+  TORCH_CHECK_VALUE(num_embeddings >= 1, op, ": num_embeddings must be positive, got ",
+                    num_embeddings);
+  if (!padding_idx.has_value()) return -1;
+  const int64_t p = *padding_idx;
+  TORCH_CHECK_VALUE(p >= -num_embeddings && p < num_embeddings, op,
+                    ": padding_idx must be in [-num_embeddings, num_embeddings) = [",
+                    -num_embeddings, ", ", num_embeddings, "), got ", p);
+  return p < 0 ? p + num_embeddings : p;
+}
+
+// Every index in [0, N): read on the host (a CPU tensor), with the device assert's message.
+inline void check_index_range(const char* op, const char* name, const int64_t* p, index_t n,
+                              int64_t num_embeddings) {
+  bool ok = true;
+  for (index_t k = 0; k < n; ++k)
+    ok &= static_cast<std::uint64_t>(p[k]) < static_cast<std::uint64_t>(num_embeddings);
+  TORCH_CHECK(ok, op, ": ", name, " must hold indices in [0, ", num_embeddings, ")");
+}
+
+// The accumulation dtype: float64 for float64 E, float32 for everything else.
+inline at::ScalarType acc_type(const at::Tensor& E) {
+  return E.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Σ_k a_k b_k with 8 partial sums (so that the compiler vectorizes it without reassociating).
+template <typename S>
+inline S dot(const S* a, const S* b, index_t n) {
+  S part[8] = {};
+  index_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) part[j] += a[k + j] * b[k + j];
+  S s = 0;
+  for (; k < n; ++k) s += a[k] * b[k];
+  for (int j = 0; j < 8; ++j) s += part[j];
+  return s;
+}
+
+}  // namespace lowrank::embedding
