@@ -377,6 +377,46 @@ def _note(k, v):
     return f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
 
 
+# Rows that time the op layer over its kernel (bench_dispatch.py) rather than an op against
+# a baseline formulation, and their targets in µs per call (the op-layer issue's).
+OVERHEAD_PREFIXES = ("dispatch ", "layer ")
+OVERHEAD_TARGET_US = {"native": 5.0, "other": 10.0}
+# Optimizer-step rows: an optimizer against SGD, not an op against its formulation.
+OPTIM_OP = "optim_step"
+
+
+def kind_of(row):
+    """'overhead', 'optim' or 'op' (the rows held to >= 1.0x their best baseline)."""
+    if row["op"].startswith(OVERHEAD_PREFIXES):
+        return "overhead"
+    return "optim" if row["op"] == OPTIM_OP else "op"
+
+
+def overhead_table(rows):
+    """The op layer's cost per call over the kernel it runs, against its target."""
+    lines = [("| row | kernel | ours µs/call | kernel direct µs/call | overhead µs "
+              "| target µs | met |"), "|" + "---|" * 7]
+    for r in rows:
+        if r["status"] != "ok" or "baseline_s" not in r:
+            lines.append(f"| {r['op']} | - | - | - | - | - | **{r['status']}** |")
+            continue
+        kernel = r["notes"].get("kernel", "python (probe)")
+        target = OVERHEAD_TARGET_US["native" if kernel == "native" else "other"]
+        over = (r["ours_s"] - r["baseline_s"]) * 1e6
+        lines.append(f"| {r['op']} | {kernel} | {r['ours_s'] * 1e6:.2f} "
+                     f"| {r['baseline_s'] * 1e6:.2f} | {over:.2f} | ≤ {target:g} "
+                     f"| {'yes' if over <= target else '**no**'} |")
+    return "\n".join(lines)
+
+
+def summary(rows):
+    """How many op rows are at or above 1.0x their best baseline."""
+    ops = [r for r in rows if kind_of(r) == "op" and r.get("speedup") is not None]
+    losing = [f"{r['op']} {r['shape']} {r['speedup']:.2f}×" for r in ops if r["speedup"] < 1.0]
+    text = f"Op rows at or above 1.0× their best baseline: **{len(ops) - len(losing)} of {len(ops)}**."
+    return text + (" Below: " + "; ".join(losing) + "." if losing else "")
+
+
 def table(rows):
     head = ("| op | shape | ours | ms | ± | best baseline | ms | ± | speed-up | rounds "
             "| TFLOP/s | GB/s | % of floor | notes |")
@@ -541,14 +581,27 @@ def write_results(out, stem, meta, rows, raw, device_label, final):
               f"\n\nMeasured peaks (roofline): {peak_text}; copy "
               f"bandwidth {meta['bandwidth'] / 1e9:.1f} GB/s.\n\n")
     legend = LEGEND.format(ci=meta["opts"]["ci"] / 2, wide=WIDE_SPREAD, half=WIDE_CI / 2)
-    text = header + table(rows) + "\n\n" + legend + "\n"
+    sections = []
+    ops = [r for r in rows if kind_of(r) == "op"]
+    if ops:
+        sections.append("## Ops against the best plain-PyTorch formulation\n\n" + summary(rows)
+                        + "\n\n" + table(ops))
+    optim = [r for r in rows if kind_of(r) == "optim"]
+    if optim:
+        sections.append("## Optimizer steps against an SGD step\n\n" + table(optim))
+    overhead = [r for r in rows if kind_of(r) == "overhead"]
+    if overhead:
+        sections.append("## Call overhead of the op layer (tiny inputs, 1 thread)\n\n"
+                        + overhead_table(overhead))
+    body = "\n\n".join(sections)
+    text = header + body + "\n\n" + legend + "\n"
     if meta.get("backends"):
         text += "\nBackends (`python -m lowrank_kernels`):\n\n```\n" + meta["backends"] + "\n```\n"
     tmp = os.path.join(out, stem + ".md.tmp")
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, os.path.join(out, stem + ".md"))
-    return header + table(rows) + "\n\n" + legend
+    return header + body + "\n\n" + legend
 
 
 def main():
