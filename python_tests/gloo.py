@@ -51,15 +51,55 @@ def process_group(rank, world, init_file, timeout_s=120):
 def spawn(fn, args, nprocs, deadline_s=300):
     """mp.spawn (the 'spawn' start method: fresh interpreters, nothing inherited from the
     caller but its environment), joined with a deadline: a hung rank fails instead of
-    hanging CI; the children are killed on the way out."""
+    hanging CI; the children are killed on the way out.
+
+    The deadline counts the seconds in which the ranks were all blocked — none of their
+    threads running or waiting for a CPU (Linux schedstat: the time on a CPU plus the time
+    runnable in the run queue grew by less than 0.1 s in that second) —, not the wall time:
+    on a loaded machine ranks that run slowly are not hung (a blocked set of ranks uses a
+    few ms per second; one runnable rank alone adds about 1 s per second). Without
+    /proc/<pid>/task/*/schedstat: wall time."""
     context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + deadline_s
+    pids = [process.pid for process in context.processes]
+    busy, blocked = _busy_ns(pids), 0.0
     try:
-        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"the {nprocs} ranks did not finish in {deadline_s} s")
+        while True:
+            tick = time.monotonic()
+            if context.join(timeout=1.0):
+                return
+            now = _busy_ns(pids)
+            if now is None or now - busy < 100_000_000:
+                blocked += time.monotonic() - tick
+            else:
+                blocked = 0.0
+            busy = now
+            if blocked >= deadline_s:
+                raise TimeoutError(f"the {nprocs} ranks were blocked for {deadline_s} s (hung)"
+                                   if now is not None else
+                                   f"the {nprocs} ranks did not finish in {deadline_s} s")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def _busy_ns(pids):
+    """Σ over the processes' threads of (time on a CPU + time runnable, waiting for one), ns
+    (/proc/<pid>/task/<tid>/schedstat; an exited process counts 0), or None without it."""
+    if not os.path.exists("/proc/self/schedstat"):
+        return None
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    on_cpu, waiting = f.read().split()[:2]
+            except (OSError, ValueError):
+                continue
+            total += int(on_cpu) + int(waiting)
+    return total

@@ -50,6 +50,13 @@ CASES = {
     "seng": (lambda m, **kw: SENG(m, lr=0.1, damping=0.2, update_freq=2, momentum=0.9,
                                   weight_decay=1e-3, sketch_threshold=15, sketch_size=3,
                                   **kw), 5, True),
+    # update_freq=1 and sketched layers: the ranks exchange the sketches, not the factors
+    "seng_sketched": (lambda m, **kw: SENG(m, lr=0.1, damping=0.2, momentum=0.9,
+                                           weight_decay=1e-3, sketch_threshold=15,
+                                           sketch_size=3, **kw), 4, True),
+    "seng_sketched_bare_group": (lambda m, **kw: SENG(m, lr=0.1, damping=0.2, momentum=0.5,
+                                                      sketch_threshold=15, sketch_size=3,
+                                                      **kw), 4, False),
     "kfac": (lambda m, **kw: KFAC(m, lr=0.1, damping=0.5, inverse_every=2, momentum=0.9,
                                   kl_clip=1e-2, **kw), 5, True),
 }
@@ -60,7 +67,8 @@ def _flat(model):
 
 
 def _train(name, model, opt, steps, first, rows, bare_group):
-    """[θ after each step] and [bytes of each step] (optimizer's, DDP's)."""
+    """[θ after each step] and [bytes of each step] (optimizer's, DDP's, the optimizer's
+    description part)."""
     thetas, traffic = [], []
     for step in range(first, steps):
         x, y = _batch(step)
@@ -71,8 +79,8 @@ def _train(name, model, opt, steps, first, rows, bare_group):
         thetas.append(_flat(model).clone())
         if before is not None:
             after = opt.data_parallel.counters()
-            traffic.append((after["bytes"] - before["bytes"],
-                            after["ddp_bytes"] - before["ddp_bytes"]))
+            traffic.append(tuple(after[k] - before[k]
+                                 for k in ("bytes", "ddp_bytes", "meta_bytes")))
     return thetas, traffic
 
 
@@ -182,10 +190,40 @@ def test_fngd_reuse_step_communicates_no_more_than_ddp(two):
     for name, reuse_steps in (("fngd_layer", (2, 3, 6)), ("fngd_model_backward", (2, 3)),
                               ("fngd_bare_group", (2, 3, 4))):
         for step in reuse_steps:
-            own, ddp = ranks[0][name]["traffic"][step]
+            own, ddp, _ = ranks[0][name]["traffic"][step]
             assert own + ddp == grad_bytes, (name, step, own, ddp)
-    own, ddp = ranks[0]["fngd_layer"]["traffic"][0]  # a solve step gathers the factors
+    own, ddp, _ = ranks[0]["fngd_layer"]["traffic"][0]  # a solve step gathers the factors
     assert ddp == grad_bytes and own > 0
+
+
+def _values_per_sample(sketch):
+    """Values per sample in the captured factors of _model() (Factors.state_dict), with the
+    seng_sketched case's sketches (weights > 15 entries, 3 columns a side) where sketch."""
+    from lowrank_kernels.capture import Capture
+    model = _model()
+    x, y = _batch(0)
+    with Capture(model) as capture:
+        F.cross_entropy(model(x), y).backward()
+        factors = capture.factors()
+    total = 0
+    for p, f in factors.items():
+        if sketch and p.numel() > 15:
+            f = f.sketch(3, 0)
+        total += sum(v[0].numel() for d in f.state_dict() for v in d.values()
+                     if isinstance(v, torch.Tensor))
+    return total
+
+
+def test_seng_sketched_layers_send_sketches_not_factors(two):
+    """update_freq=1: each step all-gathers the sketched layers' sketches (and the other
+    parameters' factors) and all-reduces the directions in place of DDP's all-reduce."""
+    D = sum(p.numel() for p in _model().parameters())
+    sketched, full = _values_per_sample(True), _values_per_sample(False)
+    assert sketched < full
+    for name in ("seng_sketched", "seng_sketched_bare_group"):
+        for step, (own, ddp, meta) in enumerate(two[1][0][name]["traffic"]):
+            assert ddp == 0, (name, step)
+            assert own - meta == 8 * (D + GLOBAL_BATCH * sketched), (name, step, own, meta)
 
 
 def test_resume_from_rank0_checkpoint_is_bit_identical(two):

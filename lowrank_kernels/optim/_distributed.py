@@ -40,6 +40,7 @@ class DataParallel:
         self.bytes = 0  # this rank's bytes in the optimizer's own collectives, cumulative
         self.ddp_bytes = 0  # DDP's gradient buckets (counted by the comm hook), cumulative
         self.collectives = 0
+        self.meta_bytes = 0  # the part of `bytes` that describes (sizes, shapes), cumulative
         self.skip_ddp_allreduce = None  # callable () -> bool, set by the optimizer
         self.hooked = False
         if self.ddp:
@@ -50,9 +51,9 @@ class DataParallel:
                 self.hooked = False
 
     def counters(self):
-        """{'bytes', 'ddp_bytes', 'collectives'} so far on this rank."""
+        """{'bytes', 'ddp_bytes', 'collectives', 'meta_bytes'} so far on this rank."""
         return {"bytes": self.bytes, "ddp_bytes": self.ddp_bytes,
-                "collectives": self.collectives}
+                "collectives": self.collectives, "meta_bytes": self.meta_bytes}
 
     # ---- counted collectives -------------------------------------------------------------
     def all_reduce_sum(self, t):
@@ -79,26 +80,18 @@ class DataParallel:
 
     # ---- what the optimizers need --------------------------------------------------------
     def average(self, tensors):
-        """[(1/R) Σ_ranks t] for a list of tensors, in one flat all-reduce (float64 for fp64
-        inputs, else float32 buffers per dtype)."""
-        if not tensors:
-            return []
+        """[(1/R) Σ_ranks t] for a list of tensors (see `sum`)."""
+        return [t / self.world for t in self.sum(tensors)]
+
+    def sum(self, tensors):
+        """[Σ_ranks t] for a list of tensors, one flat all-reduce per dtype."""
         out = [None] * len(tensors)
         for dtype in dict.fromkeys(t.dtype for t in tensors):
             idx = [k for k, t in enumerate(tensors) if t.dtype == dtype]
-            flat = torch.cat([tensors[k].reshape(-1) for k in idx])
-            self.all_reduce_sum(flat)
-            flat = flat / self.world
+            flat = self.all_reduce_sum(torch.cat([tensors[k].reshape(-1) for k in idx]))
             for k, piece in zip(idx, _split(flat, [tensors[k] for k in idx])):
                 out[k] = piece
         return out
-
-    def sum(self, tensors):
-        """[Σ_ranks t] for a list of tensors of one dtype, one flat all-reduce."""
-        if not tensors:
-            return []
-        flat = self.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
-        return _split(flat, tensors)
 
     def average_grads(self, params):
         """p.grad ← mean over ranks (what DDP does), for a model without a DDP wrapper."""
@@ -119,6 +112,7 @@ class DataParallel:
         self.collectives += 1
         dist.all_gather_object(meta, signature, group=self.group)
         self.bytes += self.world * len(repr(signature))
+        self.meta_bytes += self.world * len(repr(signature))
         sizes = [m[0] for m in meta]
         if any(m[1:] != signature[1:] for m in meta):
             raise ValueError(
