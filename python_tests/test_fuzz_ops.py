@@ -620,28 +620,11 @@ EXAMPLES = {"gram_linear": 30, "gram_conv2d": 20, "gram_embedding": 30,
 TRITON_EXAMPLES = 8
 
 
-_FP16_SPLIT = (
-    "Triton fp16 weighted sums split c·e into fp16 hi + lo (triton/weighted_sum_linear.py) "
-    "and lose c·e's low bits where lo is below fp16's normal range, so the result is not "
-    "within the fp32 bound (issue 12 item 7 not fully fixed). Reproducer: c = "
-    "torch.tensor([1e-3]).half(); E = torch.tensor([[1e-3]]).half(); A = torch.ones(1, 1)"
-    ".half(); lk.weighted_sum_linear(A, E, c, True, backend='triton') gives W = "
-    "1.0008225e-06 against c·e = 1.0008089e-06 (relative 1.4e-5; the bound is ~1.8e-7; "
-    "reference and cpu: exact)")
-_FP16_SPLIT_EMBEDDING = (
-    "Triton fp16 weighted_sum_embedding splits the fp32 coefficients into fp16 hi + lo "
-    "(triton/weighted_sum_embedding.py: 22 of c's 24 bits, fewer where lo is subnormal), so "
-    "the result is not within the fp32 bound. Reproducer: idx = torch.zeros(1, 1, "
-    "dtype=torch.long); E = torch.tensor([[[1.541015625]]]).half(); c = "
-    "torch.tensor([-0.049143463373184204]); lk.weighted_sum_embedding(idx, E, c, 1, "
-    "backend='triton') gives -0.07573080063 against c·e = -0.07573084492 (relative 5.8e-7; "
-    "the bound is ~1.8e-7; reference and cpu: within 5.4e-9)")
-# Known bugs: (reason, whether the default run's examples hit it or only --fuzz-long's). Their
-# fuzz entries fail deterministically and are xfail(strict=True) in those runs, without
-# shrinking; test_known_bug_reproducer* hold each minimal reproducer (every run).
-KNOWN_BUGS = {("weighted_sum_linear", "triton", torch.float16): (_FP16_SPLIT, False),
-              ("weighted_sum_conv2d", "triton", torch.float16): (_FP16_SPLIT, False),
-              ("weighted_sum_embedding", "triton", torch.float16): (_FP16_SPLIT_EMBEDDING, True)}
+# Known bugs: {(op, backend, dtype): (reason, whether the default run's examples hit it or only
+# --fuzz-long's)}. Their fuzz entries fail deterministically and are xfail(strict=True) in those
+# runs, without shrinking; a test_* beside them holds each minimal reproducer. None at present
+# (the Triton fp16 weighted sums were the last: test_fp16_weighted_sum_*).
+KNOWN_BUGS = {}
 
 
 def _params():
@@ -715,9 +698,9 @@ def test_fuzz(op, backend, dtype, fuzz_long, request):
 
 
 @pytest.mark.parametrize("op", ["weighted_sum_linear", "weighted_sum_conv2d"])
-@pytest.mark.xfail(strict=True, reason=_FP16_SPLIT)
-def test_known_bug_reproducers(op):
-    """Triton fp16 weighted sum of one term c·e: fp32 accumulation makes it exact."""
+def test_fp16_weighted_sum_of_one_term(op):
+    """Triton fp16 weighted sum of one term c·e, below fp16's normal range (issue 12 item 7:
+    it was rounded to fp16 pieces): fp32 accumulation makes it exact."""
     if "triton" not in backends_for(op, "cpu", torch.float16):
         pytest.skip("Triton does not run here")
     c, e = torch.tensor([1e-3]).half(), torch.tensor([1e-3]).half()
@@ -732,8 +715,8 @@ def test_known_bug_reproducers(op):
     assert_within(b.flatten(), exact, coeff(3, torch.float16) * exact.abs(), f"{op} bias")
 
 
-@pytest.mark.xfail(strict=True, reason=_FP16_SPLIT_EMBEDDING)
-def test_known_bug_reproducer_embedding():
+def test_fp16_weighted_sum_embedding_of_one_term():
+    """fp32 coefficients are not cut to 22 bits (two fp16 pieces) for fp16 E."""
     if "triton" not in backends_for("weighted_sum_embedding", "cpu", torch.float16):
         pytest.skip("Triton does not run here")
     E, c = torch.tensor([[[1.541015625]]]).half(), torch.tensor([-0.049143463373184204])

@@ -62,6 +62,34 @@ def load_input(X, rows, cols, row_end, n_cols, T, s0, s1, s2, s3, col0, H, W, W_
     return x
 
 
+@triton.jit
+def _round_tf32(x):
+    """x (fp32) rounded to nearest (ties to even) at 11 significant bits: a TF32 value, which
+    a TF32 tensor-core operand reads without loss. |x| < 2¹²⁸(1 − 2⁻¹²) (no carry into Inf)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + ((bits >> 13) & 1) + 0xFFF) & -8192  # -8192: the mask 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_tf32(x):
+    """(hi, lo), both exact TF32 values, with |x − hi − lo| ≤ max(2⁻²³|x|, 2⁻¹³⁷): with
+    2ᵉ ≤ |x| < 2ᵉ⁺¹, hi = x rounded at 11 bits leaves r = x − hi (exact) with |r| ≤ 2ᵉ⁻¹¹, a
+    multiple of 2ᵉ⁻²³ of ≤ 12 bits, and lo = r rounded at 11 bits is off by ≤ 2ᵉ⁻²³ (2 ulp of
+    x; fp32 subnormals, rounded on the same 2⁻¹³⁶ grid, by ≤ 2⁻¹³⁷). TF32 has fp32's exponent
+    range, so no piece under- or overflows as 16-bit pieces would."""
+    hi = _round_tf32(x)
+    return hi, _round_tf32(x - hi)
+
+
+def column_scale(c):
+    """Per column of the coefficients c (B, m), the power of two 2^⌈log₂ max|c|⌉ (1 for a zero
+    column), contiguous fp32: c / scale has |c| ≤ 1 exactly, and the kernels multiply their
+    fp32 result by it in the epilogue (exact)."""
+    amax = c.abs().amax(0).float() if c.shape[0] else c.new_zeros(c.shape[1], dtype=torch.float)
+    return torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0).contiguous()
+
+
 MAX_ROWS = 2 ** 31 - 2 ** 16  # token rows B·T (and a tile past them) index in 32 bits
 
 

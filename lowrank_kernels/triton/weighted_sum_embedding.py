@@ -4,15 +4,25 @@ Tokens are sorted by index (torch.sort, stable); the segment of table row r is
 known on the host, so nothing is read back (no sync). One program per (table row, block of
 d, block of m columns of C) sums its segment in a fixed order with tl.dot and writes its
 tile (zeros for an unused row or padding_idx: no separate zero fill) — no atomics,
-deterministic."""
+deterministic.
+
+16-bit E keeps the tensor cores and fp32 accumulation: e converts to fp32 exactly and is a
+TF32 value (11 or 8 significant bits); the fp32 coefficients are split into two TF32 values,
+C = hi + lo + δ with |δ| ≤ 2u|C| (token_rows.split_tf32, u = 2⁻²⁴; C is first scaled by a
+power of two per column to |C| ≤ 1, exactly, so the rounding cannot carry into Inf; fp32 E
+needs no scale). Two TF32 dots
+multiply exactly, into separate fp32 accumulators added at the end: over a row's n tokens the
+error is ≤ (n + 2)u·Σ|C e| to first order, as for an fp32-accumulated sum."""
 import torch
 import triton
 import triton.language as tl
 
+from .token_rows import column_scale, split_tf32
+
 
 @triton.jit
 def _weighted_sum_embedding_kernel(ORDER, STARTS, PADDING, T, E, se0, se1, se2, d,
-                                   C, sc0, sc1, m, OUT, so0, so1,
+                                   C, sc0, sc1, SCALE, m, OUT, so0, so1,
                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                                    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -22,6 +32,7 @@ def _weighted_sum_embedding_kernel(ORDER, STARTS, PADDING, T, E, se0, se1, se2, 
     end = tl.load(STARTS + row + 1)
     end = tl.where(row == PADDING, start, end)  # padding_idx gets no gradient
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # 16-bit E: the lo products
     for p0 in range(start, end, BLOCK_T):
         p = p0 + tl.arange(0, BLOCK_T).to(tl.int64)
         p_in = p < end
@@ -35,14 +46,16 @@ def _weighted_sum_embedding_kernel(ORDER, STARTS, PADDING, T, E, se0, se1, se2, 
                     mask=p_in[:, None] & (cols[None, :] < m), other=0.0)
         if e.dtype == tl.float32:
             acc = tl.dot(tl.trans(w), e, acc, input_precision=PRECISION)
-        else:
-            # 16-bit E on the tensor cores: C (fp32) as hi + lo in E's dtype, two dots.
-            w_hi = w.to(e.dtype)
-            w_lo = (w - w_hi.to(tl.float32)).to(e.dtype)
-            acc = tl.dot(tl.trans(w_hi), e, acc)
-            acc = tl.dot(tl.trans(w_lo), e, acc)
+        else:  # 16-bit: exact TF32 dots of C's two TF32 pieces (see the module docstring)
+            w_hi, w_lo = split_tf32(w)
+            e32 = e.to(tl.float32)
+            acc = tl.dot(tl.trans(w_hi), e32, acc, input_precision="tf32")
+            acc_lo = tl.dot(tl.trans(w_lo), e32, acc_lo, input_precision="tf32")
+    if E.dtype.element_ty != tl.float32:
+        acc += acc_lo
+    scale = tl.load(SCALE + cols, mask=cols < m, other=1.0)
     tl.store(OUT + cols[:, None] * so0 + row * so1 + k[None, :],
-             acc, mask=(cols[:, None] < m) & (k[None, :] < d))
+             acc * scale[:, None], mask=(cols[:, None] < m) & (k[None, :] < d))
 
 
 def weighted_sum_embedding(idx, E, c, num_embeddings, padding_idx=None):
@@ -52,6 +65,8 @@ def weighted_sum_embedding(idx, E, c, num_embeddings, padding_idx=None):
     d = E.shape[-1]
     C = (c if c.dim() == 2 else c[:, None]).to(torch.float32)
     m = C.shape[1]
+    scale = torch.ones(m, device=C.device) if E.dtype == torch.float32 else column_scale(C)
+    C = C / scale
     out = torch.empty((m, num_embeddings, d), device=E.device, dtype=torch.float32)
     if d and m:
         sorted_rows, order = torch.sort(idx.reshape(-1), stable=True)
@@ -63,7 +78,7 @@ def weighted_sum_embedding(idx, E, c, num_embeddings, padding_idx=None):
         # Token indices run over a contiguous (B, T) layout: flat token = b T + t.
         _weighted_sum_embedding_kernel[grid](
             order, starts, -1 if padding_idx is None else padding_idx, T, E, E.stride(0),
-            E.stride(1), E.stride(2), d, C, C.stride(0), C.stride(1), m, out, out.stride(0),
+            E.stride(1), E.stride(2), d, C, C.stride(0), C.stride(1), scale, m, out, out.stride(0),
             out.stride(1), BLOCK_T=16, BLOCK_D=block_d, BLOCK_M=block_m,
             PRECISION="ieee" if not torch.backends.cuda.matmul.allow_tf32 else "tf32")
     return out if c.dim() == 2 else out[0]

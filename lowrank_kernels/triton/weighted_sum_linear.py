@@ -2,13 +2,25 @@
 W = U c = Σ_i c_i Σ_t e_it ã_itᵀ = (c ⊙ E)ᵀ Ã over all (i, t) rows: one GEMM with the row
 scaling fused into the load of E (ã = [a, 1]: the last column is the bias part). One program
 per (output tile, input tile, column of C, split of the rows); split partials summed after.
-The input side is a token_rows.Tokens, so weighted_sum_conv2d runs the same kernel."""
+The input side is a token_rows.Tokens, so weighted_sum_conv2d runs the same kernel.
+
+fp32 accumulation for 16-bit inputs too, on the tensor cores: c ⊙ e is formed in fp32
+(x = fl(c e), one rounding) and cannot be a 16-bit operand (24 bits, and fp16's exponent
+range loses c e < 2⁻¹⁴ altogether). Ã converts to fp32 exactly, and its values have 11 (fp16)
+or 8 (bf16) significant bits, so they are TF32 values; x is split into two TF32 values,
+x = hi + lo + δ with |δ| ≤ 2u|x| (token_rows.split_tf32, u = 2⁻²⁴). Two TF32 dots, hiᵀÃ and
+loᵀÃ, then multiply exactly and sum in fp32, each into its own accumulator (so the small lo
+products are not rounded against the running sum of the large ones), added once at the end;
+the warps are chosen as for a tile of twice the area (the two accumulators' registers).
+Over N rows: |W − exact| ≤ (N + 3)u·Σ|c e ã| to first order — 3u per term (the product and
+the split), γ_{N−1} for the hi sum, 2⁻¹¹ of that for the lo sum, one final addition — the
+bound of an fp32-accumulated sum of fl(c e) ã. C's power-of-two column scale is exact."""
 import torch
 import triton
 import triton.language as tl
 
 from .token_rows import (input_precision, linear_tokens, load_input, load_rows, num_warps,
-                         output_tokens, tile)
+                         output_tokens, column_scale, split_tf32, tile)
 
 
 @triton.jit
@@ -33,6 +45,7 @@ def _weighted_sum_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, 
     r_lo = s.to(tl.int64) * rows_per_split
     r_hi = tl.minimum(r_lo + rows_per_split, M)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)
+    acc_lo = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float32)  # 16-bit inputs: the lo products
     for r0 in range(r_lo, r_hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         e = load_rows(E, rows, os, r_hi, d_out, T, e_s0, e_s1, e_s2, g * d_out)
@@ -43,13 +56,13 @@ def _weighted_sum_linear_kernel(A, a_s0, a_s1, a_s2, a_s3, E, e_s0, e_s1, e_s2, 
         ce = e.to(tl.float32) * c[:, None]
         if a.dtype == tl.float32:
             acc = tl.dot(tl.trans(ce), a, acc, input_precision=PRECISION)
-        else:
-            # c·e as hi + lo in A's 16-bit dtype (2·11 or 2·8 significant bits), two
-            # tensor-core dots: c·e is not rounded to 16 bits before the fp32 accumulation.
-            hi = ce.to(a.dtype)
-            lo = (ce - hi.to(tl.float32)).to(a.dtype)
-            acc = tl.dot(tl.trans(hi), a, acc, input_precision=PRECISION)
-            acc = tl.dot(tl.trans(lo), a, acc, input_precision=PRECISION)
+        else:  # 16-bit: exact TF32 dots of c·e's two TF32 pieces (see the module docstring)
+            hi, lo = split_tf32(ce)
+            a32 = a.to(tl.float32)
+            acc = tl.dot(tl.trans(hi), a32, acc, input_precision="tf32")
+            acc_lo = tl.dot(tl.trans(lo), a32, acc_lo, input_precision="tf32")
+    if A.dtype.element_ty != tl.float32:
+        acc += acc_lo
     acc = acc * tl.load(SCALE + j)  # C's column scale (C was divided by it), in the epilogue
     out_rows = (s * m + j).to(tl.int64) * n_out + g * d_out + os
     mask = (os[:, None] < d_out) & (ks[None, :] < d_in)
@@ -70,9 +83,7 @@ def weighted_sum_tokens(t, E, c, groups, bias):
     if not (M and n_out and n_cols and m):  # no rows or no parameters: a zero sum
         W = torch.zeros((m, n_out, t.cols), device=E.device, dtype=torch.float32)
         return W, (W.new_zeros((m, n_out)) if bias else None)
-    # Scale each column of c by a power of two to |c| ≤ 1 (exact): c ⊙ E cannot overflow fp16.
-    amax = c.abs().amax(0).float()
-    scale = torch.where(amax > 0, torch.exp2(torch.ceil(torch.log2(amax))), 1.0).contiguous()
+    scale = column_scale(c)
     c = (c.float() / scale).contiguous()
     block_o, block_k, block_r = tile(d_out), tile(n_cols), 32
     tiles_per_group = triton.cdiv(d_out, block_o)
@@ -87,7 +98,8 @@ def weighted_sum_tokens(t, E, c, groups, bias):
         *t.args(), E, *E.stride(), c, *c.stride(), scale, out, out_b, M, t.T, t.cols, t.col_step,
         d_out, tiles_per_group, n_out, m, rows_per_split, *t.geometry, **t.conv,
         HAS_BIAS=bias, BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_R=block_r,
-        PRECISION=input_precision(E.dtype), num_warps=num_warps(block_o, block_k))
+        PRECISION=input_precision(E.dtype),
+        num_warps=num_warps(block_o, block_k, 1 if E.dtype == torch.float32 else 2))
     def total(partials):  # the splits' sum, unscaled
         return partials.sum(0) if splits > 1 else partials[0]
 
