@@ -9,6 +9,8 @@ from numerics import U32, assert_within, gamma
 
 import lowrank_kernels as lk
 from lowrank_kernels import _capabilities as caps
+import lowrank_kernels as lk
+from lowrank_kernels import _capabilities as caps
 import lowrank_kernels.cpu.project_linear as cpu_project_linear
 import lowrank_kernels.cpu.random_subspace as cpu_random_subspace
 import lowrank_kernels.cpu.weighted_sum_linear as cpu_weighted_sum_linear

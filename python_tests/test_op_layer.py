@@ -169,8 +169,8 @@ def test_an_optimizer_step_synchronizes_at_most_once(name):
 
 def test_forcing_a_backend_that_cannot_run_says_why():
     A, E = torch.randn(4, 3), torch.randn(4, 2)
-    with pytest.raises(lk.BackendUnavailableError, match="gram_linear has no native backend"):
-        lk.gram_linear(A, E, backend="native")
+    with pytest.raises(lk.BackendUnavailableError, match="gram_linear has no cpu backend"):
+        lk.gram_linear(A, E, backend="cpu")
     with pytest.raises(lk.BackendUnavailableError, match="takes float32, float16"):
         lk.gram_linear(A.double(), E.double(), backend="triton")
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -198,12 +198,12 @@ def test_environment_backend_is_one_mode_for_the_process(tmp_path):
             "A = torch.randn(3, 2)\n"
             "try:\n    lk.gram_linear(A, A, backend=None)\nexcept lk.BackendUnavailableError as e:\n"
             "    print('refused', e)\n")
-    env = {"LOWRANK_BACKEND": "native", "PATH": "/usr/bin:/bin"}
+    env = {"LOWRANK_BACKEND": "cpu", "PATH": "/usr/bin:/bin"}
     import os
     env = {**os.environ, **env}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120)
-    assert "refused" in out.stdout and "no native backend" in out.stdout, out.stderr[-2000:]
+    assert "refused" in out.stdout and "no cpu backend" in out.stdout, out.stderr[-2000:]
 
 
 def test_backend_table_names_a_kernel_per_device():

@@ -8,13 +8,13 @@ tokens, one per group (the weight is block diagonal). With X2/E2 the cross-Gram 
 diagonal=True the per-sample squared gradient norms (with X2/E2 of the same B: ⟨g_i, h_i⟩).
 Output float32 (float64 for float64 inputs on the reference backend). The Triton kernels read
 X by implicit im2col; the route (token pair or per sample) is chosen by
-ops.gram_linear.choose_route.
+ops._common.choose_route (the C++ CPU kernel, csrc/gram_conv2d.cpp: im2col, then the token
+core of gram_linear on the route of its CPU cost model).
 """
 import torch
 
 from .. import _checks
 from .._registry import OpSpec, call, register
-from ..cpu.gram_conv2d import gram_conv2d as cpu_gram_conv2d
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
 from ._common import check_conv2d, check_cross, choose_route, conv_arguments, layer_backends
 
@@ -47,11 +47,6 @@ def _reference(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E
                                  _route(X, E, kernel_size, groups, bias, X2, diagonal))
 
 
-def _cpu(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
-    return cpu_gram_conv2d(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2,
-                           diagonal, "auto")
-
-
 def _triton(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
     from ..triton.gram_conv2d import gram_conv2d as triton_gram_conv2d
 
@@ -67,7 +62,7 @@ SPEC = register(OpSpec(
            "Tensor? E2=None, bool diagonal=False) -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_reference, _triton, _cpu),
+    **layer_backends(_reference, _triton, native_cpu=True),  # CPU: csrc/gram_conv2d.cpp
     finite_inputs=("X", "E", "X2", "E2"),
 ))
 _OP = torch.ops.lowrank_kernels.gram_conv2d.default

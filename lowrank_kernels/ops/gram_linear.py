@@ -11,12 +11,12 @@ diagonal are computed, the rest mirrored.
 
 route: "token_pair" (2·B²·T²·(d_in + d_out) flops: X = (A Aᵀ + b) ⊙ (E Eᵀ) per sample pair),
 "per_sample" (per-sample gradients built in a bounded workspace, then their Gram:
-2·B·T·d_in·d_out + 2·B²·d_in·d_out flops), or "auto": the cheaper by `choose_route`.
+2·B·T·d_in·d_out + 2·B²·d_in·d_out flops), or "auto": the cheaper by `choose_route` (GPU and
+reference; the C++ CPU kernel, csrc/gram_linear.cpp, by its own cost model fitted to a CPU).
 """
 import torch
 
 from .._registry import OpSpec, call, register
-from ..cpu.gram_linear import gram_linear as cpu_gram_linear
 from ..reference.gram_linear import gram_linear as reference_gram_linear
 from ._common import check_cross, check_linear_layer, check_route, choose_route, layer_backends
 
@@ -66,7 +66,7 @@ SPEC = register(OpSpec(
            "bool diagonal=False, str route=\"auto\") -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(_reference, _triton, cpu_gram_linear),
+    **layer_backends(_reference, _triton, native_cpu=True),  # CPU: csrc/gram_linear.cpp
     finite_inputs=("A", "E", "A2", "E2"),
 ))
 _OP = torch.ops.lowrank_kernels.gram_linear.default

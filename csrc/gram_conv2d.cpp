@@ -1,0 +1,97 @@
+// lowrank_kernels::gram_conv2d's CPU kernel, registered on the public schema (declared in
+// lowrank_kernels/ops/gram_conv2d.py): the per-sample-gradient Gram of a Conv2d
+//
+//   K_ij = Σ_groups Σ_{t,s} (ã_it·ã_js)(e_it·e_js),
+//
+// a linear layer over T = H_out·W_out tokens per group: the input tokens by im2col
+// (lowrank/layer_common.h, U (B, C_in·kh·kw, T)), the output tokens E viewed (B, C_out, T), both
+// read through transposed views, then the token core of gram_linear (lowrank/gram_tokens.h) on
+// the route of its cost model (at the bench's 3×3 shapes: per sample, one bmm E_i U_iᵀ per group).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "lowrank/gram_tokens.h"
+#include "lowrank/layer_common.h"
+
+namespace lowrank::gram {
+namespace {
+
+constexpr const char* kOp = "gram_conv2d";
+
+std::string py_list(at::IntArrayRef v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+
+void check_pair(const char* name, at::IntArrayRef v, int64_t minimum) {
+  TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= minimum && v[1] >= minimum, kOp, ": ", name,
+                    " must be an int or a pair of ints ≥ ", minimum, ", got ", py_list(v));
+}
+
+// The checks of ops/_common.py check_conv2d and check_cross (same error types and messages).
+layer::Conv2dGeometry check_args(const at::Tensor& X, const at::Tensor& E, at::IntArrayRef k,
+                                 at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
+                                 int64_t groups, const std::optional<at::Tensor>& X2,
+                                 const std::optional<at::Tensor>& E2, bool diagonal) {
+  check_ndim(kOp, "X", X, 4, 4, "B x C_in x H x W: the layer input");
+  check_ndim(kOp, "E", E, 4, 4, "B x C_out x H_out x W_out: the output gradient");
+  check_float(kOp, "X", X);
+  check_float(kOp, "E", E);
+  check_same_device(kOp, "X", X, "E", E);
+  check_same_dtype(kOp, "X", X, "E", E);
+  check_dim_match(kOp, "X", X.size(0), "E", E.size(0), "batch size B (dim 0)");
+  check_pair("kernel_size", k, 1);
+  check_pair("stride", s, 1);
+  check_pair("padding", p, 0);
+  check_pair("dilation", d, 1);
+  TORCH_CHECK_VALUE(groups >= 1 && X.size(1) % groups == 0 && E.size(1) % groups == 0, kOp,
+                    ": groups must be a positive int dividing C_in (", X.size(1),
+                    ") and C_out (", E.size(1), "), got ", groups);
+  const int64_t h = (X.size(2) + 2 * p[0] - d[0] * (k[0] - 1) - 1) / s[0] + 1;
+  const int64_t w = (X.size(3) + 2 * p[1] - d[1] * (k[1] - 1) - 1) / s[1] + 1;
+  // Python's floor division: a negative numerator gives a size below 1 there too
+  const int64_t hf = X.size(2) + 2 * p[0] - d[0] * (k[0] - 1) - 1 < 0 ? 0 : h;
+  const int64_t wf = X.size(3) + 2 * p[1] - d[1] * (k[1] - 1) - 1 < 0 ? 0 : w;
+  TORCH_CHECK_VALUE(E.size(2) == hf && E.size(3) == wf && hf >= 1 && wf >= 1, kOp,
+                    ": E must be the gradient of the conv output, of spatial size (", hf, ", ",
+                    wf, ") for X ", py_shape(X.sizes().slice(2)), " with kernel_size ",
+                    py_list(k), ", stride ", py_list(s), ", padding ", py_list(p),
+                    ", dilation ", py_list(d), "; got ", py_shape(E.sizes().slice(2)));
+  check_cross(kOp, "X2", "E2", X, E, X2, E2, diagonal);
+  return {k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], hf, wf};
+}
+
+at::Tensor gram_conv2d_cpu(const at::Tensor& X, const at::Tensor& E, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding,
+                           at::IntArrayRef dilation, int64_t groups, bool bias,
+                           const std::optional<at::Tensor>& X2,
+                           const std::optional<at::Tensor>& E2, bool diagonal) {
+  const layer::Conv2dGeometry g =
+      check_args(X, E, kernel_size, stride, padding, dilation, groups, X2, E2, diagonal);
+  const at::ScalarType acc = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t T = g.H_out * g.W_out;
+  // (B, T, C_in·kh·kw) and (B, T, C_out): transposed views of U and of E's (B, C_out, T)
+  auto input_tokens = [&](const at::Tensor& Y) {
+    return layer::im2col(Y.to(acc), g).transpose(1, 2);
+  };
+  auto output_tokens = [&](const at::Tensor& F) {
+    return F.to(acc).reshape({F.size(0), F.size(1), T}).transpose(1, 2);
+  };
+  const bool cross = X2.has_value();
+  const at::Tensor A = input_tokens(X), Et = output_tokens(E);
+  const std::optional<at::Tensor> A2 = cross ? std::optional(input_tokens(*X2)) : std::nullopt;
+  const std::optional<at::Tensor> Et2 = cross ? std::optional(output_tokens(*E2)) : std::nullopt;
+  const Route route = choose_route(X.size(0), cross ? X2->size(0) : X.size(0), T,
+                                   A.size(2) / groups, Et.size(2) / groups, groups, bias, cross,
+                                   diagonal);
+  return gram_tokens(A, Et, bias, A2, Et2, diagonal, route, groups);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) { m.impl("gram_conv2d", &gram_conv2d_cpu); }
+
+}  // namespace lowrank::gram
