@@ -9,16 +9,11 @@ from numerics import U32, assert_within, gamma
 
 import lowrank_kernels as lk
 from lowrank_kernels import _capabilities as caps
-import lowrank_kernels as lk
-from lowrank_kernels import _capabilities as caps
 import lowrank_kernels.cpu.project_linear as cpu_project_linear
-import lowrank_kernels.cpu.random_subspace as cpu_random_subspace
 import lowrank_kernels.cpu.weighted_sum_linear as cpu_weighted_sum_linear
-from lowrank_kernels.cpu.fwht import fwht
 from lowrank_kernels.cpu.project_conv2d import project_conv2d
 from lowrank_kernels.cpu.subspace_project import subspace_expand, subspace_project
 from lowrank_kernels.cpu.weighted_sum_conv2d import weighted_sum_conv2d
-from lowrank_kernels.reference import fwht as ref_fwht
 from lowrank_kernels.reference import gram_conv2d as ref_gram_conv2d
 from lowrank_kernels.reference import gram_linear as ref_gram_linear
 from lowrank_kernels.reference import project_conv2d as ref_project_conv2d
@@ -256,7 +251,7 @@ def test_weighted_sum_and_project_conv2d(dtype):
                        12 + 3 * 12 + 3 + 3 + 4, dtype), dtype, "Uᵀ V conv")
 
 
-# ---- subspace: stored P, random P, fwht -------------------------------------------------
+# ---- subspace: stored P, random P -------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("D,k", [(0, 3), (1, 1), (7, 0), (1009, 7)])
@@ -276,48 +271,45 @@ def test_subspace_project_expand(D, k, dtype):
 
 @pytest.mark.parametrize("rademacher", [False, True], ids=["gaussian", "rademacher"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("D,d", [(0, 4), (5, 0), (1, 1), (37, 9), (1013, 13)])
-def test_random_subspace(D, d, dtype, rademacher, monkeypatch):
-    monkeypatch.setattr(cpu_random_subspace, "_BLOCK_ENTRIES", 100)  # many row blocks
+@pytest.mark.parametrize("D,d", [(0, 4), (5, 0), (1, 1), (37, 9), (1013, 13), (5003, 70)])
+def test_random_subspace(D, d, dtype, rademacher):
+    """The native kernels (csrc/random_subspace.cpp; (5003, 70): several row chunks and column
+    blocks, partial lane batches) against the reference's Ω in float64."""
     seed, s = 11, 0.3
+    dist = "rademacher" if rademacher else "gaussian"
     Om = ref_sketch_omega(torch.arange(D), d, seed, rademacher).double()  # the reference's Ω
     a, base, g = _rand(d, dtype=dtype, seed=0), _rand(D, dtype=dtype, seed=1), \
         _rand(D, dtype=dtype, seed=2)
     a64, base64, g64 = a.double(), base.double(), g.double()
     u = U64 if dtype == torch.float64 else U32
-    w = cpu_random_subspace.random_subspace_expand(a, seed, D, s, rademacher, base)
+    w = lk.random_subspace_expand(a, seed, D, s, dist, base, backend="native")
     assert w.dtype == dtype and w.shape == (D,)
     assert_within(w, s * (Om @ a64) + base64,
                   gamma(d + 3, u) * (s * (Om.abs() @ a64.abs()) + base64.abs()) + 1e-300, "w")
-    w = cpu_random_subspace.random_subspace_expand(a, seed, D, s, rademacher)
+    w = lk.random_subspace_expand(a, seed, D, s, dist, backend="native")
     assert w.dtype == dtype
     assert_within(w, s * (Om @ a64), gamma(d + 3, u) * s * (Om.abs() @ a64.abs()) + 1e-300, "w0")
-    c = cpu_random_subspace.random_subspace_project(g, seed, d, s, rademacher)
+    c = lk.random_subspace_project(g, seed, d, s, dist, backend="native")
     assert c.dtype == dtype and c.shape == (d,)
     assert_within(c, s * (Om.T @ g64), gamma(D + 2, u) * s * (Om.abs().T @ g64.abs()) + 1e-300,
                   "c")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(3, 5, 1), (2, 2), (3, 5, 64), (2, 1024), (0, 8), (1, 4096)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_fwht_is_the_reference_bit_for_bit(shape, dtype):
-    """The same butterflies in the same order: equal to the reference bit for bit, and within
-    the log₂ n-stage bound of the dense Hadamard product."""
-    x = _rand(*shape, dtype=dtype, seed=0)
-    for x_ in (x, _noncontiguous(x)):
-        before = x_.clone()
-        y = fwht(x_)
-        assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
-        assert torch.equal(y, ref_fwht.fwht(x_))
-        assert torch.equal(x_, before), "fwht must not write its input"
-    n = shape[-1]
-    H = torch.ones(1, 1, dtype=torch.float64)
-    while H.shape[0] < n:
-        H = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), H)
-    x64 = x.double()
-    u = {torch.float16: 2.0 ** -11, torch.float32: U32, torch.float64: U64}[dtype]
-    stages_u = U64 if dtype == torch.float64 else U32
-    bound = (gamma(max(n.bit_length() - 1, 1), stages_u) + u) * \
-        x64.abs().sum(-1, keepdim=True).expand(x64.shape)
-    assert_within(y, x64 @ H.T, bound + 1e-300, f"fwht {shape}")
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_random_subspace_generates_the_reference_omega_bit_for_bit(dist):
+    """A one-hot g (α) reads one row (column) of the kernel's Ω out exactly: each equals the
+    reference's Ω bit for bit (a seed with high bits; rows and columns at lane-batch edges)."""
+    seed, D, d = 2 ** 62 + 12345, 3001, 131
+    rows = torch.tensor([0, 1, 15, 16, 17, 1500, 2999, 3000])
+    ref = ref_sketch_omega(rows, d, seed, dist == "rademacher")
+    for r, i in enumerate(rows.tolist()):
+        e = torch.zeros(D)
+        e[i] = 1.0
+        assert torch.equal(lk.random_subspace_project(e, seed, d, 1.0, dist, backend="native"),
+                           ref[r]), f"row {i}"
+    full = ref_sketch_omega(torch.arange(D), d, seed, dist == "rademacher")
+    for j in (0, 1, 3, 4, 63, 64, 130):
+        e = torch.zeros(d)
+        e[j] = 1.0
+        assert torch.equal(lk.random_subspace_expand(e, seed, D, 1.0, dist, backend="native"),
+                           full[:, j]), f"column {j}"

@@ -15,8 +15,6 @@ import torch
 
 from .. import _checks
 from .._registry import Backend, OpSpec, call, register
-from ..cpu.random_subspace import random_subspace_expand as cpu_expand
-from ..cpu.random_subspace import random_subspace_project as cpu_project
 from ..reference.random_subspace import random_subspace_expand as reference_expand
 from ..reference.random_subspace import random_subspace_project as reference_project
 from ._common import check_dist, check_seed
@@ -95,10 +93,9 @@ SPEC_EXPAND = register(OpSpec(
         "reference": Backend(lambda a, s, D, sc, dist, b: reference_expand(
             a, s, D, sc, dist == "rademacher", b), {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_expand, _TRITON, supports=_no_cpu_bf16),
-        "cpu": Backend(lambda a, s, D, sc, dist, b: cpu_expand(a, s, D, sc, dist == "rademacher", b),
-                       {"cpu": _ALL}),
+        "native": Backend(None, {"cpu": _ALL}),  # csrc/random_subspace.cpp: the op itself
     },
-    auto={"cpu": ("cpu",), "cuda": ("triton",)},
+    auto={"cpu": ("native",), "cuda": ("triton",)},
     finite_inputs=("alpha", "base"),
 ))
 _EXPAND = torch.ops.lowrank_kernels.random_subspace_expand.default
@@ -112,10 +109,9 @@ SPEC_PROJECT = register(OpSpec(
         "reference": Backend(lambda g, s, d, sc, dist: reference_project(
             g, s, d, sc, dist == "rademacher"), {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_project, _TRITON, supports=_no_cpu_bf16),
-        "cpu": Backend(lambda g, s, d, sc, dist: cpu_project(g, s, d, sc, dist == "rademacher"),
-                       {"cpu": _ALL}),
+        "native": Backend(None, {"cpu": _ALL}),  # csrc/random_subspace.cpp: the op itself
     },
-    auto={"cpu": ("cpu",), "cuda": ("triton",)},
+    auto={"cpu": ("native",), "cuda": ("triton",)},
     finite_inputs=("g",),
 ))
 _PROJECT = torch.ops.lowrank_kernels.random_subspace_project.default
@@ -163,7 +159,7 @@ def random_subspace_expand(alpha: torch.Tensor, seed: int, D: int, scale: float,
     (see sketch_omega; dist 'gaussian' or 'rademacher'), generated in the kernel, never
     stored. α: d coordinates; base: D vector or None. Returns D in base's dtype (float32
     without base; float64 for float64). backend: None (the device's kernel), or force
-    'reference' / 'triton' (see use_backend)."""
+    'reference' / 'triton' / 'native' (see use_backend)."""
     return call(_EXPAND, backend, alpha, seed, D, scale, dist, base)
 
 
@@ -171,6 +167,6 @@ def random_subspace_project(g: torch.Tensor, seed: int, d: int, scale: float,
                             dist: str = "gaussian", backend: str | None = None) -> torch.Tensor:
     """c = s·Ωᵀ g with Ω (D×d) as in random_subspace_expand. g: D vector. Returns d, float32
     (float64 for float64). backend: None (the device's kernel), or force 'reference' /
-    'triton' (see use_backend)."""
+    'triton' / 'native' (see use_backend)."""
     return call(_PROJECT, backend, g, seed, d, scale, dist)
 

@@ -139,8 +139,10 @@ LK_HD float log_fp32(float x) {
 //             in odd octants), by the Cephes sinf/cosf polynomials in z = β^2 (no range
 //             reduction).
 LK_HD float radius_squared(std::uint32_t a) {
-  const float u = (static_cast<float>(a) + 0.5f) * 0x1p-32f;
-  const float w = (static_cast<float>(~a) + 0.5f) * 0x1p-32f;
+  // u is used for a < 2^31, w for ~a < 2^31: the one used converts exactly as an int32 (one
+  // vector instruction on x86, where uint32 -> float takes several); the other is not used.
+  const float u = (static_cast<float>(static_cast<std::int32_t>(a)) + 0.5f) * 0x1p-32f;
+  const float w = (static_cast<float>(static_cast<std::int32_t>(~a)) + 0.5f) * 0x1p-32f;
   const float y = 1.0f - w;
   const bool lower = a < 0x80000000u, one = y == 1.0f;
   const float log_x = log_fp32(select(lower, u, y));  // one logarithm: the one used
