@@ -1,14 +1,17 @@
 // lowrank_kernels::woodbury_solve, registered on the public schema (declared in
 // lowrank_kernels/ops/woodbury_solve.py): the argument checks and batching shared by both
 // devices, the CPU kernel — X = (K + λ'I)⁻¹ R per batch member (λ' = λ or the first rung of the
-// jitter ladder that factors), in parallel over the members, each running the shared core
+// jitter ladder that factors), in parallel over the members, each by LAPACK (potrf + trsm)
+// from n = 32 and otherwise, or when LAPACK fails it, by the shared core
 // (lowrank/woodbury_core.h) with SerialExec, the same schedule every thread of the CUDA kernel
 // follows — and, in CUDA builds, the CUDA glue: outputs, workspace and the launch of the
 // torch-free fused kernel (cuda/woodbury_solve.cu) on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/BatchLinearAlgebra.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -102,12 +105,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> woodbury_unbatch(
 
 
 // ---- CPU ----------------------------------------------------------------------------------
-// Small members: the core, member by member in parallel (the schedule of the CUDA kernel).
+#if AT_BUILD_WITH_LAPACK() && AT_BUILD_WITH_BLAS()
+// Where LAPACK (potrf + two trsm per member, lapack_member) is faster than the core on a CPU.
+// Measured, 1 thread, fp32 and fp64, b = 1 and 8, r = 1, 4, 16 (time LAPACK / core): 0.41-0.72
+// at n = 32, 48, 64, 96, 128 (0.13-0.15 at b = 8, n = 128, r = 16); below n = 32 the core
+// (tiny members: what the CUDA kernel runs, bit-for-bit, column by column of R).
+constexpr bool kLapack = true;
+bool lapack_first(int64_t n) { return n >= 32; }
+
+// One member by LAPACK: a = the damped lower triangle of K, copied once (row-major lower =
+// column-major upper, so potrf with uplo 'U' gives A = UᵀU); x = R copied, then, seen
+// column-major as Xᵀ (r × n), solved in place from the right: Xᵀ U⁻¹, then · U⁻ᵀ, so that
+// Xᵀ = Rᵀ A⁻¹; X = x. a (n²) and x (n r) are the thread's 64-byte aligned buffers, so that a
+// member's rounding does not depend on where it lies in the batch (MKL's may depend on
+// alignment). False (X unspecified) when potrf fails or X is not finite.
+template <typename T>
+bool lapack_member(const core::WbMember<T>& m, T* a, T* x) {
+  const index_t n = m.n, r = m.r;
+  const int ni = static_cast<int>(n), ri = static_cast<int>(r);
+  for (index_t i = 0; i < n; ++i) {
+    const T* row = m.K + i * m.ks0;
+    for (index_t k = 0; k <= i; ++k) a[i * n + k] = row[k * m.ks1];
+    a[i * n + i] += m.damping;
+  }
+  int status = 0;
+  at::native::lapackCholesky<T>('U', ni, a, ni, &status);
+  if (status != 0) return false;
+  for (index_t i = 0; i < n; ++i)
+    for (index_t j = 0; j < r; ++j) x[i * r + j] = m.R[i * m.rs0 + j * m.rs1];
+  at::native::blasTriangularSolve<T>('R', 'U', 'N', 'N', ri, ni, a, ni, x, ri);
+  at::native::blasTriangularSolve<T>('R', 'U', 'T', 'N', ri, ni, a, ni, x, ri);
+  bool finite = true;
+  for (index_t e = 0; e < n * r; ++e) finite &= core::wb_finite(x[e]);
+  if (finite) std::copy(x, x + n * r, m.X);
+  return finite;
+}
+#else
+constexpr bool kLapack = false;
+bool lapack_first(int64_t) { return false; }
+template <typename T>
+bool lapack_member(const core::WbMember<T>&, T*, T*) { return false; }
+#endif
+
+// Member by member, in parallel over the members: LAPACK first where it is faster
+// (lapack_first); a member it does not solve with a finite X (not positive definite, NaN/Inf,
+// a bad damping, overflow) — and every member where the core is faster — by the core, which
+// climbs the jitter ladder and sets the info codes (the schedule of the CUDA kernel).
 template <typename T>
 void woodbury_solve_cpu_impl(const at::Tensor& K, const at::Tensor& damping, const at::Tensor& R,
                              double jitter, int max_tries, at::Tensor& X, at::Tensor& info,
                              at::Tensor& used) {
   const index_t b = K.size(0), n = K.size(1), r = R.size(2);
+  const bool lapack = kLapack && lapack_first(n);
   const T* k = K.const_data_ptr<T>();
   const T* rhs = R.const_data_ptr<T>();
   const T* lam = damping.const_data_ptr<T>();
@@ -115,59 +164,31 @@ void woodbury_solve_cpu_impl(const at::Tensor& K, const at::Tensor& damping, con
   int* inf = info.data_ptr<int>();
   T* du = used.data_ptr<T>();
   at::parallel_for(0, b, 1, [&](index_t begin, index_t end) {
-    std::vector<T> tiles(core::wb_storage_elems(n)), ldiag(core::kWbTile), linv(core::kWbTile);
+    const at::Tensor a_buf = at::empty({lapack ? n * n : 0}, K.options());
+    const at::Tensor x_buf = at::empty({lapack ? n * r : 0}, K.options());
+    T* a = a_buf.data_ptr<T>();
+    T* xb = x_buf.data_ptr<T>();
+    std::vector<T> tiles, ldiag, linv;
     core::SerialExec ex;
     for (index_t i = begin; i < end; ++i) {
+      const T d = lam[i * damping.stride(0)];
       const core::WbMember<T> m{k + i * K.stride(0), K.stride(1), K.stride(2),
                                 rhs + i * R.stride(0), R.stride(1), R.stride(2),
-                                x + i * n * r, n, r, lam[i * damping.stride(0)], jitter,
-                                max_tries};
+                                x + i * n * r, n, r, d, jitter, max_tries};
+      if (lapack && d >= T(0) && core::wb_finite(d) && lapack_member(m, a, xb)) {
+        inf[i] = 0;
+        du[i] = d;
+        continue;
+      }
+      if (tiles.empty()) {
+        tiles.resize(core::wb_storage_elems(n));
+        ldiag.resize(core::kWbTile);
+        linv.resize(core::kWbTile);
+      }
       core::woodbury_solve_member(ex, m, core::WbScratch<T>{tiles.data(), ldiag.data(),
-                                                            linv.data()},
-                                  inf + i, du + i);
+                                                            linv.data()}, inf + i, du + i);
     }
   });
-}
-
-// Where LAPACK's blocked Cholesky (torch.linalg.cholesky_ex + cholesky_solve) is faster than
-// the per-member core on a CPU (measured: n ≥ 192, or n ≥ 96 with r ≥ 8).
-bool lapack_first(int64_t n, int64_t r) { return n >= 192 || (n >= 96 && r >= 8); }
-
-// The first rung of every member by LAPACK; the members it does not solve with a finite X
-// (not positive definite, NaN/Inf, a bad damping, overflow) are redone by the core, which
-// climbs the jitter ladder and sets their info codes.
-template <typename T>
-void woodbury_solve_lapack(const at::Tensor& K, const at::Tensor& damping, const at::Tensor& R,
-                           double jitter, int max_tries, at::Tensor& X, at::Tensor& info,
-                           at::Tensor& used) {
-  at::Tensor M = K.clone();  // potrf (uplo 'L') reads only the lower triangle
-  M.diagonal(0, -2, -1).add_(damping.unsqueeze(-1));
-  auto [L, status] = at::linalg_cholesky_ex(M, /*upper=*/false, /*check_errors=*/false);
-  X.copy_(at::cholesky_solve(R, L, /*upper=*/false));
-  const at::Tensor redo = (status != 0) | at::isfinite(X).flatten(1).all(1).logical_not() |
-                          (damping >= 0).logical_and(at::isfinite(damping)).logical_not();
-  info.zero_();
-  used.copy_(damping);
-  const at::Tensor members = redo.nonzero().flatten();
-  if (members.numel() == 0) return;
-  const index_t n = K.size(1), r = R.size(2);
-  const int64_t* ids = members.const_data_ptr<int64_t>();
-  const T* k = K.const_data_ptr<T>();
-  const T* rhs = R.const_data_ptr<T>();
-  const T* lam = damping.const_data_ptr<T>();
-  T* x = X.data_ptr<T>();
-  int* inf = info.data_ptr<int>();
-  T* du = used.data_ptr<T>();
-  std::vector<T> tiles(core::wb_storage_elems(n)), ldiag(core::kWbTile), linv(core::kWbTile);
-  core::SerialExec ex;
-  for (int64_t q = 0; q < members.numel(); ++q) {
-    const index_t i = ids[q];
-    const core::WbMember<T> m{k + i * K.stride(0), K.stride(1), K.stride(2),
-                              rhs + i * R.stride(0), R.stride(1), R.stride(2), x + i * n * r,
-                              n, r, lam[i * damping.stride(0)], jitter, max_tries};
-    core::woodbury_solve_member(ex, m, core::WbScratch<T>{tiles.data(), ldiag.data(),
-                                                          linv.data()}, inf + i, du + i);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> woodbury_solve_cpu(const at::Tensor& K_in,
@@ -181,14 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> woodbury_solve_cpu(const at::Tens
   at::Tensor info = at::empty({K.size(0)}, K.options().dtype(at::kInt));
   at::Tensor used = at::empty({K.size(0)}, K.options());
   const bool fp64 = K.scalar_type() == at::kDouble;
-  if (K.size(0) > 0 && lapack_first(K.size(1), R.size(2))) {
-    const at::Tensor lam = a.damping.contiguous();
-    if (fp64) {
-      woodbury_solve_lapack<double>(K, lam, R, a.jitter, a.max_tries, X, info, used);
-    } else {
-      woodbury_solve_lapack<float>(K, lam, R, a.jitter, a.max_tries, X, info, used);
-    }
-  } else if (fp64) {
+  if (fp64) {
     woodbury_solve_cpu_impl<double>(K, a.damping, R, a.jitter, a.max_tries, X, info, used);
   } else {
     woodbury_solve_cpu_impl<float>(K, a.damping, R, a.jitter, a.max_tries, X, info, used);

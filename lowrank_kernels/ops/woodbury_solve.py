@@ -108,7 +108,8 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float |
        'native': on GPU one fused kernel per call, a thread block per member (damping, blocked
        Cholesky, both triangular solves and the ladder; the factor in shared memory up to
        n = 320 in float32 / 224 in float64 on sm_90, beyond that in a b·n²/2-element workspace);
-       on CPU the same per-member schedule in C++, in parallel over members.
+       on CPU in C++, in parallel over members: LAPACK (potrf + two trsm) per member from n = 32
+       (faster there), the same per-member schedule below that and for the jitter ladder.
 
     Returns WoodburySolveResult(X, info, damping_used), a named tuple:
       X: R's shape and dtype. Never NaN: it is zero for every member whose info ≠ 0.
