@@ -4,10 +4,12 @@ Each of the R ranks holds b_r samples of the global batch (B = Σ_r b_r, samples
 order). What the optimizers communicate, on top of DDP's own gradient all-reduce:
 
     gather_factors    the captured layer factors (A, E, X, idx, G: what Factors.state_dict
-                      holds) of every rank, padded to max b_r and all-gathered, one collective
-                      per dtype (+ one small all_gather of the sizes): every rank then holds
-                      the global batch's Factors and runs the single-process math on them
-    all_reduce_sum    a flat buffer (U_r c_r of FNGD's reuse phase, KFAC's factor sums)
+                      holds) of every rank — or, for SENG's sketched layers, their sketches —
+                      padded to max b_r and all-gathered, one collective per dtype (+ one
+                      small all_gather of the sizes and shapes, `meta_bytes`): every rank then
+                      holds the global batch's Factors and runs the single-process math on them
+    all_reduce_sum    a flat buffer (U_r c_r of FNGD's reuse phase and of SENG's sketched
+                      layers, KFAC's factor sums)
     broadcast         KFAC's inverses, each computed by one rank
 
 Bytes are counted per rank in the wrappers: an all-reduce or broadcast counts its buffer, an
@@ -17,7 +19,10 @@ comm hook this module registers on a DistributedDataParallel model (`ddp_bytes`)
 DDP averages p.grad over the ranks, (1/R) Σ_r s·Σ_{i∈r} ∇ℓ_i: with equal b_r that is the
 global batch's gradient under the same loss_reduction, so ḡ = p.grad / (s·b) with the *local*
 b (the optimizers use it). Without a DDP wrapper the optimizer averages p.grad itself (the
-same all-reduce DDP would do).
+same all-reduce DDP would do). With unequal b_r that average is not the global batch's mean
+gradient: FNGD's reuse steps and SENG's sketch exchange stay exact (each rank sends its share
+(b_r/B)·ḡ_r, and its rows of c come from the sizes recorded by the last gather, `rows`); the
+parts that read ḡ from p.grad (a fallback, SENG between refreshes, KFAC) need equal b_r.
 """
 import torch
 import torch.distributed as dist
@@ -136,6 +141,22 @@ class DataParallel:
                              for k, v in d.items()} for d in state]
             out[p] = Factors.from_state_dict(global_state, backend=backend)
         return out, sum(sizes), sizes
+
+
+    def rows(self, b, sizes, what):
+        """(B, slice of this rank's rows in the global batch) from the ranks' local batch
+        sizes `sizes` (recorded by an earlier gather_factors; None: all equal to b), without
+        communicating. `what` names the step in the error raised where this rank holds b
+        samples but sizes says otherwise."""
+        sizes = [b] * self.world if sizes is None else list(sizes)
+        if sizes[self.rank] != b:
+            raise ValueError(
+                f"{what} has {b} samples on rank {self.rank}, but the ranks' local batch sizes "
+                f"recorded for it are {sizes} (ranks 0..{self.world - 1}): the ranks' batch "
+                "sizes at a step position must repeat from epoch to epoch (a sampler's do), "
+                "so that each rank knows its rows of the global batch without communicating")
+        start = sum(sizes[:self.rank])
+        return sum(sizes), slice(start, start + b)
 
 
 def _split(flat, like):
