@@ -1,7 +1,8 @@
 """Data-parallel step cost on gloo (CPU): bytes communicated per rank and step time for FNGD
 (first epoch: factors gathered + solve; reuse: U c all-reduced in place of DDP's all-reduce;
 reuse_via_backward: carried by DDP's own all-reduce), SENG (refresh: factors gathered;
-between refreshes: DDP only), KFAC (factor sums all-reduced every step; inverses spread over
+between refreshes: DDP only; update_freq=1 with sketched layers: their sketches gathered, the
+directions all-reduced in place of DDP's all-reduce), KFAC (factor sums all-reduced every step; inverses spread over
 the ranks and broadcast every `inverse_every` steps) and DDP + SGD, on the same MLP
 (64-256-256-10, float32, global batch 128 split over R ranks), R = 2 and 4.
 
@@ -55,6 +56,9 @@ def _configs():
                                          sketch_threshold=10_000, sketch_size=32),
                           2 * spe, {"refresh": lambda s: s % 3 == 0,
                                     "between": lambda s: s % 3 != 0}),
+        "SENG sketched, update_freq=1": (
+            lambda m: SENG(m, lr=0.05, damping=0.5, sketch_threshold=10_000, sketch_size=32),
+            spe, {"refresh": lambda s: True}),
         "KFAC": (lambda m: KFAC(m, lr=0.05, damping=1.0, inverse_every=4),
                  2 * spe, {"inverse step": lambda s: s % 4 == 0,
                            "other": lambda s: s % 4 != 0}),
