@@ -2,9 +2,9 @@
 (first epoch: factors gathered + solve; reuse: U c all-reduced in place of DDP's all-reduce;
 reuse_via_backward: carried by DDP's own all-reduce), SENG (refresh: factors gathered;
 between refreshes: DDP only; update_freq=1 with sketched layers: their sketches gathered, the
-directions all-reduced in place of DDP's all-reduce), KFAC (factor sums all-reduced every step; inverses spread over
-the ranks and broadcast every `inverse_every` steps) and DDP + SGD, on the same MLP
-(64-256-256-10, float32, global batch 128 split over R ranks), R = 2 and 4.
+directions all-reduced in place of DDP's all-reduce), KFAC (factor sums all-reduced every
+step; inverses spread over the ranks and broadcast every `inverse_every` steps) and DDP + SGD,
+on the same MLP (64-256-256-10, float32, global batch 128 split over R ranks), R = 2 and 4.
 
     python bench/distributed_gloo.py            # writes bench/results/cpu-2core/distributed.{md,json}
 
