@@ -33,6 +33,44 @@ def test_matches_dense_hadamard(device, backend, n, dtype):
     assert_within(y.cpu(), x64 @ hadamard(n).T, _bound(x64, n, out_u), f"{backend} n={n}")
 
 
+U64 = 2.0 ** -53
+
+
+def _noncontiguous(X):
+    """X's values in a tensor whose last dim has stride 2."""
+    wide = torch.zeros(*X.shape[:-1], 2 * X.shape[-1], dtype=X.dtype)
+    wide[..., ::2] = X
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64],
+                         ids=["fp32", "fp16", "fp64"])
+@pytest.mark.parametrize("shape", [(3, 5, 1), (2, 2), (3, 5, 64), (2, 1024), (0, 8), (1, 4096),
+                                   (3, 32), (2, 2048), (2, 16384)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cpu_kernel_is_the_reference_bit_for_bit(shape, dtype):
+    """The C++ CPU kernel (radix-4 passes, a radix-2 one for odd log₂ n): the reference's
+    butterflies in the same order, so equal to it bit for bit, never writing its input, and
+    (n ≤ 4096) within the log₂ n-stage bound of the dense Hadamard product."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64).to(dtype)
+    for x_ in (x, _noncontiguous(x)):
+        before = x_.clone()
+        y = lk.fwht(x_, backend="native")
+        assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+        assert torch.equal(y, lk.fwht(x_, backend="reference"))
+        assert torch.equal(x_, before), "fwht must not write its input"
+    n = shape[-1]
+    if n > 4096:
+        return  # the dense H_n (n² doubles) is too large; the reference's bits are checked
+    x64 = x.double()
+    out_u = {torch.float16: 2.0 ** -11, torch.float32: U32, torch.float64: U64}[dtype]
+    m = max(n.bit_length() - 1, 1)
+    bound = (gamma(m, U64 if dtype == torch.float64 else U32) + out_u) * \
+        x64.abs().sum(-1, keepdim=True).expand(x64.shape)
+    assert_within(y, x64 @ hadamard(n).T, bound + 1e-300, f"fwht {shape}")
+
+
 def test_triton_long_transform_factors(monkeypatch):
     """n beyond one fiber: H_{ab} = (H_a ⊗ I_b)(I_a ⊗ H_b), strided second pass."""
     from lowrank_kernels.triton import fwht as triton_fwht

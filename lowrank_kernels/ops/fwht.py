@@ -10,7 +10,6 @@ import torch
 
 from .. import _checks
 from .._registry import Backend, OpSpec, call, register
-from ..cpu.fwht import fwht as cpu_fwht
 from ..reference.fwht import fwht as reference_fwht
 
 OP = "fwht"
@@ -49,9 +48,9 @@ SPEC = register(OpSpec(
         # bf16 stores are wrong under the interpreter: bf16 Triton is GPU-only.
         "triton": Backend(_triton, {"cpu": (torch.float32, torch.float16),
                                     "cuda": (torch.float32, torch.float16, torch.bfloat16)}),
-        "cpu": Backend(lambda x: cpu_fwht(x).contiguous(), {"cpu": _ALL}),
+        "native": Backend(None, {"cpu": _ALL}),  # the C++ kernel (csrc/fwht.cpp): the op itself
     },
-    auto={"cpu": ("cpu",), "cuda": ("triton",)},
+    auto={"cpu": ("native",), "cuda": ("triton",)},
     finite_inputs=("x",),
 ))
 
