@@ -125,9 +125,16 @@ def test_noncontiguous_input_matches_contiguous():
 def test_rank_deficient_matrix_takes_the_householder_fallback():
     M, _ = _matrix(67, 45, rank=5)
     for dtype in (torch.float64, torch.float32):
-        Q, stats = lk.range_finder(M.to(dtype), 8, power_iters=1, return_stats=True)
+        Q, stats = lk.range_finder(M.to(dtype), 8, power_iters=1, ortho="cholqr2",
+                                   return_stats=True)
         assert stats.fallbacks >= 1
         assert all(i.method == "householder" for i in stats.orthonormalizations if i.fallback)
+        assert _orthonormality(Q) <= 10 * UNIT[dtype] * Q.shape[1]
+        assert _error(M, Q) <= 50 * UNIT[dtype] * math.sqrt(67 * 45)
+        # The default on a CPU ('auto'): Householder QR throughout, no fallback needed.
+        Q, stats = lk.range_finder(M.to(dtype), 8, power_iters=1, return_stats=True)
+        assert all(i.method == "householder" and not i.fallback
+                   for i in stats.orthonormalizations)
         assert _orthonormality(Q) <= 10 * UNIT[dtype] * Q.shape[1]
         assert _error(M, Q) <= 50 * UNIT[dtype] * math.sqrt(67 * 45)
 

@@ -16,14 +16,14 @@ def sketch_matmul(M: torch.Tensor, k: int, seed: int = 0, rademacher: bool = Fal
     dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
     inner = M.shape[0] if transpose else M.shape[1]
     out = M.shape[1] if transpose else M.shape[0]
-    Y = torch.zeros((k, out) if transpose else (out, k), device=M.device, dtype=dtype)
     block = max(1, _BLOCK_ELEMENTS // max(k, 1))
+    Y = None
     for r0 in range(0, inner, block):
         nb = min(block, inner - r0)
         rows = torch.arange(row_offset + r0, row_offset + r0 + nb, device=M.device)
         Om = omega(rows, k, seed, rademacher, 0).to(dtype)  # nb × k
-        if transpose:
-            Y.addmm_(Om.T, M[r0:r0 + nb].to(dtype))
-        else:
-            Y.addmm_(M[:, r0:r0 + nb].to(dtype), Om)
+        A, B = (Om.T, M[r0:r0 + nb].to(dtype)) if transpose else (M[:, r0:r0 + nb].to(dtype), Om)
+        Y = A @ B if Y is None else Y.addmm_(A, B)  # one block: no accumulator
+    if Y is None:  # inner dimension 0
+        Y = torch.zeros((k, out) if transpose else (out, k), device=M.device, dtype=dtype)
     return Y

@@ -105,7 +105,10 @@ def _orthonormalize(Y, method, return_r, return_info, max_loss, op, name):
         raise _nonfinite(op, name)
     if method == "householder" or info.fallback:
         info.method = "householder"
-        Q, R = torch.linalg.qr(Y, mode="reduced")
+        if return_r:
+            Q, R = torch.linalg.qr(Y, mode="reduced")
+        else:  # geqrf + orgqr, without R's copy
+            Q = torch.linalg.householder_product(*torch.geqrf(Y))
     out = (Q,)
     if return_r:
         out += (R,)

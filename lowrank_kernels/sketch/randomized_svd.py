@@ -3,7 +3,8 @@ Martinsson & Tropp 2011, Alg. 5.1 and 5.3)."""
 import torch
 
 from .orthonormalize import _nonfinite, _orthonormalize
-from .range_finder import LinearOperator, _is_int, check_matrix, range_finder
+from .range_finder import (LinearOperator, _is_int, check_matrix, dense_operator,
+                           range_finder, resolve_ortho)
 
 
 def _resolve_rank(op, k, q, oversample, niter, power_iters):
@@ -30,7 +31,7 @@ def _resolve_rank(op, k, q, oversample, niter, power_iters):
 
 def randomized_svd(M, k: int | None = None, *, q: int | None = None, niter: int | None = None,
                    oversample: int = 10, power_iters: int | None = None,
-                   dist: str = "gaussian", seed: int = 0, ortho: str = "cholqr2",
+                   dist: str = "gaussian", seed: int = 0, ortho: str = "auto",
                    backend: str | None = None, return_stats: bool = False):
     """Rank-r truncated SVD M ≈ U diag(S) Vᵀ from a randomized range finder:
 
@@ -47,11 +48,12 @@ def randomized_svd(M, k: int | None = None, *, q: int | None = None, niter: int 
     descending order. Non-finite input raises lowrank_kernels.NonFiniteError naming M (or
     the callback whose result was not finite). Returns (U, S, V) [, SketchStats]."""
     r, p, iters = _resolve_rank("randomized_svd", k, q, oversample, niter, power_iters)
-    m, n, _, _ = check_matrix("randomized_svd", M)
+    m, n, _, device = check_matrix("randomized_svd", M)
+    ortho = resolve_ortho(ortho, device)
     Q, stats = range_finder(M, r, oversample=p, power_iters=iters, dist=dist, seed=seed,
                             ortho=ortho, backend=backend, return_stats=True)
     operator = isinstance(M, LinearOperator)
-    Bt = M.T.matmul(Q) if operator else M.mT @ Q  # n × l
+    Bt = (M if operator else dense_operator(M)).T.matmul(Q)  # n × l
     name = ("M.rmatmul(Q)" if M.rmatmul is not None else "M.matmul(Q)") if operator else "Mᵀ Q"
     Q2, R2, info = _orthonormalize(Bt, ortho, True, True, 0.5, "randomized_svd", name)
     stats.orthonormalizations.append(info)
@@ -64,7 +66,7 @@ def randomized_svd(M, k: int | None = None, *, q: int | None = None, niter: int 
 
 def randomized_eigh(M, k: int, *, oversample: int = 10, power_iters: int | None = None,
                     niter: int | None = None, dist: str = "gaussian", seed: int = 0,
-                    ortho: str = "cholqr2", backend: str | None = None,
+                    ortho: str = "auto", backend: str | None = None,
                     return_stats: bool = False):
     """The k largest eigenpairs of a symmetric positive semi-definite M (n × n) by Rayleigh–
     Ritz on a randomized range:
