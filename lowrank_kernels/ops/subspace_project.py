@@ -14,8 +14,6 @@ import torch
 
 from .. import _checks
 from .._registry import Backend, OpSpec, call, register
-from ..cpu.subspace_project import subspace_expand as cpu_expand
-from ..cpu.subspace_project import subspace_project as cpu_project
 from ..reference.subspace_project import subspace_expand as reference_expand
 from ..reference.subspace_project import subspace_project as reference_project
 
@@ -106,9 +104,9 @@ SPEC_PROJECT = register(OpSpec(
     backends={
         "reference": Backend(reference_project, {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_project, _TRITON, supports=_any_cpu_bf16),
-        "cpu": Backend(cpu_project, {"cpu": _ALL}),
+        "native": Backend(None, {"cpu": _ALL}),  # csrc/subspace_project.cpp: the op itself
     },
-    auto={"cpu": ("cpu",), "cuda": ("triton",)},
+    auto={"cpu": ("native",), "cuda": ("triton",)},
     finite_inputs=("P", "g"),
 ))
 _PROJECT = torch.ops.lowrank_kernels.subspace_project.default
@@ -121,9 +119,9 @@ SPEC_EXPAND = register(OpSpec(
     backends={
         "reference": Backend(reference_expand, {"cpu": _ALL, "cuda": _ALL}),
         "triton": Backend(_triton_expand, _TRITON, supports=_any_cpu_bf16),
-        "cpu": Backend(cpu_expand, {"cpu": _ALL}),
+        "native": Backend(None, {"cpu": _ALL}),  # csrc/subspace_project.cpp: the op itself
     },
-    auto={"cpu": ("cpu",), "cuda": ("triton",)},
+    auto={"cpu": ("native",), "cuda": ("triton",)},
     finite_inputs=("P", "alpha", "base"),
 ))
 _EXPAND = torch.ops.lowrank_kernels.subspace_expand.default
@@ -168,7 +166,7 @@ torch.library.register_autograd("lowrank_kernels::subspace_expand", _backward_ex
 
 def subspace_project(P: torch.Tensor, g: torch.Tensor, backend: str | None = None):
     """c = Pᵀ g. P: D×k basis, g: D vector. Returns k, float32 (float64 for float64 inputs).
-    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend)."""
+    backend: None (the device's kernel), or force 'reference' / 'triton' / 'native' (see use_backend)."""
     return call(_PROJECT, backend, P, g)
 
 
@@ -176,5 +174,5 @@ def subspace_expand(P: torch.Tensor, alpha: torch.Tensor, base: torch.Tensor | N
                     backend: str | None = None):
     """w = base + P α. P: D×k basis, α: k coordinates, base: D vector or None. Returns D in
     base's dtype (P's without base), accumulated in float32 (float64 for float64 inputs).
-    backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend)."""
+    backend: None (the device's kernel), or force 'reference' / 'triton' / 'native' (see use_backend)."""
     return call(_EXPAND, backend, P, alpha, base)

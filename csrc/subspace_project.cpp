@@ -1,0 +1,298 @@
+// lowrank_kernels::subspace_project / ::subspace_expand, CPU kernels registered on the public
+// schemas (declared in lowrank_kernels/ops/subspace_project.py), with the ops' argument checks:
+//
+//   subspace_project  c = Pᵀ g          (k; float32, float64 for float64 inputs)
+//   subspace_expand   w = base + P α    (D; base's dtype, P's without base)
+//
+// A float32 P with unit column stride and k <= 64 (TWA's and a dense random subspace's bases):
+// one pass over P's rows in AVX2/FMA registers (project: c += g_i P_i over row chunks of a
+// fixed size, the chunk sums added in order, so the bits do not depend on the thread count;
+// expand: 8 row dots at a time, reduced by a transpose), rows in parallel. Otherwise BLAS
+// (at::mv / at::addmv) on P in the accumulation dtype, a low-precision P converted a block of
+// rows at a time (read once at its own width, never copied whole).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "lowrank/hd.h"
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LK_SUBSPACE_AVX2 1
+#define LK_TARGET_AVX2_FMA __attribute__((target("avx2,fma")))
+#else
+#define LK_SUBSPACE_AVX2 0
+#endif
+
+namespace lowrank {
+namespace {
+
+constexpr index_t kChunkRows = 1 << 14;      // project: rows per partial sum
+constexpr index_t kConvertEntries = 1 << 18;  // low-precision P: entries converted at a time
+constexpr int64_t kMaxRegisterK = 64;         // 8 AVX vectors per row
+
+#if LK_SUBSPACE_AVX2
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// Lanes 0 .. k - 8 v - 1 of the last vector of a row (all of them when k is a multiple of 8).
+LK_TARGET_AVX2_FMA inline __m256i tail_mask(int64_t k) {
+  const int rem = static_cast<int>(k % 8 == 0 ? 8 : k % 8);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// P's row i, vector v (KV vectors, the last masked).
+template <int KV>
+LK_TARGET_AVX2_FMA inline __m256 row_vector(const float* row, int v, __m256i mask) {
+  return v == KV - 1 ? _mm256_maskload_ps(row + 8 * v, mask) : _mm256_loadu_ps(row + 8 * v);
+}
+
+// c[0:k] = Σ_{r0 <= i < r1} g_i P_i (P_i: the row at P + i ld), 4 rows interleaved (KV <= 2),
+// 2 (KV <= 4) or 1.
+template <int KV>
+LK_TARGET_AVX2_FMA void project_rows(const float* P, index_t ld, const float* g, index_t r0,
+                                     index_t r1, int64_t k, float* c) {
+  constexpr int R = KV <= 2 ? 4 : (KV <= 4 ? 2 : 1);
+  const __m256i mask = tail_mask(k);
+  __m256 acc[R][KV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < KV; ++v) acc[r][v] = _mm256_setzero_ps();
+  index_t i = r0;
+  for (; i + R <= r1; i += R)
+    for (int r = 0; r < R; ++r) {
+      const __m256 gi = _mm256_broadcast_ss(g + i + r);
+      const float* row = P + (i + r) * ld;
+      for (int v = 0; v < KV; ++v)
+        acc[r][v] = _mm256_fmadd_ps(gi, row_vector<KV>(row, v, mask), acc[r][v]);
+    }
+  for (; i < r1; ++i) {
+    const __m256 gi = _mm256_broadcast_ss(g + i);
+    for (int v = 0; v < KV; ++v)
+      acc[0][v] = _mm256_fmadd_ps(gi, row_vector<KV>(P + i * ld, v, mask), acc[0][v]);
+  }
+  for (int v = 0; v < KV; ++v) {
+    __m256 s = acc[0][v];
+    for (int r = 1; r < R; ++r) s = _mm256_add_ps(s, acc[r][v]);
+    if (v == KV - 1)
+      _mm256_maskstore_ps(c + 8 * v, mask, s);
+    else
+      _mm256_storeu_ps(c + 8 * v, s);
+  }
+}
+
+// w_i = (base_i +) P_i · a for rows [r0, r1): 8 rows' dot vectors, summed across lanes by a
+// transpose (hadd) into one vector of 8 results.
+template <int KV>
+LK_TARGET_AVX2_FMA void expand_rows(const float* P, index_t ld, const float* a, const float* base,
+                                    index_t r0, index_t r1, int64_t k, float* w) {
+  const __m256i mask = tail_mask(k);
+  __m256 av[KV];
+  for (int v = 0; v < KV; ++v) av[v] = row_vector<KV>(a, v, mask);
+  index_t i = r0;
+  for (; i + 8 <= r1; i += 8) {
+    __m256 s[8];
+    for (int r = 0; r < 8; ++r) {
+      const float* row = P + (i + r) * ld;
+      __m256 x = _mm256_mul_ps(row_vector<KV>(row, 0, mask), av[0]);
+      for (int v = 1; v < KV; ++v) x = _mm256_fmadd_ps(row_vector<KV>(row, v, mask), av[v], x);
+      s[r] = x;
+    }
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+    // u0 = (rows 0-3: low halves' sums | rows 0-3: high halves' sums), u1 likewise for 4-7.
+    __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                               _mm256_permute2f128_ps(u0, u1, 0x31));
+    if (base) sum = _mm256_add_ps(_mm256_loadu_ps(base + i), sum);
+    _mm256_storeu_ps(w + i, sum);
+  }
+  for (; i < r1; ++i) {
+    const float* row = P + i * ld;
+    float x = 0.0f;
+    for (int64_t j = 0; j < k; ++j) x += row[j] * a[j];
+    w[i] = base ? base[i] + x : x;
+  }
+}
+
+template <template <int> class F, class... Args>
+void by_vectors(int64_t k, Args... args) {
+  switch ((k + 7) / 8) {
+    case 1: F<1>::run(args...); break;
+    case 2: F<2>::run(args...); break;
+    case 3: F<3>::run(args...); break;
+    case 4: F<4>::run(args...); break;
+    case 5: F<5>::run(args...); break;
+    case 6: F<6>::run(args...); break;
+    case 7: F<7>::run(args...); break;
+    default: F<8>::run(args...); break;
+  }
+}
+template <int KV>
+struct ProjectRows {
+  template <class... A>
+  static void run(A... a) { project_rows<KV>(a...); }
+};
+template <int KV>
+struct ExpandRows {
+  template <class... A>
+  static void run(A... a) { expand_rows<KV>(a...); }
+};
+#endif
+
+// The register kernels take P: float32, unit column stride, 1 <= k <= 64, on a CPU with AVX2.
+bool register_path(const at::Tensor& P) {
+#if LK_SUBSPACE_AVX2
+  return P.scalar_type() == at::kFloat && P.size(1) >= 1 && P.size(1) <= kMaxRegisterK &&
+         P.size(0) >= 1 && P.stride(1) == 1 && P.stride(0) >= P.size(1) && cpu_has_avx2_fma();
+#else
+  return false;
+#endif
+}
+
+// Python's _checks messages, in the same words.
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+                   op, ": ", name, " must have a floating dtype (float32, float16, bfloat16, "
+                   "float64), got ", dt);
+}
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t, int64_t dim,
+                  const char* doc) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be a ", dim, "-D tensor (", doc,
+                    "), got shape ", t.sizes());
+  check_float(op, name, t);
+}
+
+void check_basis(const char* op, const at::Tensor& P) {
+  check_tensor(op, "P", P, 2, "D x k: the basis, one column per direction");
+  TORCH_CHECK_VALUE(!P.requires_grad(), op, ": P must not require grad (it is a constant basis)");
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& P, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device() == P.device(), op, ": P and ", name, " must have the same device, "
+                    "got P: ", P.device(), ", ", name, ": ", t.device());
+}
+
+void check_float64_together(const char* op, std::initializer_list<const char*> names,
+                            std::initializer_list<at::Tensor> tensors) {
+  bool any = false, all = true;
+  for (const auto& t : tensors) {
+    any = any || t.scalar_type() == at::kDouble;
+    all = all && t.scalar_type() == at::kDouble;
+  }
+  if (!any || all) return;
+  std::string listing;
+  auto n = names.begin();
+  for (const auto& t : tensors) {
+    if (!listing.empty()) listing += ", ";
+    listing += std::string(*n++) + ": " + std::string(c10::toString(t.scalar_type()));
+  }
+  TORCH_CHECK_TYPE(false, op, ": float64 inputs must all be float64 (", listing, ")");
+}
+
+// Rows [lo, lo + n) of P in the accumulation dtype (a view when it is that dtype already).
+at::Tensor rows_as(const at::Tensor& P, index_t lo, index_t n, at::ScalarType acc) {
+  return P.narrow(0, lo, n).to(acc);
+}
+
+at::Tensor subspace_project_cpu(const at::Tensor& P, const at::Tensor& g) {
+  constexpr const char* op = "subspace_project";
+  check_basis(op, P);
+  check_tensor(op, "g", g, 1, "D: the vector to project");
+  check_same_device(op, "g", P, g);
+  TORCH_CHECK_VALUE(P.size(0) == g.size(0), op, ": P and g must have the same length D (P dim 0), "
+                    "got ", P.size(0), " and ", g.size(0));
+  check_float64_together(op, {"P", "g"}, {P, g});
+  const auto acc = P.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor v = g.to(acc).contiguous();
+  const index_t D = P.size(0), k = P.size(1);
+#if LK_SUBSPACE_AVX2
+  if (register_path(P)) {
+    const index_t chunks = (D + kChunkRows - 1) / kChunkRows;
+    at::Tensor partial = at::empty({chunks, k}, v.options());
+    const float* p = P.const_data_ptr<float>();
+    const float* gp = v.const_data_ptr<float>();
+    float* out = partial.data_ptr<float>();
+    const index_t ld = P.stride(0);
+    at::parallel_for(0, chunks, 1, [&](index_t begin, index_t end) {
+      for (index_t ch = begin; ch < end; ++ch)
+        by_vectors<ProjectRows>(k, p, ld, gp, ch * kChunkRows, std::min(D, (ch + 1) * kChunkRows),
+                                k, out + ch * k);
+    });
+    at::Tensor c = partial[0];
+    for (index_t ch = 1; ch < chunks; ++ch) c.add_(partial[ch]);  // in order
+    return c;
+  }
+#endif
+  if (P.scalar_type() == acc) return at::mv(P.t(), v);
+  at::Tensor c = at::zeros({k}, v.options());
+  const index_t step = std::max<index_t>(1, kConvertEntries / std::max<index_t>(k, 1));
+  for (index_t lo = 0; lo < D; lo += step) {
+    const index_t n = std::min(step, D - lo);
+    c.addmv_(rows_as(P, lo, n, acc).t(), v.narrow(0, lo, n));
+  }
+  return c;
+}
+
+at::Tensor subspace_expand_cpu(const at::Tensor& P, const at::Tensor& alpha,
+                               const std::optional<at::Tensor>& base) {
+  constexpr const char* op = "subspace_expand";
+  check_basis(op, P);
+  check_tensor(op, "alpha", alpha, 1, "k: the coordinates");
+  TORCH_CHECK_VALUE(P.size(1) == alpha.size(0), op, ": P and alpha must have the same k (P dim 1), "
+                    "got ", P.size(1), " and ", alpha.size(0));
+  if (base) {
+    check_tensor(op, "base", *base, 1, "D: the point the subspace passes through");
+    TORCH_CHECK_VALUE(P.size(0) == base->size(0), op, ": P and base must have the same length D "
+                      "(P dim 0), got ", P.size(0), " and ", base->size(0));
+    check_same_device(op, "alpha", P, alpha);
+    check_same_device(op, "base", P, *base);
+    check_float64_together(op, {"P", "alpha", "base"}, {P, alpha, *base});
+  } else {
+    check_same_device(op, "alpha", P, alpha);
+    check_float64_together(op, {"P", "alpha"}, {P, alpha});
+  }
+  const auto acc = P.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto out_dtype = base ? base->scalar_type() : P.scalar_type();
+  const at::Tensor a = alpha.to(acc).contiguous();
+  const index_t D = P.size(0), k = P.size(1);
+#if LK_SUBSPACE_AVX2
+  if (register_path(P)) {
+    const at::Tensor b = base ? base->to(acc).contiguous() : at::Tensor();
+    at::Tensor w = at::empty({D}, a.options());
+    const float* p = P.const_data_ptr<float>();
+    const float* ap = a.const_data_ptr<float>();
+    const float* bp = base ? b.const_data_ptr<float>() : nullptr;
+    float* wp = w.data_ptr<float>();
+    const index_t ld = P.stride(0);
+    at::parallel_for(0, D, std::max<index_t>(8, (1 << 14) / k), [&](index_t r0, index_t r1) {
+      by_vectors<ExpandRows>(k, p, ld, ap, bp, r0, r1, k, wp);
+    });
+    return out_dtype == acc ? w : w.to(out_dtype);
+  }
+#endif
+  if (P.scalar_type() == acc && out_dtype == acc)
+    return base ? at::addmv(base->to(acc), P, a) : at::mv(P, a);
+  at::Tensor w = at::empty({D}, P.options().dtype(out_dtype));
+  const index_t step = std::max<index_t>(1, kConvertEntries / std::max<index_t>(k, 1));
+  for (index_t lo = 0; lo < D; lo += step) {
+    const index_t n = std::min(step, D - lo);
+    const at::Tensor Pb = rows_as(P, lo, n, acc);
+    w.narrow(0, lo, n).copy_(base ? at::addmv(base->narrow(0, lo, n).to(acc), Pb, a)
+                                  : at::mv(Pb, a));
+  }
+  return w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+  m.impl("subspace_project", &subspace_project_cpu);
+  m.impl("subspace_expand", &subspace_expand_cpu);
+}
+
+}  // namespace lowrank
