@@ -3,9 +3,10 @@ B/R samples of the global batch, the model is wrapped in DistributedDataParallel
 given the process group), and every step's update equals the single-process update on the
 global batch — first-epoch and refresh steps (factors gathered), reuse steps (U c all-reduced,
 or carried by DDP's own all-reduce), SENG's refresh and between-refresh steps, KFAC's factor
-all-reduce and spread inverses. A checkpoint saved on rank 0 and loaded on every rank of a new
-process group resumes bit for bit. Rendezvous, teardown and deadlines as in
-test_twa_distributed.py."""
+all-reduce and spread inverses; SENG with update_freq=1 sends its sketched layers' sketches
+(the volume checked); FNGD with unequal local batches (3 and 5 samples). A checkpoint saved on
+rank 0 and loaded on every rank of a new process group resumes bit for bit. Rendezvous,
+teardown and deadlines: gloo.py."""
 import os
 
 import pytest
@@ -122,7 +123,34 @@ def _worker(rank, world, init_file, out_dir, phase):
             _train("fngd_layer", model, opt, 1, 0, rows, False)
             results["local_step"] = _flat(model) - start
             opt.close()
+            results["unequal"] = _unequal(rank, world)
         torch.save(results, os.path.join(out_dir, f"{phase}{rank}.pt"))
+
+
+UNEQUAL = (3, 5)  # the two ranks' local batch sizes (global batch GLOBAL_BATCH)
+
+
+def _sizes_rows(rank, sizes):
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def _unequal(rank, world):
+    """FNGD with local batches of 3 and 5 samples; then sizes that swap at a reuse step."""
+    rows = _sizes_rows(rank, UNEQUAL)
+    results = {}
+    for name in ("fngd_layer", "fngd_model_backward", "fngd_bare_group"):
+        model, _, opt, steps, bare = _build(name, rank, world)
+        results[name] = _train(name, model, opt, steps, 0, rows, bare)[0]
+        opt.close()
+    model, _, opt, _, _ = _build("fngd_layer", rank, world)
+    _train("fngd_layer", model, opt, 2, 0, rows, False)  # epoch 0 at sizes (3, 5)
+    try:  # every rank sees its size change before any collective of the step
+        _train("fngd_layer", model, opt, 3, 2, _sizes_rows(rank, UNEQUAL[::-1]), False)
+    except ValueError as error:
+        results["error"] = str(error)
+    opt.close()
+    return results
 
 
 def _single(name):
@@ -162,15 +190,19 @@ def two(tmp_path_factory):
     return path, _run(path, 2, "train")
 
 
+def _check_updates(thetas, reference, label):
+    """Every step's update within 1e-10 (relative) of the single-process one."""
+    got, reference = _updates(thetas), _updates(reference)
+    assert len(got) == len(reference)
+    for step, (u, v) in enumerate(zip(got, reference)):
+        rel = float((u - v).norm() / v.norm())
+        assert rel <= 1e-10, f"{label} step {step}: relative {rel:.3g}"
+
+
 def _check_equal_to_single(ranks, single):
     for name in CASES:
-        reference = _updates(single[name])
         for r, result in enumerate(ranks):
-            got = _updates(result[name]["thetas"])
-            assert len(got) == len(reference)
-            for step, (u, v) in enumerate(zip(got, reference)):
-                rel = float((u - v).norm() / v.norm())
-                assert rel <= 1e-10, f"{name} rank {r} step {step}: relative {rel:.3g}"
+            _check_updates(result[name]["thetas"], single[name], f"{name} rank {r}")
         for result in ranks[1:]:  # every rank holds the same weights
             for a, b in zip(result[name]["thetas"], ranks[0][name]["thetas"]):
                 assert torch.equal(a, b), name
@@ -224,6 +256,20 @@ def test_seng_sketched_layers_send_sketches_not_factors(two):
         for step, (own, ddp, meta) in enumerate(two[1][0][name]["traffic"]):
             assert ddp == 0, (name, step)
             assert own - meta == 8 * (D + GLOBAL_BATCH * sketched), (name, step, own, meta)
+
+
+def test_unequal_local_batches_match_single_process_and_a_changed_size_is_refused(two, single):
+    """Local batches of 3 and 5: first-epoch, reuse and refresh steps equal the single-process
+    update on the 8 samples (each rank's rows of c from the sizes recorded in the first
+    epoch); a reuse step whose sizes differ from the recorded ones raises, naming them."""
+    ranks = [result["unequal"] for result in two[1]]
+    for name in ("fngd_layer", "fngd_model_backward", "fngd_bare_group"):
+        for r, result in enumerate(ranks):
+            _check_updates(result[name], single[name], f"{name} rank {r} (sizes {UNEQUAL})")
+    for r, result in enumerate(ranks):
+        message = result.get("error", "")
+        assert f"has {UNEQUAL[::-1][r]} samples on rank {r}" in message, message
+        assert str(list(UNEQUAL)) in message, message
 
 
 def test_resume_from_rank0_checkpoint_is_bit_identical(two):

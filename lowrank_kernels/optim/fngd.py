@@ -161,9 +161,9 @@ class FNGD(GuardedOptimizer):
         dp = self.data_parallel
         if dp is not None and dp.mode == "exact":
             # rank r's rows of the global batch's c; DDP's averaging divides by R
-            (c,), (ok,) = self._reused(dp.world * B, position)
-            c = torch.where(ok, c, 1.0 / (dp.world * B))[dp.rank * B:(dp.rank + 1) * B]
-            c = c * dp.world
+            total, rows = self._rank_rows(B, position)
+            (c,), (ok,) = self._reused(total, position)
+            c = torch.where(ok, c, 1.0 / total)[rows] * dp.world
         else:
             (c,), (ok,) = self._reused(B, position)
             c = torch.where(ok, c, 1.0 / B)  # no solved batch: ḡ, as the weighted-sum path
@@ -191,21 +191,24 @@ class FNGD(GuardedOptimizer):
 
     def _exact_directions(self, per_param, b):
         """First epoch / refresh: the global batch's factors gathered, the single-process
-        solve. Reuse: U c = Σ_r U_r c_r with each rank's rows of the global c (the ranks'
-        batches of equal size b, B = R·b: a DistributedSampler's), one all-reduce; a
-        parameter without factors takes the all-reduced mean gradient."""
+        solve; the ranks' batch sizes recorded for this position of the epoch. Reuse:
+        U c = Σ_r U_r c_r with each rank's rows of the global c (`_rank_rows`), one
+        all-reduce; a parameter without factors sends its share (b_r/B)·ḡ_r of the mean
+        gradient."""
+        dp, position = self.data_parallel, self.state["step"] % self.steps_per_epoch
         if self.computing():
-            return super()._exact_directions(per_param, b)
-        dp = self.data_parallel
-        B, rows = dp.world * b, slice(dp.rank * b, (dp.rank + 1) * b)
-        coefficients, oks = self._reused(B, self.state["step"] % self.steps_per_epoch)
+            factors, B, sizes = dp.gather_factors(per_param, self._ordered_params(), b)
+            self.state.setdefault("rank_sizes", {})[position] = sizes
+            return self._directions(factors, B), B
+        B, rows = self._rank_rows(b, position)
+        coefficients, oks = self._reused(B, position)
         ok = torch.stack(oks)
         C = torch.where(ok[:, None], torch.stack(coefficients), 1.0 / B)[:, rows]
         local = natural_gradient.block_weighted_sums(per_param, self.blocks, C)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        parts = [local[p] if p in local else
-                 super(FNGD, self)._mean_grad(p, b) / dp.world for p in params]
-        summed = dp.average(parts)  # (1/R) Σ_r: scaled back by R below
+        parts = [local[p] if p in local else super(FNGD, self)._mean_grad(p, b) * (b / B)
+                 for p in params]
+        summed = dp.sum(parts)
         self._local_grads = True
         true = torch.ones((), dtype=torch.bool, device=params[0].device)
         block = {id(p): l for l, (_, ps) in enumerate(self.blocks) for p in ps}
@@ -213,7 +216,15 @@ class FNGD(GuardedOptimizer):
         if isinstance(failed, torch.Tensor):  # no solved batch: ḡ (c = 1/B), as a fallback
             self.state["fallbacks"] = self.state["fallbacks"] + failed.to(
                 self.state["fallbacks"].device)
-        return {id(p): (d * dp.world, true) for p, d in zip(params, summed)}, B
+        return {id(p): (d, true) for p, d in zip(params, summed)}, B
+
+    def _rank_rows(self, b, position):
+        """(B, this rank's rows of the global batch) in a reuse step, from the ranks' batch
+        sizes at this position of the last solving epoch (exact for unequal local batches
+        whose sizes repeat from epoch to epoch; equal sizes b where none was recorded)."""
+        sizes = self.state.get("rank_sizes", {}).get(position)
+        return self.data_parallel.rows(
+            b, sizes, f"FNGD's reuse step {self.state['step']} (position {position})")
 
     @torch.no_grad()
     def step(self, closure=None):
