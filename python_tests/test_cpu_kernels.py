@@ -9,10 +9,6 @@ from numerics import U32, assert_within, gamma
 
 import lowrank_kernels as lk
 from lowrank_kernels import _capabilities as caps
-import lowrank_kernels.cpu.project_linear as cpu_project_linear
-import lowrank_kernels.cpu.weighted_sum_linear as cpu_weighted_sum_linear
-from lowrank_kernels.cpu.project_conv2d import project_conv2d
-from lowrank_kernels.cpu.weighted_sum_conv2d import weighted_sum_conv2d
 from lowrank_kernels.reference import gram_conv2d as ref_gram_conv2d
 from lowrank_kernels.reference import gram_linear as ref_gram_linear
 from lowrank_kernels.reference import project_conv2d as ref_project_conv2d
@@ -204,20 +200,33 @@ def test_gram_conv2d_im2col_geometries():
             torch.testing.assert_close(K, R, rtol=1e-12, atol=1e-12)
 
 
-# ---- weighted_sum_linear / project_linear (+ conv2d) -----------------------------------
+# ---- weighted_sum_* / project_* (C++: csrc/{weighted_sum,project}_{linear,conv2d}.cpp) ----
 
-# (B, T, d_in, d_out, groups, m); m = 0: a coefficient vector (B,) / one direction.
+# (B, T, d_in, d_out, groups, m); m = 0: a coefficient vector (B,) / one direction. The last
+# shapes take the float32 AVX2 loops' full 32-wide and 16-wide blocks, tails and m % 4 tails.
 LAYER_SHAPES = [(1, 1, 1, 1, 1, 0), (13, 1, 7, 11, 1, 3), (5, 7, 3, 11, 1, 2),
-                (3, 5, 6, 4, 2, 3), (4, 3, 5, 2, 1, 0), (0, 3, 2, 2, 1, 2), (3, 0, 2, 3, 1, 2)]
+                (3, 5, 6, 4, 2, 3), (4, 3, 5, 2, 1, 0), (0, 3, 2, 2, 1, 2), (3, 0, 2, 3, 1, 2),
+                (3, 9, 37, 13, 1, 5), (2, 4, 64, 40, 1, 7), (5, 1, 33, 70, 1, 4)]
 
 
+def _tokens(route):
+    """The C++ token cores with the route and group count forced (test-only ops)."""
+    ops = torch.ops.lowrank_kernels_testing
+
+    def weighted_sum(A, E, c, bias, groups):
+        return ops.weighted_sum_tokens(A, E, c, bias, groups, route)
+
+    def project(A, E, V, V_bias, groups):
+        return ops.project_tokens(A, E, V, V_bias, groups, route)
+    return weighted_sum, project
+
+
+@native
 @pytest.mark.parametrize("route", ["scaled", "per_sample", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", LAYER_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_weighted_sum_and_project_linear(shape, dtype, route, monkeypatch):
-    if route != "auto":
-        monkeypatch.setattr(cpu_weighted_sum_linear, "choose_route", lambda *a: route)
-        monkeypatch.setattr(cpu_project_linear, "choose_route", lambda *a: route)
+def test_weighted_sum_and_project_linear(shape, dtype, route):
+    weighted_sum, project = _tokens(route)
     B, T, d_in, d_out, G, m = shape
     A, E = _rand(B, T, G * d_in, dtype=dtype, seed=0), _rand(B, T, G * d_out, dtype=dtype, seed=1)
     c = _rand(B, *((m,) if m else ()), dtype=dtype, seed=2)
@@ -227,27 +236,49 @@ def test_weighted_sum_and_project_linear(shape, dtype, route, monkeypatch):
     n_dot = max(d_in + d_out + T, T + d_out * d_in) + G + d_out + 3
     for A_, E_ in ((A, E), (_noncontiguous(A), _noncontiguous(E))):
         for bias in (False, True):
-            out = cpu_weighted_sum_linear.weighted_sum_linear(A_, E_, c, bias, G)
+            out = weighted_sum(A_, E_, c, bias, G)
             _check(out, _bound(ref_weighted_sum_linear.weighted_sum_linear, (A, E, c), (bias, G),
                                n_sum, dtype), dtype, f"U c bias={bias}")
             vb = Vb if bias else None
-            out = cpu_project_linear.project_linear(A_, E_, V, vb, G)
+            out = project(A_, E_, V, vb, G)
             _check(out, _bound(ref_project_linear.project_linear, (A, E, V, vb), (G,), n_dot,
                                dtype), dtype, f"Uᵀ V bias={bias}")
 
 
+# (B, C_in, C_out, H, W, kernel, stride, padding, dilation, groups, m)
+CONV_LAYER_SHAPES = [(3, 4, 6, 7, 6, (3, 2), (2, 2), (1, 0), (1, 1), 2, 2),
+                     (2, 3, 5, 9, 7, (3, 3), (2, 1), (2, 1), (2, 1), 1, 0),
+                     (4, 3, 16, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, 4),
+                     (2, 2, 3, 5, 5, (5, 5), (1, 1), (0, 0), (1, 1), 1, 3),
+                     (2, 4, 2, 4, 4, (1, 1), (1, 1), (0, 0), (1, 1), 2, 5)]
+
+
+@native
+@pytest.mark.parametrize("route", ["scaled", "per_sample", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_weighted_sum_and_project_conv2d(dtype):
-    X, E = _rand(3, 4, 7, 6, dtype=dtype, seed=0), _rand(3, 6, 4, 3, dtype=dtype, seed=1)
-    c = _rand(3, 2, dtype=dtype, seed=2)
-    V, Vb = _rand(2, 6, 2, 3, 2, dtype=dtype, seed=3), _rand(2, 6, dtype=dtype, seed=4)
-    geometry = ((2, 2), (1, 0), (1, 1), 2)
-    out = weighted_sum_conv2d(X, E, c, (3, 2), *geometry, True)
-    _check(out, _bound(ref_weighted_sum_conv2d.weighted_sum_conv2d, (X, E, c),
-                       ((3, 2), *geometry, True), 3 * 12 + 3 + 12 + 2, dtype), dtype, "U c conv")
-    out = project_conv2d(X, E, V, Vb, *geometry)
-    _check(out, _bound(ref_project_conv2d.project_conv2d, (X, E, V, Vb), geometry,
-                       12 + 3 * 12 + 3 + 3 + 4, dtype), dtype, "Uᵀ V conv")
+@pytest.mark.parametrize("shape", CONV_LAYER_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}k{s[5]}")
+def test_weighted_sum_and_project_conv2d(shape, dtype, route):
+    B, C_in, C_out, H, W, k, st, pad, dil, G, m = shape
+    H_out = (H + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // st[0] + 1
+    W_out = (W + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // st[1] + 1
+    X = _rand(B, C_in, H, W, dtype=dtype, seed=0)
+    E = _rand(B, C_out, H_out, W_out, dtype=dtype, seed=1)
+    c = _rand(B, *((m,) if m else ()), dtype=dtype, seed=2)
+    V = _rand(*((m,) if m else ()), C_out, C_in // G, *k, dtype=dtype, seed=3)
+    Vb = _rand(*((m,) if m else ()), C_out, dtype=dtype, seed=4)
+    geometry = (st, pad, dil, G)
+    T, d_in = H_out * W_out, C_in // G * k[0] * k[1]
+    ops = torch.ops.lowrank_kernels_testing
+    for bias in (False, True):
+        out = ops.weighted_sum_conv2d_route(X, E, c, k, *geometry, bias, route)
+        _check(out, _bound(ref_weighted_sum_conv2d.weighted_sum_conv2d, (X, E, c),
+                           (k, *geometry, bias), B * T + B + T + 2, dtype), dtype,
+               f"U c conv bias={bias}")
+        vb = Vb if bias else None
+        out = ops.project_conv2d_route(X, E, V, vb, *geometry, route)
+        _check(out, _bound(ref_project_conv2d.project_conv2d, (X, E, V, vb), geometry,
+                           max(d_in + C_out + T, T + C_out * d_in) + G + C_out + 3, dtype),
+               dtype, f"Uᵀ V conv bias={bias}")
 
 
 # ---- subspace: stored P, random P -------------------------------------------------------

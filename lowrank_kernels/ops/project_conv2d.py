@@ -9,7 +9,6 @@ import torch
 
 from .. import _checks
 from .._registry import OpSpec, call, register
-from ..cpu.project_conv2d import project_conv2d as cpu_project
 from ..reference.project_conv2d import project_conv2d as reference_project
 from ._common import (check_conv2d, check_directions, conv_arguments, fake_projection,
                       layer_backends, pair)
@@ -42,7 +41,7 @@ SPEC = register(OpSpec(
            "int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(reference_project, _triton, cpu_project),
+    **layer_backends(reference_project, _triton, native_cpu=True),
     finite_inputs=("X", "E", "V", "V_bias"),
 ))
 _OP = torch.ops.lowrank_kernels.project_conv2d.default

@@ -11,7 +11,6 @@ import torch
 
 from .. import _checks
 from .._registry import OpSpec, call, register
-from ..cpu.project_linear import project_linear as cpu_project
 from ..reference.project_linear import project_linear as reference_project
 from ._common import check_directions, check_linear_layer, fake_projection, layer_backends
 
@@ -43,7 +42,7 @@ SPEC = register(OpSpec(
     schema="(Tensor A, Tensor E, Tensor V, Tensor? V_bias=None) -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(reference_project, _triton, cpu_project),
+    **layer_backends(reference_project, _triton, native_cpu=True),
     finite_inputs=("A", "E", "V", "V_bias"),
 ))
 _OP = torch.ops.lowrank_kernels.project_linear.default

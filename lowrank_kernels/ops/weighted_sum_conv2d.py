@@ -7,7 +7,6 @@ rows, as a weight ([m,] C_out, C_in/groups, kh, kw) and, with bias, the bias par
 import torch
 
 from .._registry import OpSpec, call, register
-from ..cpu.weighted_sum_conv2d import weighted_sum_conv2d as cpu_weighted_sum
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
 from ._common import (check_coefficients, check_conv2d, conv_arguments, fake_outputs,
                       layer_backends)
@@ -31,11 +30,6 @@ def _reference(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
                                               groups, bias))
 
 
-def _cpu(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
-    return tuple(cpu_weighted_sum(X, E, c, kernel_size, stride, padding, dilation, groups,
-                                        bias))
-
-
 def _triton(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
     from ..triton.weighted_sum_conv2d import weighted_sum_conv2d as triton_weighted_sum
 
@@ -50,7 +44,7 @@ SPEC = register(OpSpec(
            ") -> (Tensor, Tensor?)",
     check=check,
     fake=fake,
-    **layer_backends(_reference, _triton, _cpu),
+    **layer_backends(_reference, _triton, native_cpu=True),
     finite_inputs=("X", "E", "c"),
 ))
 _OP = torch.ops.lowrank_kernels.weighted_sum_conv2d.default

@@ -12,7 +12,6 @@ import torch
 
 from .. import _checks
 from .._registry import OpSpec, call, register
-from ..cpu.weighted_sum_linear import weighted_sum_linear as cpu_weighted_sum
 from ..reference.weighted_sum_linear import weighted_sum_linear as reference_weighted_sum
 from ._common import (check_coefficients, check_linear_layer, fake_outputs,
                       layer_backends)
@@ -40,10 +39,6 @@ def _reference(A, E, c, bias):
     return tuple(reference_weighted_sum(A, E, c, bias))
 
 
-def _cpu(A, E, c, bias):
-    return tuple(cpu_weighted_sum(A, E, c, bias))
-
-
 def _triton(A, E, c, bias):
     from ..triton.weighted_sum_linear import weighted_sum_linear as triton_weighted_sum
 
@@ -56,7 +51,7 @@ SPEC = register(OpSpec(
            "-> (Tensor, Tensor?)",
     check=check,
     fake=fake,
-    **layer_backends(_reference, _triton, _cpu),
+    **layer_backends(_reference, _triton, native_cpu=True),
     finite_inputs=("A", "E", "c"),
 ))
 _OP = torch.ops.lowrank_kernels.weighted_sum_linear.default
