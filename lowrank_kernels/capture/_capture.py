@@ -15,6 +15,7 @@ from ._fallback import FallbackHandler
 from ._kinds import DenseFactors, sum_gram
 from ._layers import HANDLERS as LAYER_HANDLERS
 from ._norms import HANDLERS as NORM_HANDLERS
+from ._weighted import Weighting
 
 HANDLERS = {**LAYER_HANDLERS, **NORM_HANDLERS}
 SUPPORTED = (", ".join(f"nn.{t.__name__}" for t in HANDLERS) + ", transformers Conv1D, "
@@ -29,6 +30,23 @@ def _disable_dynamo(fn):
         return torch._dynamo.disable(fn, recursive=True)
     except Exception:  # pragma: no cover - torch without dynamo
         return fn
+
+
+class _EagerCall:
+    """A captured module's call (its forward and hooks) as one eager call under torch.compile,
+    set as the module's _call_impl while a capture is active: dynamo breaks the graph at the
+    layer's boundary instead of inside nn.Module._call_impl at each hook, where every break
+    leaves resume frames of _call_impl's hook loops to guard and run (a compiled captured
+    step took ~2x the eager forward and backward; bench/bench_compile.py); the code between
+    captured layers still compiles. It holds the module (not a bound method), so a deepcopy
+    or pickle of the model made meanwhile calls its own module."""
+
+    def __init__(self, module):
+        self.module = module
+
+    @torch._dynamo.disable(recursive=True)
+    def __call__(self, *args, **kwargs):
+        return type(self.module)._call_impl(self.module, *args, **kwargs)
 
 
 def _handler_class(module):
@@ -79,6 +97,9 @@ class Capture:
       cap.factors()                   {param: Factors}: one parameter's U in factored form
                                       (Gram, U c, Uᵀ V, layer tokens, sketch; kept after
                                       release — see lowrank_kernels.capture.Factors)
+      with cap.weighted(weights): forward    the backward of that forward leaves p.grad =
+                                      U c_p (weights(B) -> {id(p): c_p / s}), at the cost of
+                                      a plain backward (see capture._weighted)
       lowrank_kernels.ng_solve(cap, λ)   (F + λI)⁻¹ ḡ (or v) through the Woodbury identity
 
     loss_reduction: how the loss that is backpropagated depends on the per-sample losses ℓ_i:
@@ -147,12 +168,17 @@ class Capture:
                     "); pass fallback=True to get its per-sample gradients with torch.func "
                     "(small modules), or freeze them (requires_grad=False)")
         self._hooks = []
+        self._patched = []  # modules whose _call_impl this capture replaced while active
         self._calls = []
         self._seen = {}  # id(param) -> how many backward passes reached it while capturing
         self._hook_grads = {}  # id(param) -> its gradient this batch (for the first check)
         self._checked = not check
         self._forward_batch = None  # B of the model input of the running forward
         self._low_precision = False  # a captured output was fp16/bf16 (autocast)
+        self._kinds = {}  # id(module) -> its hook's state ({"kind": native/verify/fallback})
+        self._weighting = None  # the Weighting of a running `weighted` block
+        self._weighted_batch = False  # this batch's forward ran (partly) weighted
+        self._skip_record = None  # the module whose call just went through the weighting
         self._active = False
         self._cache = None
         self._factors = None  # (the _contributions() dict it was built from, {param: Factors})
@@ -198,13 +224,19 @@ class Capture:
                                                             always_call=True))
         for _, p in self._param_names.values():
             self._hooks.append(p.register_hook(_disable_dynamo(self._param_hook(id(p)))))
+        for module, _, _ in self._handlers:
+            if "_call_impl" not in module.__dict__:  # not already replaced (another capture)
+                module.__dict__["_call_impl"] = _EagerCall(module)
+                self._patched.append(module)
         self._active = True
         return self
 
     def __exit__(self, *exc):
         for h in self._hooks:
             h.remove()
-        self._hooks = []
+        for module in self._patched:
+            del module.__dict__["_call_impl"]
+        self._hooks, self._patched = [], []
         self._active = False
         if not self.keep:
             self.release()
@@ -216,6 +248,36 @@ class Capture:
         self._seen = {}
         self._hook_grads = {}
         self._cache = None
+        self._weighted_batch = False
+
+    @contextlib.contextmanager
+    def weighted(self, weights):
+        """Inside, a forward (grad enabled, the capture active) runs every captured layer so
+        that its backward gives each parameter p the weighted sum of its per-sample
+        gradients directly: p.grad = Σ_i c_i g_i with weights(B) -> {id(p): w (B,)},
+        w_i = c_i / s (s = loss_scale(B)), while the input gradients stay the plain ones
+        (see lowrank_kernels.capture._weighted). A call it cannot take is recorded as usual
+        (`recorded`): its parameters' .grad then holds s·U_call 1 for that call instead."""
+        if not self._active:
+            raise RuntimeError("capture.weighted: the capture is not active")
+        if self._weighting is not None:
+            raise RuntimeError("capture.weighted: already inside a weighted block")
+        self._weighting = Weighting(self, weights)
+        self._weighted_batch = True
+        try:
+            with self._weighting:
+                yield
+        finally:
+            self._weighting = None
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a call of this batch was recorded (with a gradient)."""
+        return any(g is not None for call in self._calls for g in call.grads)
+
+    def _kind_of(self, module):
+        state = self._kinds.get(id(module))
+        return None if state is None else state["kind"]
 
     @contextlib.contextmanager
     def paused(self):
@@ -246,10 +308,15 @@ class Capture:
     def _direct_hooks(self, name, params):
         modes = []
 
+        def record(handler, q):
+            if self._weighting is not None:
+                self._weighting.scale_direct(handler, q)
+            else:
+                self._record(handler, None, [q])
+
         def pre(module, args):
             if self._active and torch.is_grad_enabled():
-                mode = DirectUses(name, params, lambda: self._forward_batch,
-                                  lambda handler, q: self._record(handler, None, [q]))
+                mode = DirectUses(name, params, lambda: self._forward_batch, record)
                 mode.__enter__()
                 modes.append(mode)
             else:
@@ -264,8 +331,12 @@ class Capture:
 
     def _forward_hook(self, module, handler, kind):
         state = {"kind": kind}
+        self._kinds[id(module)] = state
 
         def hook(module, args, kwargs, output):
+            if self._skip_record is module:  # its call went through the weighting
+                self._skip_record = None
+                return None
             if not self._active or not torch.is_grad_enabled():
                 return None
             if state["kind"] == "verify":
@@ -325,7 +396,7 @@ class Capture:
 
     def _param_hook(self, key):
         def hook(grad):
-            if self._active:
+            if self._active and not self._weighted_batch:
                 self._seen[key] = self._seen.get(key, 0) + 1
                 if not self._checked:  # a copy: DDP averages the .grad it aliases in place
                     self._hook_grads[key] = grad.detach().clone()
