@@ -1,6 +1,7 @@
-"""torch.compile of a model under Capture: the capture's hooks run eagerly (torch.compiler
-disable), so the compiled model compiles once per input shape — no recompile on every step
-from the hooks' bookkeeping — and its Gram equals the eager model's. Models: Linear /
+"""torch.compile of a model under Capture: the captured layers (their forward and the capture's
+hooks) run as eager calls (torch.compiler disable), so the compiled model compiles once per
+input shape — no recompile on every step from the hooks' bookkeeping — the code between the
+captured layers compiles, and its Gram equals the eager model's. Models: Linear /
 LayerNorm, a parameter used directly in a block's forward (followed op by op, eagerly: that
 block runs eager while captured, the rest compiles) and GPT-2 from transformers (Conv1D,
 tied wte/lm_head, a position table broadcast over the batch). Also: FNGD, SENG and KFAC
@@ -31,9 +32,12 @@ class CountingBackend:
 
     def __init__(self):
         self.graphs = 0
+        self.ops = []  # per graph: the names of the functions it calls
 
     def __call__(self, gm, example_inputs):
         self.graphs += 1
+        self.ops.append({getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes
+                         if n.op in ("call_function", "call_method")})
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
 
@@ -152,14 +156,21 @@ def test_compiled_model_under_capture_compiles_once_per_shape(name, backend):
     assert backend.graphs > 0, "nothing was compiled"
 
 
-def test_a_parameter_used_directly_keeps_the_rest_compiled(backend):
-    """The block that owns a directly used parameter runs eagerly while captured (its uses are
-    followed op by op in Python); the embedding and the head still compile, and the
-    uncaptured model compiles whole."""
+def test_captured_layers_run_eagerly_and_the_rest_compiles(backend):
+    """While captured, each captured layer (emb, head) and the block that owns a directly used
+    parameter run as eager calls (capture._capture._EagerCall: the graph breaks at their
+    boundaries, not inside nn.Module._call_impl at every hook); the code between them (tanh,
+    mean) compiles. Uncaptured, the model compiles whole: one graph with the embedding and
+    the linear layer."""
     model, batch, loss = _build("direct_parameter")
     compiled = torch.compile(model, backend=backend)
     _captured_gram(model, compiled, loss, batch(4))
-    assert backend.graphs >= 2, f"{backend.graphs} graph(s): emb and head should compile"
+    captured = set().union(*backend.ops)
+    assert "tanh" in captured and "mean" in captured, captured
+    assert not {"embedding", "linear"} & captured, f"captured layers traced: {captured}"
+    with torch.no_grad():
+        loss(compiled, batch(4))
+    assert any({"embedding", "linear", "tanh"} <= ops for ops in backend.ops), backend.ops
 
 
 OPTIMIZERS = {
