@@ -30,7 +30,9 @@ class SENG(GuardedOptimizer):
     Sketching: a parameter with more than `sketch_threshold` entries gets its Gram from a
     Kronecker sketch of its two factors with `sketch_size` columns per side (see _sketch:
     E[K̃] = K); the weighted sums and projections stay exact. Ω is regenerated from
-    (seed, step, parameter) so a resumed run draws the same sketches.
+    (seed, step, parameter) so a resumed run draws the same sketches. Data parallel (exact):
+    a refresh all-gathers the ranks' factors; with update_freq=1 a sketched layer sends only
+    its sketches and its direction is all-reduced (`_sketched_exchange`, README).
 
     damping: λ, or damping_schedule(step) -> λ (e.g. a decay) evaluated at each refresh.
     Update: θ ← θ − lr·buf, buf ← μ·buf + d + wd·θ. A failed solve or a non-finite direction
