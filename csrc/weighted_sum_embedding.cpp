@@ -4,17 +4,23 @@
 //     (U C)[m, r] = Σ_{i,t: idx_it = r ≠ padding} C_im e_it,
 //
 // each output row written once: the tokens bucketed by table row (a counting sort), then every
-// (direction, row) pair — zero, or the sum of its tokens' scaled rows in token order — in
-// parallel. No zero fill of the table followed by a scatter (one pass over the output instead
-// of two), no scaled copies of E.
+// (direction, row) pair — zero (a run of rows without tokens in one store), or the sum of its
+// tokens' scaled rows in token order, each token row read once for the m directions — by
+// chunks of rows in parallel; an output larger than a cache written around it. No zero fill of the table followed by a scatter (one pass over the
+// output instead of two), no scaled copies of E.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "lowrank/embedding_args.h"
 
@@ -37,31 +43,85 @@ void bucket_by_row(const int64_t* rows, index_t n, int64_t N, int64_t pad,
     if (rows[k] != pad) order[end[rows[k]]++] = k;  // end[r] runs from begin(r) to end(r)
 }
 
+// An output larger than this many bytes is written around the cache (non-temporal stores, as
+// glibc's memset does for large sizes): no read of each line before it is written.
+constexpr index_t kStreamBytes = index_t(1) << 23;
+
+// dst[0:n) = src[0:n), or zeros where src is null; by non-temporal stores where `stream`
+// (the caller fences).
+template <typename S>
+void store(S* dst, const S* src, index_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream) {
+    char* p = reinterpret_cast<char*>(dst);
+    const char* q = reinterpret_cast<const char*>(src);
+    const index_t bytes = n * static_cast<index_t>(sizeof(S));
+    const index_t head = std::min<index_t>(bytes, (16 - reinterpret_cast<std::uintptr_t>(p) % 16) % 16);
+    index_t k = 0;
+    const auto plain = [&](index_t from, index_t to) {
+      if (to > from) q ? std::memcpy(p + from, q + from, to - from) : std::memset(p + from, 0, to - from);
+    };
+    plain(0, head);
+    for (k = head; k + 16 <= bytes; k += 16)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(p + k),
+                       q ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))
+                         : _mm_setzero_si128());
+    plain(k, bytes);
+    return;
+  }
+#endif
+  if (src)
+    std::copy(src, src + n, dst);
+  else
+    std::fill(dst, dst + n, S(0));
+}
+
 template <typename S>
 void weighted_sum_rows(const int64_t* rows, const S* e, const S* C, index_t n_tok, index_t T,
                        index_t d, index_t m, int64_t N, int64_t pad, S* out) {
   std::vector<index_t> end, order;
   bucket_by_row(rows, n_tok, N, pad, end, order);
-  const index_t grain = std::max<index_t>(1, (1 << 14) / std::max<index_t>(d, 1));
-  at::parallel_for(0, m * N, grain, [&](index_t lo, index_t hi) {
-    for (index_t q = lo; q < hi; ++q) {
-      const index_t dir = q / N, r = q % N;
-      S* o = out + q * d;
-      const index_t first = r ? end[r - 1] : 0, last = end[r];
-      if (first == last) {
-        std::fill(o, o + d, S(0));
-        continue;
+  std::vector<index_t> sample(order.size());  // the sample of each bucketed token
+  for (size_t a = 0; a < order.size(); ++a) sample[a] = order[a] / T;
+  const bool stream = m * N * d * static_cast<index_t>(sizeof(S)) > kStreamBytes;
+  // Rows of a task (all m directions): about 16k output entries.
+  const index_t chunk = std::max<index_t>(1, (1 << 14) / std::max<index_t>(m * d, 1));
+  at::parallel_for(0, (N + chunk - 1) / chunk, 1, [&](index_t lo, index_t hi) {
+    std::vector<S> sums(stream ? m * d : 0);  // a row's m sums, streamed out once complete
+    const auto zeros = [&](index_t from, index_t to) {  // rows [from, to) of every direction
+      for (index_t dir = 0; dir < m; ++dir)
+        store<S>(out + (dir * N + from) * d, nullptr, (to - from) * d, stream);
+    };
+    for (index_t task = lo; task < hi; ++task) {
+      const index_t r0 = task * chunk, r1 = std::min<index_t>(N, r0 + chunk);
+      index_t zeros_from = r0;  // rows [zeros_from, r) have no tokens: one store of zeros
+      for (index_t r = r0; r < r1; ++r) {
+        const index_t first = r ? end[r - 1] : 0, last = end[r];
+        if (first == last) continue;
+        zeros(zeros_from, r);
+        zeros_from = r + 1;
+        // sum(dir) = Σ_tokens C[i, dir] e_it: each token's row read once for all directions.
+        const auto sum = [&](index_t dir) {
+          return stream ? sums.data() + dir * d : out + (dir * N + r) * d;
+        };
+        for (index_t dir = 0; dir < m; ++dir) std::fill(sum(dir), sum(dir) + d, S(0));
+        for (index_t a = first; a < last; ++a) {
+          const S* x = e + order[a] * d;
+          const S* w = C + sample[a] * m;
+          for (index_t dir = 0; dir < m; ++dir) {
+            S* o = sum(dir);
+            const S wd = w[dir];
+            for (index_t k = 0; k < d; ++k) o[k] += wd * x[k];
+          }
+        }
+        if (stream)
+          for (index_t dir = 0; dir < m; ++dir) store(out + (dir * N + r) * d, sum(dir), d, true);
       }
-      for (index_t a = first; a < last; ++a) {
-        const index_t tok = order[a];
-        const S w = C[(tok / T) * m + dir];
-        const S* x = e + tok * d;
-        if (a == first)
-          for (index_t k = 0; k < d; ++k) o[k] = w * x[k];
-        else
-          for (index_t k = 0; k < d; ++k) o[k] += w * x[k];
-      }
+      zeros(zeros_from, r1);
     }
+#if defined(__SSE2__)
+    if (stream) _mm_sfence();
+#endif
   });
 }
 

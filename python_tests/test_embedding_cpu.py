@@ -51,8 +51,10 @@ EMBEDDING_SHAPES = [(1, 1, 1, 1, 1, 1, None), (7, 11, 13, 5, 3, 2, 0), (131, 3, 
                     (130, 8, 4, 3, 2, 5, 1),
                     # the token-pair route (all tokens of a batch distinct: no rows shared)
                     (13, 2, 1000, 5, 11, 1, 0),
-                    # a table far larger than the tokens: the used rows ranked by a sort
-                    (3, 5, 200003, 4, 2, 3, 0),
+                    # a table far larger than the tokens: the used rows ranked by a sort; the
+                    # weighted sum (m = 3: > 8 MiB) by non-temporal stores, rows 16-byte aligned
+                    # (d = 4) and not (d = 7)
+                    (3, 5, 200003, 4, 2, 3, 0), (2, 7, 150001, 7, 1, 1, 3),
                     # used rows in blocks ((B + B2)·d·R > 2^22 entries: 2, cross-Gram 4)
                     (40, 64, 2000, 128, 40, 64, None)]
 
