@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bench_optim_step import Block  # the pre-norm transformer block (causal SDPA, GELU MLP)
 from common import DEVICE, FULL, Case, Provider, Setup, baseline, sync
 from torch import nn
 
@@ -34,25 +35,6 @@ from lowrank_kernels.optim import FNGD, SENG
 BACKEND = os.environ.get("LOWRANK_BENCH_COMPILE_BACKEND", "inductor")
 HUGE = 10 ** 9
 WARM_STEPS = 3  # compiles at the first; the others settle the caches
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block (causal attention through SDPA, GELU MLP)."""
-
-    def __init__(self, d, heads):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads).unbind(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2), is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
 class Transformer(nn.Module):
