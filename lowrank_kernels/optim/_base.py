@@ -184,6 +184,33 @@ class GuardedOptimizer(torch.optim.Optimizer):
                 p.addcmul_(d, keep, value=-lr)
         self.state["fallbacks"], self.state["skipped"] = fallbacks, skipped
 
+    def _update_without_fallback(self, directions):
+        """The update of `_update` for a step without ḡ, where every parameter with a .grad
+        has its d in directions ({id(p): d}): a parameter whose d is not usable is skipped
+        (counted in fallbacks and skipped). Per group: one batched norm, one where per
+        parameter and the foreach (momentum-)SGD update, as torch.optim.SGD's."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            ds = [directions[id(p)].to(p.dtype) for p in params]
+            ok = torch.stack([torch.isfinite(n.to(self.state["fallbacks"].device)) for n in
+                              torch._foreach_norm([_accumulated(d) for d in ds])])
+            bad = (~ok).long().sum()
+            self.state["fallbacks"] = self.state["fallbacks"] + bad
+            self.state["skipped"] = self.state["skipped"] + bad
+            if wd != 0:
+                ds = torch._foreach_add(ds, params, alpha=wd)
+            ds = [torch.where(k, d, 0) for k, d in zip(ok.unbind(), ds)]
+            if mu != 0:
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                        for p in params]
+                torch._foreach_mul_(bufs, torch.where(ok, mu, 1.0).unbind())
+                torch._foreach_add_(bufs, ds)
+                ds = torch._foreach_mul(bufs, ok.to(params[0].dtype).unbind())
+            torch._foreach_add_(params, ds, alpha=-lr)
+
     def block_dampings(self, dtype, device):
         """(L,): each block's damping λ (its first parameter's group)."""
         return torch.tensor([self.group_of(params[0])["damping"] for _, params in self.blocks],
@@ -195,3 +222,8 @@ def _usable(t):
     no temporary of t's size."""
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
     return torch.isfinite(torch.linalg.vector_norm(t, dtype=acc))
+
+
+def _accumulated(t):
+    """t in the dtype `_usable` accumulates its norm in (float32, float64 for float64)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

@@ -1,8 +1,10 @@
 """FNGD — Fast Natural Gradient Descent (arXiv 2403.03473)."""
+import warnings
+
 import torch
-from torch import nn
 
 from .. import natural_gradient
+from . import _captured
 from ._base import GuardedOptimizer
 
 
@@ -50,28 +52,29 @@ class FNGD(GuardedOptimizer):
     enter the average. The capture records every forward run with gradients enabled; step()
     consumes the batch and releases it (evaluate under torch.no_grad()).
 
-    reuse_via_backward=True (needs blocks="model"): in a reuse step the direction comes out
-    of the normal backward itself. With loss = s·Σ_i ℓ_i (s = 1/B for "mean", 1 for "sum",
-    the number s otherwise) the gradient reaching row i of the model output y is s·∂ℓ_i/∂y_i;
-    a tensor hook registered on y during the forward multiplies row i by w_i = c_i / s
-    (B·c_i under "mean"), so autograd leaves
+    Reuse steps cost a plain backward: a forward with gradients enabled in such a step runs
+    inside Capture.weighted, so that every captured layer's weight-gradient computation in
+    the normal backward gets its output-gradient rows scaled by w_i = c_i / s (c its block's
+    coefficients, loss = s·Σ_i ℓ_i: s = 1/B for "mean"), while the input-gradient chain
+    stays the plain one. The backward then leaves
 
-        p.grad = Σ_i c_i ∇_p ℓ_i = (U c)_p      for every parameter p
+        p.grad = Σ_i c_i g_i = (U c)_p      for every parameter p of the optimizer
 
-    with no weighted-sum op, and the capture's hooks are paused for that forward (nothing is
-    recorded). Forwards under torch.no_grad() or inside opt.capture.paused() are untouched.
-    Exact when (1) sample i's loss depends on θ only through row i of the output (dim 0 =
-    batch of a tensor output) and (2) samples do not interact in the forward. (2) fails for
-    normalization over the batch: when a module subclassing nn.modules.batchnorm._NormBase
-    (BatchNorm, and conservatively InstanceNorm) is in train mode at the forward, that step
-    takes the weighted-sum path instead (capture on, as without the option) and
-    state["weighted_sum_steps"] counts it. Other batch-mixing operations are not detected:
-    do not use the option with them. Every model parameter's .grad holds U c after backward
-    (also those outside this optimizer). Safety: ḡ is not computed in such a step, so the
-    fallback differs — when no first-epoch solve succeeded (the weighted-sum path's fallback
-    to ḡ) the weights c_i = 1/B give ḡ through the same backward (counted per parameter in
-    state["fallbacks"]); a parameter whose U c is not finite is skipped (weights and momentum
-    unchanged) and counted in state["fallbacks"] and state["skipped"].
+    (parameters outside it keep their plain gradient), exact for every layer kind the
+    capture knows, train-mode BatchNorm / GroupNorm / LayerNorm included (g_i as Capture
+    defines it: sample i's share of the batch gradient), with no weighted-sum op. A layer
+    call the weighting cannot take (the torch.func fallback, a module not yet recognized)
+    is recorded by the capture instead, and its part is corrected in step() with one
+    weighted sum, U_call (c − s·1); this is said once in a warning. Safety: ḡ is not
+    computed in such a step, so when no first-epoch solve succeeded the weights c_i = 1/B
+    give ḡ through the same backward (counted per parameter in state["fallbacks"]), and a
+    parameter whose U c is not finite is skipped (weights and momentum unchanged) and
+    counted in state["fallbacks"] and state["skipped"]. A reuse step whose forward ran
+    outside the weighting (e.g. inside opt.capture.paused()) takes the weighted-sum path,
+    counted in state["weighted_sum_steps"].
+
+    reuse_via_backward: deprecated and ignored (the weighting above is what it approximated
+    with one output hook, without train-mode BatchNorm).
     """
 
     def __init__(self, model_or_params, lr, damping=1e-3, *, steps_per_epoch, momentum=0.0,
@@ -97,9 +100,11 @@ class FNGD(GuardedOptimizer):
         if reuse_via_backward not in (False, True):
             raise ValueError(f"FNGD: reuse_via_backward must be a bool, got "
                              f"{reuse_via_backward!r}")
-        if reuse_via_backward and blocks != "model":
-            raise ValueError("FNGD: reuse_via_backward=True needs blocks='model' (one "
-                             f"coefficient vector for all parameters), got blocks={blocks!r}")
+        if reuse_via_backward:
+            warnings.warn("FNGD: reuse_via_backward is deprecated and ignored: every reuse step "
+                          "takes U c from the backward itself (Capture.weighted), exact for "
+                          "every layer kind, train-mode BatchNorm included", DeprecationWarning,
+                          stacklevel=2)
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay)
         super().__init__(model_or_params, capture, defaults, loss_reduction=loss_reduction,
                          by_layer=blocks == "layer", fallback=fallback,
@@ -107,19 +112,15 @@ class FNGD(GuardedOptimizer):
         self.steps_per_epoch, self.reuse, self.refresh_every = steps_per_epoch, reuse, refresh_every
         self.state["coefficients"] = {}
         self._reused_cache = {}  # (block, B, position) -> (c, ok): derived from the state
-        self.reuse_via_backward = reuse_via_backward
         self.state["weighted_sum_steps"] = 0
-        self._pending = None  # (step, B, ok) of a forward whose output gradient is scaled
-        self._paused = None  # the capture's paused() context during such a forward
-        self._fused_step = False  # inside _update of a step whose direction came from backward
+        self._weighting = None  # the capture's weighted() context during a reuse forward
+        self._pending = None  # the step whose forward ran weighted
+        self._fused = None  # (B, ok) of the weights that forward handed out
         self._local_grads = False  # data parallel reuse step: p.grad was not all-reduced
-        self._model_hooks = []
-        if reuse_via_backward:
-            model = self.capture.model
-            self._norms = [m for m in model.modules()
-                           if isinstance(m, nn.modules.batchnorm._NormBase)]
-            self._model_hooks = [model.register_forward_pre_hook(self._before_forward),
-                                 model.register_forward_hook(self._after_forward)]
+        self._warned = False
+        model = self.capture.model
+        self._model_hooks = [model.register_forward_pre_hook(self._before_forward),
+                             model.register_forward_hook(self._after_forward, always_call=True)]
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
@@ -131,52 +132,47 @@ class FNGD(GuardedOptimizer):
         for h in self._model_hooks:
             h.remove()
         self._model_hooks = []
-        self._resume_capture()
+        self._end_weighting()
         super().close()
 
-    # ---- reuse_via_backward --------------------------------------------------------------
-    def _resume_capture(self):
-        if self._paused is not None:
-            self._paused.__exit__(None, None, None)
-            self._paused = None
+    # ---- reuse steps through the backward --------------------------------------------------
+    def _end_weighting(self):
+        if self._weighting is not None:
+            self._weighting.__exit__(None, None, None)
+            self._weighting = None
 
     def _before_forward(self, module, args):
         """A forward the capture records (grad enabled, capture not paused) in a reuse step
-        runs with the capture paused, unless a batch-norm module is in train mode."""
-        self._resume_capture()  # a forward that raised left it paused
+        runs inside the capture's weighted() block."""
+        self._end_weighting()
         if not (torch.is_grad_enabled() and self.capture.recording) or self.computing():
             return
-        self._pending = None
-        if not any(m.training for m in self._norms):
-            self._paused = self.capture.paused()
-            self._paused.__enter__()
+        self._pending, self._fused = self.state["step"], None
+        self._weighting = self.capture.weighted(self._weights)
+        self._weighting.__enter__()
 
     def _after_forward(self, module, args, output):
-        if self._paused is None:
-            return
-        self._resume_capture()
-        output = _batch_output(output)
-        B = output.shape[0]
+        self._end_weighting()
+
+    def _weights(self, B):
+        """{id(p): w (B,)}: w = c / s with c the reused coefficients of p's block (ḡ's 1/B
+        where no batch was solved). Exact data parallel: rank r's rows of the global batch's
+        c, times R for DDP's averaging."""
         position = self.state["step"] % self.steps_per_epoch
         dp = self.data_parallel
-        if dp is not None and dp.mode == "exact":
-            # rank r's rows of the global batch's c; DDP's averaging divides by R
-            total, rows = self._rank_rows(B, position)
-            (c,), (ok,) = self._reused(total, position)
-            c = torch.where(ok, c, 1.0 / total)[rows] * dp.world
-        else:
-            (c,), (ok,) = self._reused(B, position)
-            c = torch.where(ok, c, 1.0 / B)  # no solved batch: ḡ, as the weighted-sum path
-        w = (c / self.capture.loss_scale(B)).to(device=output.device)
-        self._pending = (self.state["step"], B, ok)
-
-        def scale(grad):
-            return grad * w.to(grad.dtype).reshape(B, *([1] * (grad.dim() - 1)))
-
-        output.register_hook(scale)
+        exact = dp is not None and dp.mode == "exact"
+        total, rows = self._rank_rows(B, position) if exact else (B, None)
+        coefficients, oks = self._reused(total, position)
+        ok = torch.stack(oks)
+        C = torch.where(ok[:, None], torch.stack(coefficients), 1.0 / total)
+        if exact:
+            C = C[:, rows] * dp.world
+        self._fused = (B, ok, C)
+        W = C / self.capture.loss_scale(B)
+        return {id(p): W[l] for l, (_, params) in enumerate(self.blocks) for p in params}
 
     def _mean_grad(self, p, B):
-        return None if self._fused_step or self._local_grads else super()._mean_grad(p, B)
+        return None if self._local_grads else super()._mean_grad(p, B)
 
     # ---- data parallel -------------------------------------------------------------------
     def _skip_grad_allreduce(self):
@@ -185,9 +181,7 @@ class FNGD(GuardedOptimizer):
         dp = self.data_parallel
         if dp is None or dp.mode != "exact" or self.computing():
             return False
-        fused = self.reuse_via_backward and self._pending is not None and \
-            self._pending[0] == self.state["step"]
-        return not fused
+        return self._pending != self.state["step"]
 
     def _exact_directions(self, per_param, b):
         """First epoch / refresh: the global batch's factors gathered, the single-process
@@ -228,8 +222,8 @@ class FNGD(GuardedOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One step from the batch captured by the last forward and backward (with
-        reuse_via_backward, in a reuse step: from the .grad that backward left, U c)."""
+        """One step from the batch captured by the last forward and backward (in a reuse
+        step: from the .grad that backward left, U c)."""
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -238,34 +232,52 @@ class FNGD(GuardedOptimizer):
 
     def _step(self, loss):
         self._local_grads = False
-        pending, self._pending = self._pending, None
-        if not self.reuse_via_backward or self.computing():
+        pending, fused = self._pending, self._fused
+        self._pending = self._fused = None
+        if self.computing():
             super().step()
             return loss
-        if pending is None or pending[0] != self.state["step"]:
+        if pending != self.state["step"]:
             self.state["weighted_sum_steps"] += 1
             super().step()
             return loss
-        _, B, ok = pending
-        dp = self.data_parallel
-        if dp is not None and not dp.ddp:  # what DDP's all-reduce would have done
-            dp.average_grads(p for g in self.param_groups for p in g["params"])
-        directions = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:  # _update checks that U c is finite
-                    directions[id(p)] = (p.grad, torch.ones((), dtype=torch.bool,
-                                                            device=p.device))
-        self.state["fallbacks"] = self.state["fallbacks"] + (~ok).long().to(
-            self.state["fallbacks"].device) * len(directions)
-        self._fused_step = True
         try:
-            self._update(directions, B)
+            dp = self.data_parallel
+            if dp is not None and not dp.ddp:  # what DDP's all-reduce would have done
+                dp.average_grads(p for g in self.param_groups for p in g["params"])
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            directions = dict(zip(map(id, params), self._recorded_corrections(params, fused)))
+            if fused is not None:  # no solved batch: ḡ (c = 1/B) per block, as a fallback
+                block = {id(p): l for l, (_, ps) in enumerate(self.blocks) for p in ps}
+                failed = sum((~fused[1][block[id(p)]]).long() for p in params)
+                self.state["fallbacks"] = self.state["fallbacks"] + failed
+            self._update_without_fallback(directions)
+            self.state["step"] += 1
         finally:
-            self._fused_step = False
-        self.state["step"] += 1
-        self.capture.release()
+            self.capture.release()
         return loss
+
+    def _recorded_corrections(self, params, fused):
+        """[U c for each p]: p.grad, plus U_call (c − s·1) for the calls the capture recorded
+        instead of weighting them (their backward gave the plain s·U_call 1); averaged over
+        the ranks like p.grad."""
+        grads = [p.grad for p in params]
+        if fused is None or not self.capture.recorded:
+            return grads
+        if not self._warned:
+            self._warned = True
+            warnings.warn("FNGD: some layer calls could not be weighted in the backward (the "
+                          "torch.func fallback or a module not yet recognized): their U c "
+                          "comes from a weighted sum after it, as in the first epoch",
+                          stacklevel=3)
+        _, _, C = fused
+        per_param, b = _captured.contributions(self.capture)
+        C = C - self.capture.loss_scale(b)
+        fix = natural_gradient.block_weighted_sums(per_param, self.blocks, C)
+        parts = [fix[p] if p in fix else torch.zeros_like(p.grad) for p in params]
+        if self.data_parallel is not None:
+            parts = self.data_parallel.average(parts)
+        return [g + d.to(g.dtype) for g, d in zip(grads, parts)]
 
     def computing(self, step=None):
         """Whether this step computes c from its batch's Gram (else it reuses them)."""
@@ -351,25 +363,6 @@ class FNGD(GuardedOptimizer):
             coefficients.append(w / B)
             oks.append(ok)
         return coefficients, oks
-
-
-def _batch_output(output):
-    """The tensor of a model's output whose rows are the samples: the output itself; of a
-    ModelOutput or dict, "logits" if present, else its first tensor with dims; of a tuple or
-    list, its first tensor with dims (exact when the loss depends on the parameters only
-    through it, as a loss computed from the logits does)."""
-    if isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
-        candidates = [output["logits"]] if "logits" in output else list(output.values())
-    elif isinstance(output, (tuple, list)):
-        candidates = list(output)
-    else:
-        candidates = [output]
-    for t in candidates:
-        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.requires_grad:
-            return t
-    raise TypeError("FNGD(reuse_via_backward=True): the model must return a tensor with the "
-                    "batch in dim 0 that requires grad (or a ModelOutput/dict/tuple holding "
-                    f"one), got {type(output).__name__}")
 
 
 def _grow(t, size):

@@ -1,0 +1,342 @@
+"""The weighted backward (`Capture.weighted`): the backward of the loss itself leaves
+
+    p.grad = U_p w·s = Σ_i c_i g_i      (w_i = c_i / s, loss = s·Σ_i ℓ_i, g_i as Capture's)
+
+in every captured parameter, in the cost of a plain backward. In a forward inside the
+context, each captured layer call runs its own forward inside one autograd Function (the
+same values; the layer's own graph for its input, built inside); its backward gives
+
+    the input:      the normal input gradient, through the layer's own graph (unscaled — the
+                    chain to the layers before, train-mode batch statistics included, is
+                    the plain backward's);
+    the parameters: the layer's weight-gradient computation on the output gradient e with
+                    row i scaled by w_i — the same GEMM / convolution / scatter the plain
+                    backward runs (which is Σ_i s·g_i), instead of it, not besides it.
+
+Exact for every layer kind whose per-sample gradients are linear in the row of e (all of
+Capture's: Linear, Conv1D, Conv2d incl. groups, Embedding, the norms' affine parameters
+in train or eval mode, where g_i is sample i's share as Capture defines it). A parameter
+used directly in a container's forward (see _direct) gets its rows scaled at its use. A
+call the weighting cannot take (the torch.func fallback, a module not yet recognized, an
+output that is not one tensor) runs as usual and is recorded by the capture: its
+contribution to .grad is then the plain s·U_call 1 (`Capture.recorded()` tells).
+"""
+import contextlib
+import typing
+
+import torch
+
+from ._generic import AffineHandler, Conv1DHandler
+from ._layers import Conv2dHandler, EmbeddingHandler, LinearHandler
+from ._norms import _AffineNormHandler
+
+
+class Weighting:
+    """The forward patches of one `Capture.weighted(weights)` block (see the module doc)."""
+
+    def __init__(self, capture, weights):
+        self.capture, self.weights = capture, weights
+        self._cache = {}  # B -> {id(param): w (B,)}
+        self._shaped = {}  # (id(w), dims, dtype) -> w shaped over a tensor's rows
+        self._patched = []  # (module, the instance forward it had or None)
+        self._bypass = False
+
+    def rows(self, p, B):
+        """w (B,) for parameter p in a batch of B (ones where weights gave none: the plain
+        gradient)."""
+        if B not in self._cache:
+            self._cache[B] = self.weights(B)
+        w = self._cache[B].get(id(p))
+        if w is None:
+            w = self._cache[B][id(p)] = torch.ones(B, dtype=p.dtype, device=p.device)
+        return w
+
+    def shaped(self, w, t):
+        """w (B,) shaped to broadcast over the rows of t, in t's dtype and device."""
+        key = (id(w), t.dim(), t.dtype)
+        out = self._shaped.get(key)
+        if out is None:
+            out = self._shaped[key] = w.to(device=t.device, dtype=t.dtype).reshape(
+                -1, *([1] * (t.dim() - 1)))
+        return out
+
+    def __enter__(self):
+        for module, handler, _ in self.capture._handlers:
+            if _supported(handler):
+                had = module.__dict__.get("forward")
+                module.__dict__["forward"] = self._forward(module, handler, module.forward)
+                self._patched.append((module, had))
+        return self
+
+    def __exit__(self, *exc):
+        for module, had in self._patched:
+            if had is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = had
+        self._patched = []
+        return False
+
+    def _forward(self, module, handler, original):
+        capture = self.capture
+        params = tuple(handler.params.values())
+
+        def forward(*args, **kwargs):
+            x = args[0] if args else None
+            if (self._bypass or not isinstance(x, torch.Tensor) or not torch.is_grad_enabled()
+                    or capture._kind_of(module) != "native" or _other_grads(args, kwargs)
+                    or torch._C._functorch.peek_interpreter_stack() is not None):
+                return original(*args, **kwargs)  # recorded by the capture's hook, if at all
+            B = capture._forward_batch
+            if B is not None and B > 1 and x.dim() > 0 and x.shape[0] == 1:
+                x = x.expand(B, *x.shape[1:])  # a call broadcast over the batch: B rows
+            y = _Layer.apply(_Call(self, handler, original, args[1:], kwargs), x, *params)
+            capture._skip_record = module
+            return y
+
+        return forward
+
+    def save(self, handler, x, rest, kwargs, y):
+        """What the handler keeps of a call (an affine module's x̂: the capture paused)."""
+        if not isinstance(handler, AffineHandler):
+            return handler.save((x, *rest), y)
+        with self.capture.paused(), self.bypassed():
+            return handler.save((x, *rest), kwargs, y)
+
+    @contextlib.contextmanager
+    def bypassed(self):
+        bypass, self._bypass = self._bypass, True
+        try:
+            yield
+        finally:
+            self._bypass = bypass
+
+    def scale_direct(self, handler, q_b):
+        """A direct use of parameter p as q_b (B rows): its rows of the gradient scaled."""
+        if q_b.requires_grad:
+            w = self.rows(handler.param, q_b.shape[0])
+            q_b.register_hook(lambda G: G * self.shaped(w, G))
+
+
+def _supported(handler):
+    return (isinstance(handler, (LinearHandler, Conv1DHandler, Conv2dHandler, EmbeddingHandler,
+                                 _AffineNormHandler, AffineHandler))
+            and not getattr(handler.module, "sparse", False))
+
+
+def _other_grads(args, kwargs):
+    """Whether an argument besides the input carries a gradient (not passed through)."""
+    return any(isinstance(a, torch.Tensor) and a.requires_grad
+               for a in (*args[1:], *kwargs.values()))
+
+
+class _Call:
+    """One layer call's non-tensor state (what the Function's forward and backward share)."""
+    __slots__ = ("handler", "inner", "kwargs", "norm", "original", "rest", "saved", "weighting",
+                 "y")
+
+    def __init__(self, weighting, handler, original, rest, kwargs):
+        self.weighting, self.handler, self.original = weighting, handler, original
+        self.rest, self.kwargs = rest, kwargs
+        self.saved = self.inner = self.y = self.norm = None
+
+
+class _Layer(torch.autograd.Function):
+    """y = layer(x) (the layer's own forward); backward: the input gradient as the plain
+    backward's (the layer's input-gradient GEMM / convolution, or its own graph, built
+    inside, for the norms), the parameter gradients from the output gradient's rows scaled."""
+
+    @staticmethod
+    def forward(ctx, call, x, *params):
+        handler = call.handler
+        graph = x.requires_grad and not _direct_input_grad(handler)
+        inner = x.detach()
+        if graph:
+            inner.requires_grad_()
+            with torch.enable_grad():
+                y = call.original(inner, *call.rest, **call.kwargs)
+        else:
+            y = call.original(inner, *call.rest, **call.kwargs)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"capture: module '{handler.name}' returned {type(y).__name__}, "
+                            "expected a tensor")
+        native = graph and isinstance(handler, _AffineNormHandler)
+        call.norm = _NativeNorm.of(y) if native else None
+        if call.norm is None:
+            call.saved = call.weighting.save(handler, inner.detach() if graph else inner,
+                                             call.rest, call.kwargs, y.detach() if graph else y)
+            if graph and y.requires_grad:
+                call.inner, call.y = inner, y
+        ctx.call = call
+        return y.detach() if graph else y
+
+    @staticmethod
+    def backward(ctx, g):
+        call = ctx.call
+        gx = None
+        if call.norm is not None:
+            gx, grads = call.norm.backward(g, call, ctx.needs_input_grad[1])
+            call.norm = None
+            return (None, gx, *(grads.get(id(p)) if need else None for p, need in
+                                zip(call.handler.params.values(), ctx.needs_input_grad[2:])))
+        if call.inner is not None:
+            gx, = torch.autograd.grad(call.y, call.inner, g, allow_unused=True)
+            call.inner = call.y = None
+        elif ctx.needs_input_grad[1]:
+            gx = _input_grad(call.handler, call.saved, g)
+        grads = _parameter_grads(call.handler, call.saved, g, call.weighting)
+        return (None, gx, *(grads.get(id(p)) if need else None for p, need in
+                            zip(call.handler.params.values(), ctx.needs_input_grad[2:])))
+
+
+class _NativeNorm:
+    """A BatchNorm / GroupNorm / LayerNorm call whose graph is the one native node: its
+    saved tensors (the batch statistics) taken, the node's own backward called twice — for
+    the input with e, for the affine parameters with e's rows scaled (one fused pass each)."""
+
+    NODES: typing.ClassVar = {"NativeBatchNormBackward0": ("running_mean", "running_var", "result1", "result2",
+                                          "training", "eps"),
+             "NativeGroupNormBackward0": ("result1", "result2", "N", "C", "HxW", "group"),
+             "NativeLayerNormBackward0": ("normalized_shape", "result1", "result2")}
+
+    def __init__(self, kind, node):
+        self.kind = kind
+        self.input, self.weight = node._saved_input, node._saved_weight
+        self.args = [getattr(node, "_saved_" + a) for a in self.NODES[kind]]
+        self.bias = node._saved_bias if kind == "NativeLayerNormBackward0" else None
+
+    @classmethod
+    def of(cls, y):
+        node = y.grad_fn
+        kind = type(node).__name__
+        return cls(kind, node) if kind in cls.NODES and node._saved_weight is not None else None
+
+    def _call(self, g, mask):
+        x, W, a = self.input, self.weight, self.args
+        if self.kind == "NativeBatchNormBackward0":
+            return torch.ops.aten.native_batch_norm_backward(g, x, W, *a, mask)
+        if self.kind == "NativeGroupNormBackward0":
+            return torch.ops.aten.native_group_norm_backward(g, x, a[0], a[1], W, *a[2:], mask)
+        return torch.ops.aten.native_layer_norm_backward(g, x, a[0], a[1], a[2], W, self.bias,
+                                                         mask)
+
+    def backward(self, g, call, need_input):
+        gx = self._call(g, [True, False, False])[0] if need_input else None
+        params = call.handler.params
+        w = {n: call.weighting.rows(p, g.shape[0]) for n, p in params.items()}
+        out = {}
+        names = list(params)
+        groups = [names] if len({id(w[n]) for n in names}) == 1 else [[n] for n in names]
+        for group in groups:
+            gs = g * call.weighting.shaped(w[group[0]], g)
+            _, gw, gb = self._call(gs, [False, "weight" in group, "bias" in group])
+            for n, t in (("weight", gw), ("bias", gb)):
+                if n in group:
+                    out[id(params[n])] = _as(t, params[n].dtype)
+        return gx, out
+
+
+def _direct_input_grad(handler):
+    """Whether `_input_grad` gives the layer's input gradient (else: its own graph)."""
+    if isinstance(handler, (LinearHandler, Conv1DHandler, EmbeddingHandler)):
+        return True
+    m = handler.module
+    return (isinstance(handler, Conv2dHandler) and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+def _input_grad(handler, saved, g):
+    """The plain input gradient of a Linear / Conv1D (g W), Conv2d (its data gradient)."""
+    W = handler.params.get("weight", getattr(handler.module, "weight", None)).detach()
+    if isinstance(handler, LinearHandler):
+        return g @ _as(W, g.dtype)
+    if isinstance(handler, Conv1DHandler):
+        return g @ _as(W.T, g.dtype)
+    x, (_, stride, padding, dilation, groups) = saved
+    return torch.ops.aten.convolution_backward(
+        g, x.to(g.dtype), W.to(g.dtype), None, list(stride), list(padding), list(dilation),
+        False, [0, 0], groups, [True, False, False])[0]
+
+
+def _parameter_grads(handler, saved, g, weighting):
+    """{id(p): Σ_i w_i · (row i's part of the plain weight gradient)} for one call."""
+    B = g.shape[0]
+    params = handler.params
+    w = {n: weighting.rows(p, B) for n, p in params.items()}
+    if isinstance(handler, (LinearHandler, Conv1DHandler)):
+        return _linear(params, w, saved, g, isinstance(handler, Conv1DHandler), weighting)
+    if isinstance(handler, Conv2dHandler):
+        return _conv2d(params, w, saved, g, weighting)
+    if isinstance(handler, EmbeddingHandler):
+        return _embedding(handler.module, params, w, saved, g, weighting)
+    out = {}  # norms: the per-sample affine gradients (B × channels) weighted
+    for p, part in handler.contributions(saved, g, None):
+        n = next(k for k, q in params.items() if q is p)
+        out[id(p)] = part.weighted_sum(w[n].to(part.G.dtype)).to(p.dtype)
+    return out
+
+
+def _linear(params, w, x, g, transposed, weighting):
+    """W: (g ⊙ w)ᵀ x over all rows and tokens (the scaling on the narrower side); b: Σ."""
+    out = {}
+    d_in, d_out = x.shape[-1], g.shape[-1]
+    if x.dtype != g.dtype:
+        dtype = torch.promote_types(x.dtype, g.dtype)
+        x, g = x.to(dtype), g.to(dtype)
+    if "weight" in params:
+        p = params["weight"]
+        rows = weighting.shaped(w["weight"], g)
+        if d_out <= d_in:
+            W = _flat(g * rows).T @ _flat(x)
+        else:
+            W = _flat(g).T @ _flat(x * rows)
+        out[id(p)] = _as(W.T if transposed else W, p.dtype)
+    if "bias" in params:
+        p = params["bias"]
+        G = g if g.dim() == 2 else g.reshape(g.shape[0], -1, d_out).sum(1)
+        out[id(p)] = _as(w["bias"].to(G.dtype) @ G, p.dtype)
+    return out
+
+
+def _flat(t):
+    """(rows, features) of t (B, …, features)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _conv2d(params, w, saved, g, weighting):
+    """The convolution's weight (and bias) gradient of g with row i scaled by w_i."""
+    x, (_, stride, padding, dilation, groups) = saved
+    if x.dtype != g.dtype:
+        dtype = torch.promote_types(x.dtype, g.dtype)
+        x, g = x.to(dtype), g.to(dtype)
+    W, b = params.get("weight"), params.get("bias")
+    gs = g * weighting.shaped(w["weight" if W is not None else "bias"], g)
+    out = {}
+    if W is not None:
+        fused = b is not None and w["bias"] is w["weight"]
+        _, gW, gb = torch.ops.aten.convolution_backward(
+            gs, x, _as(W.detach(), g.dtype), [W.shape[0]] if fused else None,
+            list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [False, True, fused])
+        out[id(W)] = _as(gW, W.dtype)
+        if fused:
+            out[id(b)] = _as(gb, b.dtype)
+    if b is not None and id(b) not in out:
+        gb = g * weighting.shaped(w["bias"], g) if W is not None else gs
+        out[id(b)] = _as(gb.sum((0, 2, 3)), b.dtype)
+    return out
+
+
+def _embedding(module, params, w, idx, g, weighting):
+    """The table's gradient (a scatter of e's rows, scaled by w_i; padding rows excluded)."""
+    p = params["weight"]
+    gs = g * weighting.shaped(w["weight"], g)
+    padding = -1 if module.padding_idx is None else module.padding_idx
+    grad = torch.ops.aten.embedding_dense_backward(gs.reshape(-1, gs.shape[-1]),
+                                                   idx.reshape(-1), p.shape[0], padding, False)
+    return {id(p): _as(grad, p.dtype)}
+
