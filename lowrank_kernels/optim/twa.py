@@ -225,7 +225,10 @@ class TWA(torch.optim.Optimizer):
             n = p.numel()
             if p.requires_grad:
                 new = flat[offset:offset + n].view_as(p)
-                p.copy_(new if ok is None else torch.where(ok, new, p))
+                if ok is None:
+                    p.copy_(new)
+                else:  # one pass over p, no temporary
+                    torch.where(ok, new, p, out=p)
             offset += n
 
     def load_state_dict(self, state_dict):
@@ -265,7 +268,8 @@ class TWA(torch.optim.Optimizer):
                  for p in self.params]
         state = self.state[self.params[0]]
         alpha = state["alpha"]
-        flat = flatten_parameters(grads)
+        # One parameter: its gradient as it is (only read), not a copy.
+        flat = grads[0].detach().reshape(-1) if len(grads) == 1 else flatten_parameters(grads)
         c = self._project(flat).to(alpha.dtype)
         # NaN/Inf in c, or ‖c‖² overflowing the gradients' dtype (float32 at least)
         norm_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
@@ -283,9 +287,9 @@ class TWA(torch.optim.Optimizer):
         w = self._expand(new_alpha)
         wide = torch.float64 if w.dtype == torch.float64 else torch.float32
         ok = ok & torch.isfinite(w.sum(dtype=wide))
-        alpha.copy_(torch.where(ok, new_alpha, alpha))
+        torch.where(ok, new_alpha, alpha, out=alpha)
         if mu:
-            buf.copy_(torch.where(ok, new_buf, buf))
+            torch.where(ok, new_buf, buf, out=buf)
         self._write_back(w, ok)
         self.state["skipped"] = self.state["skipped"] + (~ok).long()
         self.state["step"] += 1
