@@ -1,6 +1,6 @@
 """Data-parallel step cost on gloo (CPU): bytes communicated per rank and step time for FNGD
-(first epoch: factors gathered + solve; reuse: U c all-reduced in place of DDP's all-reduce;
-reuse_via_backward: carried by DDP's own all-reduce), SENG (refresh: factors gathered;
+(first epoch: factors gathered + solve; reuse: U c from the weighted backward, carried by
+DDP's own all-reduce), SENG (refresh: factors gathered;
 between refreshes: DDP only; update_freq=1 with sketched layers: their sketches gathered, the
 directions all-reduced in place of DDP's all-reduce), KFAC (factor sums all-reduced every
 step; inverses spread over the ranks and broadcast every `inverse_every` steps) and DDP + SGD,
@@ -46,9 +46,8 @@ def _configs():
                       spe, {"step": lambda s: True}),
         "FNGD": (lambda m: FNGD(m, lr=0.05, damping=0.5, steps_per_epoch=spe),
                  2 * spe, {"first epoch": lambda s: s < spe, "reuse": lambda s: s >= spe}),
-        "FNGD reuse_via_backward": (
-            lambda m: FNGD(m, lr=0.05, damping=0.5, steps_per_epoch=spe, blocks="model",
-                           reuse_via_backward=True),
+        "FNGD blocks=model": (
+            lambda m: FNGD(m, lr=0.05, damping=0.5, steps_per_epoch=spe, blocks="model"),
             2 * spe, {"first epoch": lambda s: s < spe, "reuse": lambda s: s >= spe}),
         "SENG": (lambda m: SENG(m, lr=0.05, damping=0.5, update_freq=3),
                  2 * spe, {"refresh": lambda s: s % 3 == 0, "between": lambda s: s % 3 != 0}),
@@ -133,7 +132,7 @@ def main():
                              f"{r['bytes'] / sgd:.2f} | {r['ms']:.1f} |")
     for world, results in table.items():
         sgd = results["DDP + SGD"]["step"]["bytes"]
-        for name in ("FNGD", "FNGD reuse_via_backward"):
+        for name in ("FNGD", "FNGD blocks=model"):
             assert results[name]["reuse"]["bytes"] <= sgd, (world, name, results[name])
     text = "\n".join(lines) + "\n"
     print(text)
