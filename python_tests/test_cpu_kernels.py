@@ -203,10 +203,12 @@ def test_gram_conv2d_im2col_geometries():
 # ---- weighted_sum_* / project_* (C++: csrc/{weighted_sum,project}_{linear,conv2d}.cpp) ----
 
 # (B, T, d_in, d_out, groups, m); m = 0: a coefficient vector (B,) / one direction. The last
-# shapes take the float32 AVX2 loops' full 32-wide and 16-wide blocks, tails and m % 4 tails.
+# shapes take the float32 AVX2 loops' full 32-wide and 16-wide blocks, tails and m % 4 tails,
+# and (scaled, d_out <= d_in, few rows) the register-tiled rank update's 4-row tiles and tails.
 LAYER_SHAPES = [(1, 1, 1, 1, 1, 0), (13, 1, 7, 11, 1, 3), (5, 7, 3, 11, 1, 2),
                 (3, 5, 6, 4, 2, 3), (4, 3, 5, 2, 1, 0), (0, 3, 2, 2, 1, 2), (3, 0, 2, 3, 1, 2),
-                (3, 9, 37, 13, 1, 5), (2, 4, 64, 40, 1, 7), (5, 1, 33, 70, 1, 4)]
+                (3, 9, 37, 13, 1, 5), (2, 4, 64, 40, 1, 7), (5, 1, 33, 70, 1, 4),
+                (6, 2, 37, 9, 1, 3), (16, 1, 40, 40, 1, 4)]
 
 
 def _tokens(route):

@@ -59,6 +59,12 @@ constexpr int64_t kGradBlock = int64_t{1} << 22;
 // Entries of a block of the GEMM + dot route's Y (rows × m·width) held at once.
 constexpr int64_t kRowBlock = int64_t{1} << 22;
 
+// Entries of A (rows × d_in) up to which the scaled route's GEMM is a register-tiled rank
+// update (A in L1). Measured at B = 16, T = 1, 256 -> 256, m = 4 (1 thread, interleaved, min of
+// 100+ rounds on the loaded 2-core EPYC): 0.98x of the baseline's scaled rows + BLAS GEMM,
+// where the BLAS GEMM (inner dimension B = 16) in this kernel gave 0.92x.
+constexpr int64_t kSmallRank = int64_t{1} << 13;
+
 // Rows of d_out per block of per-sample gradients G (B, rows, k).
 inline int64_t grad_block_rows(int64_t B, int64_t k, int64_t d) {
   return std::min(d, std::max<int64_t>(1, kGradBlock / std::max<int64_t>(1, B * k)));
@@ -139,22 +145,70 @@ LK_COMBINE_TARGET inline void dots(const float* g, const float* V, int64_t ldv, 
 }
 
 // out[i, j] += Σ_p G[i, p] V[j, p] (i < B, j < m, p < n): G rows of stride ldg, V rows of
-// stride ldv, out (B, m) of strides (so0, so1).
+// stride ldv, out (B, m) of strides (so0, so1). In chunks of p, so that each chunk of G and V
+// is read from L1 (from memory once), not each row of V once per row of G.
 LK_COMBINE_TARGET inline void add_row_dots(const float* G, int64_t ldg, int64_t B,
                                            const float* V, int64_t ldv, int64_t m, int64_t n,
                                            float* out, int64_t so0, int64_t so1) {
-  for (int64_t i = 0; i < B; ++i) {
-    const float* g = G + i * ldg;
-    float* o = out + i * so0;
-    int64_t j = 0;
-    for (; j + 4 <= m; j += 4) dots<4>(g, V + j * ldv, ldv, n, o + j * so1, so1);
-    switch (m - j) {
-      case 3: dots<3>(g, V + j * ldv, ldv, n, o + j * so1, so1); break;
-      case 2: dots<2>(g, V + j * ldv, ldv, n, o + j * so1, so1); break;
-      case 1: dots<1>(g, V + j * ldv, ldv, n, o + j * so1, so1); break;
-      default: break;
+  constexpr int64_t kChunk = 1024;
+  for (int64_t p0 = 0; p0 < n; p0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - p0);
+    for (int64_t i = 0; i < B; ++i) {
+      const float* g = G + i * ldg + p0;
+      const float* v = V + p0;
+      float* o = out + i * so0;
+      int64_t j = 0;
+      for (; j + 4 <= m; j += 4) dots<4>(g, v + j * ldv, ldv, len, o + j * so1, so1);
+      switch (m - j) {
+        case 3: dots<3>(g, v + j * ldv, ldv, len, o + j * so1, so1); break;
+        case 2: dots<2>(g, v + j * ldv, ldv, len, o + j * so1, so1); break;
+        case 1: dots<1>(g, v + j * ldv, ldv, len, o + j * so1, so1); break;
+        default: break;
+      }
     }
   }
+}
+
+// W[r + q, p] = Σ_i S[i, r + q] A[i, p] for q < R, p < n, i < K: a register tile of R rows.
+template <int R>
+LK_COMBINE_TARGET inline void rank_tile(const float* S, int64_t lds, const float* A,
+                                        int64_t lda, int64_t K, int64_t n, float* W,
+                                        int64_t ldw) {
+  int64_t p = 0;
+  for (; p + 16 <= n; p += 16) {
+    __m256 acc[R][2];
+    for (int q = 0; q < R; ++q) acc[q][0] = acc[q][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K; ++i) {
+      const __m256 a0 = _mm256_loadu_ps(A + i * lda + p), a1 = _mm256_loadu_ps(A + i * lda + p + 8);
+      for (int q = 0; q < R; ++q) {
+        const __m256 sv = _mm256_broadcast_ss(S + i * lds + q);
+        acc[q][0] = _mm256_fmadd_ps(sv, a0, acc[q][0]);
+        acc[q][1] = _mm256_fmadd_ps(sv, a1, acc[q][1]);
+      }
+    }
+    for (int q = 0; q < R; ++q) {
+      _mm256_storeu_ps(W + q * ldw + p, acc[q][0]);
+      _mm256_storeu_ps(W + q * ldw + p + 8, acc[q][1]);
+    }
+  }
+  for (; p < n; ++p)
+    for (int q = 0; q < R; ++q) {
+      float acc = 0;
+      for (int64_t i = 0; i < K; ++i) acc = std::fma(S[i * lds + q], A[i * lda + p], acc);
+      W[q * ldw + p] = acc;
+    }
+}
+
+// W = Sᵀ A, W (rows, n) of row stride ldw, S (K, rows) and A (K, n) of row strides lds, lda:
+// a rank-K update for small K·n (A stays in L1 while every row of W is written once) — the
+// scaled route at T = 1, where a BLAS GEMM with inner dimension B spends most of its time
+// packing.
+LK_COMBINE_TARGET inline void small_rank_product(const float* S, int64_t lds, const float* A,
+                                                 int64_t lda, int64_t K, int64_t rows,
+                                                 int64_t n, float* W, int64_t ldw) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) rank_tile<4>(S + r, lds, A, lda, K, n, W + r * ldw, ldw);
+  for (; r < rows; ++r) rank_tile<1>(S + r, lds, A, lda, K, n, W + r * ldw, ldw);
 }
 #endif
 
@@ -207,6 +261,13 @@ inline void weighted_sum_group(const at::Tensor& A, const at::Tensor& E, const a
     at::mul_out(Es, E.unsqueeze(2), Cb);
     Es = Es.view({rows, m * d});
     const at::Tensor A2 = A.reshape({rows, k});
+#ifdef LK_COMBINE_AVX2
+    if (simd_float(A) && W.is_contiguous() && A2.stride(1) == 1 && rows * k <= kSmallRank) {
+      small_rank_product(Es.const_data_ptr<float>(), m * d, A2.const_data_ptr<float>(),
+                         A2.stride(0), rows, m * d, k, W.data_ptr<float>(), k);
+      return;
+    }
+#endif
     if (W.is_contiguous()) {
       at::Tensor W2 = W.view({m * d, k});
       at::mm_out(W2, Es.t(), A2);
