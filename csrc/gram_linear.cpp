@@ -8,7 +8,7 @@
 // for what is left:
 // - token pair: X = (A A2ᵀ + b) ⊙ (E E2ᵀ) over token rows, its T × T blocks summed per sample
 //   pair in one fused pass (no product temporary); for the symmetric K only the upper block rows
-//   (B ≥ 128: rows of kTriangleBlock, about 5/8 of the flops of the full GEMMs), then mirrored.
+//   (B ≥ 128: rows of 32 or 64, 9/16 to 5/8 of the flops of the full GEMMs), then mirrored.
 //   diagonal=True at T = 1 is row dots (‖a_i‖² + b)‖e_i‖² in one pass over A and E;
 // - per sample: G_i = E_iᵀ A_i by one bmm (in blocks of d_out bounded by kGradBlock entries),
 //   then K = G G2ᵀ (+ S S2ᵀ, S_i = Σ_t e_it, with a bias) — the diagonal as row dots of G.
@@ -41,6 +41,30 @@ int64_t triangle_block(int64_t B) { return B < kTriangleMinRows ? B : B < 256 ? 
 constexpr int64_t kPairElementCost = 12;
 constexpr int64_t kGradElementCost = 6;
 
+// Σ_k a_k b_k with 32 partial sums (4 AVX2 vectors: the adds' latency hidden; the compiler
+// vectorizes it without reassociating), compiled for AVX2 too where GCC clones by CPU feature
+// (the clone is picked at load time), else for the baseline ISA only.
+template <typename S>
+inline __attribute__((always_inline)) S dot32(const S* a, const S* b, int64_t n) {
+  S part[32] = {};
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32)
+    for (int j = 0; j < 32; ++j) part[j] += a[k + j] * b[k + j];
+  S s = 0;
+  for (; k < n; ++k) s += a[k] * b[k];
+  for (int j = 0; j < 32; ++j) s += part[j];
+  return s;
+}
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define LOWRANK_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LOWRANK_CLONES
+#endif
+LOWRANK_CLONES float fast_dot(const float* a, const float* b, int64_t n) { return dot32(a, b, n); }
+LOWRANK_CLONES double fast_dot(const double* a, const double* b, int64_t n) {
+  return dot32(a, b, n);
+}
+
 at::ScalarType acc_type(const at::Tensor& A) {
   return A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -63,8 +87,14 @@ at::Tensor unit_rows(const at::Tensor& X) {
   return X.size(-1) <= 1 || X.stride(-1) == 1 ? X : X.contiguous();
 }
 
+// X.narrow(dim, start, length), X itself when that is all of it (a narrow is a dispatcher
+// call, ~1 us: several per call showed at B = 4).
+at::Tensor part(const at::Tensor& X, int64_t dim, int64_t start, int64_t length) {
+  return start == 0 && length == X.size(dim) ? X : X.narrow(dim, start, length);
+}
+
 // One group's columns of a token tensor (B, T, G·k).
-at::Tensor group(const at::Tensor& X, int64_t g, int64_t k) { return X.narrow(2, g * k, k); }
+at::Tensor group(const at::Tensor& X, int64_t g, int64_t k) { return part(X, 2, g * k, k); }
 
 // out[i] (+)= Σ_g (a_ig·a2_ig + b)(e_ig·e2_ig) for T = 1 token tensors (B, 1, G·k).
 template <typename S>
@@ -79,21 +109,33 @@ void diagonal_rows(const at::Tensor& A, const at::Tensor& E, const at::Tensor& A
     for (int64_t i = lo; i < hi; ++i) {
       S sum = 0;
       for (int64_t g = 0; g < groups; ++g)
-        sum += (embedding::dot(a + i * sa + g * ka, a2 + i * sa2 + g * ka, ka) + b) *
-               embedding::dot(e + i * se + g * ke, e2 + i * se2 + g * ke, ke);
+        sum += (fast_dot(a + i * sa + g * ka, a2 + i * sa2 + g * ka, ka) + b) *
+               fast_dot(e + i * se + g * ke, e2 + i * se2 + g * ke, ke);
       o[i] = sum;
     }
   });
 }
 
-// K[r0 + i, c0 + j] (+)= Σ_{t,s} (xa + b)(xe) over the T × T block (i, j) of X's block.
+// K[r0 + i, c0 + j] (+)= Σ_{t,s} (xa + b)(xe) over the T × T block (i, j) of X's block
+// (upper: only entries on and above K's diagonal are needed).
 template <typename S>
 void pair_block_sums(const at::Tensor& xa, const at::Tensor& xe, S b, int64_t T, int64_t r0,
-                     int64_t c0, bool accumulate, at::Tensor& K) {
+                     int64_t c0, bool accumulate, bool upper, at::Tensor& K) {
   const int64_t nr = xa.size(0) / std::max<int64_t>(T, 1), nc = xa.size(1) / std::max<int64_t>(T, 1);
   const int64_t ld = xa.size(1), ldk = K.size(1);
   const S *pa = xa.const_data_ptr<S>(), *pe = xe.const_data_ptr<S>();
   S* k = K.data_ptr<S>();
+  if (T == 1) {  // one product per entry (vectorized); symmetric: on and above the diagonal
+    at::parallel_for(0, nr, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        S* row = k + (r0 + i) * ldk + c0;
+        const S *ra = pa + i * ld, *re = pe + i * ld;
+        for (int64_t j = upper ? r0 + i - c0 : 0; j < nc; ++j)
+          row[j] = accumulate ? row[j] + (ra[j] + b) * re[j] : (ra[j] + b) * re[j];
+      }
+    });
+    return;
+  }
   at::parallel_for(0, nr, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       S* row = k + (r0 + i) * ldk + c0;
@@ -128,8 +170,8 @@ at::Tensor token_pair(const at::Tensor& A, const at::Tensor& E, const at::Tensor
       for (int64_t lo = 0; lo < B1; lo += step) {
         const int64_t n = std::min(step, B1 - lo);
         auto pair_dots = [&](const at::Tensor& X, const at::Tensor& Y, int64_t k) {
-          return at::bmm(group(X, g, k).narrow(0, lo, n),
-                         group(Y, g, k).narrow(0, lo, n).transpose(1, 2));
+          return at::bmm(part(group(X, g, k), 0, lo, n),
+                         part(group(Y, g, k), 0, lo, n).transpose(1, 2));
         };
         const at::Tensor xa = pair_dots(A, A2, ka), xe = pair_dots(E, E2, ke);
         const S *pa = xa.const_data_ptr<S>(), *pe = xe.const_data_ptr<S>();
@@ -155,48 +197,55 @@ at::Tensor token_pair(const at::Tensor& A, const at::Tensor& E, const at::Tensor
     const at::Tensor E2f = cross ? group(E2, g, ke).reshape({B2 * T, ke}) : Ef;
     for (int64_t r0 = 0; r0 < B1; r0 += step) {
       const int64_t nr = std::min(step, B1 - r0), c0 = cross ? 0 : r0;
-      const at::Tensor xa = at::mm(Af.narrow(0, r0 * T, nr * T),
-                                   A2f.narrow(0, c0 * T, (B2 - c0) * T).t());
-      const at::Tensor xe = at::mm(Ef.narrow(0, r0 * T, nr * T),
-                                   E2f.narrow(0, c0 * T, (B2 - c0) * T).t());
-      pair_block_sums<S>(xa, xe, b, T, r0, c0, g > 0, K);
+      const at::Tensor xa = at::mm(part(Af, 0, r0 * T, nr * T),
+                                   part(A2f, 0, c0 * T, (B2 - c0) * T).t());
+      const at::Tensor xe = at::mm(part(Ef, 0, r0 * T, nr * T),
+                                   part(E2f, 0, c0 * T, (B2 - c0) * T).t());
+      pair_block_sums<S>(xa, xe, b, T, r0, c0, g > 0, !cross, K);
     }
   }
   if (!cross) mirror_upper<S>(K);
   return K;
 }
 
-// The per-sample route: per group, blocks of d_out rows of G_i = E_iᵀ A_i, then K += G G2ᵀ.
+// The per-sample route: per group, blocks of d_out rows of G_i = E_iᵀ A_i, then K += G G2ᵀ
+// (the first product written by at::mm / mm_out, no zero fill: at B = 4 the call is the
+// baseline's bmm + GEMM and little else).
 template <typename S>
 at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor& A2,
                       const at::Tensor& E2, bool bias, bool cross, bool diagonal,
                       int64_t groups) {
   const int64_t B1 = A.size(0), B2 = A2.size(0);
   const int64_t ka = A.size(2) / groups, ke = E.size(2) / groups;
-  at::Tensor K = diagonal ? at::zeros({B1}, A.options()) : at::zeros({B1, B2}, A.options());
-  if (B1 == 0 || B2 == 0) return K;
+  if (B1 == 0 || B2 == 0)
+    return diagonal ? at::zeros({B1}, A.options()) : at::zeros({B1, B2}, A.options());
   const int64_t step = std::max<int64_t>(1, kGradBlock / std::max<int64_t>(1, (B1 + B2) * ka));
-  const auto blocks = cross || diagonal ? std::vector<int64_t>{0} : [&] {
-    std::vector<int64_t> r;
-    for (int64_t r0 = 0; r0 < B1; r0 += triangle_block(B1)) r.push_back(r0);
-    return r;
-  }();
+  const bool triangle = !cross && !diagonal && B1 >= kTriangleMinRows;
+  std::optional<at::Tensor> K;
   auto add_gram = [&](const at::Tensor& G1, const at::Tensor& G2) {  // (B, P) rows
+    const bool first = !K.has_value();
     if (diagonal) {
+      if (first) K = at::zeros({B1}, A.options());
       const at::Tensor g1 = unit_rows(G1), g2 = unit_rows(G2);
       const S *p1 = g1.const_data_ptr<S>(), *p2 = g2.const_data_ptr<S>();
       const int64_t P = g1.size(1), s1 = g1.stride(0), s2 = g2.stride(0);
-      S* o = K.data_ptr<S>();
+      S* o = K->data_ptr<S>();
       at::parallel_for(0, B1, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) o[i] += embedding::dot(p1 + i * s1, p2 + i * s2, P);
+        for (int64_t i = lo; i < hi; ++i) o[i] += fast_dot(p1 + i * s1, p2 + i * s2, P);
       });
-      return;
-    }
-    const int64_t nb = cross ? B1 : triangle_block(B1);
-    for (int64_t r0 : blocks) {
-      const int64_t nr = std::min(nb, B1 - r0), c0 = cross ? 0 : r0;
-      K.narrow(0, r0, nr).narrow(1, c0, B2 - c0)
-          .addmm_(G1.narrow(0, r0, nr), G2.narrow(0, c0, B2 - c0).t());
+    } else if (!triangle) {
+      if (first) K = at::mm(G1, G2.t());
+      else K->addmm_(G1, G2.t());
+    } else {  // upper block rows of the symmetric K
+      if (first) K = at::empty({B1, B1}, A.options());
+      const int64_t nb = triangle_block(B1);
+      for (int64_t r0 = 0; r0 < B1; r0 += nb) {
+        const int64_t nr = std::min(nb, B1 - r0);
+        at::Tensor block = K->narrow(0, r0, nr).narrow(1, r0, B1 - r0);
+        const at::Tensor rows = G1.narrow(0, r0, nr), cols = G1.narrow(0, r0, B1 - r0).t();
+        if (first) at::mm_out(block, rows, cols);
+        else block.addmm_(rows, cols);
+      }
     }
   };
   for (int64_t g = 0; g < groups; ++g) {
@@ -204,7 +253,7 @@ at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor
     for (int64_t lo = 0; lo < ke; lo += step) {
       const int64_t n = std::min(step, ke - lo);
       auto grads = [&](const at::Tensor& X, const at::Tensor& Y) {  // (B, n·ka)
-        return at::bmm(Y.narrow(2, g * ke + lo, n).transpose(1, 2), X).view({X.size(0), -1});
+        return at::bmm(part(Y, 2, g * ke + lo, n).transpose(1, 2), X).view({X.size(0), -1});
       };
       const at::Tensor G1 = grads(Ag, E);
       add_gram(G1, cross ? grads(A2g, E2) : G1);
@@ -214,8 +263,10 @@ at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor
       add_gram(S1, cross ? group(E2, g, ke).sum(1) : S1);
     }
   }
-  if (!cross && !diagonal) mirror_upper<S>(K);
-  return K;
+  if (!K.has_value())  // no parameters (d_out = 0)
+    return diagonal ? at::zeros({B1}, A.options()) : at::zeros({B1, B2}, A.options());
+  if (!cross && !diagonal) mirror_upper<S>(*K);
+  return *K;
 }
 
 // gram_linear's checks: the same error types and messages as ops/_common.py
@@ -306,8 +357,9 @@ at::Tensor gram_tokens(const at::Tensor& A, const at::Tensor& E, bool bias,
                        bool diagonal, Route route, int64_t groups) {
   const at::ScalarType acc = acc_type(A);
   const bool cross = A2.has_value();
-  const at::Tensor A1 = A.to(acc), E1 = E.to(acc);
-  const at::Tensor A2_ = cross ? A2->to(acc) : A1, E2_ = cross ? E2->to(acc) : E1;
+  auto in_acc = [acc](const at::Tensor& X) { return X.scalar_type() == acc ? X : X.to(acc); };
+  const at::Tensor A1 = in_acc(A), E1 = in_acc(E);
+  const at::Tensor A2_ = cross ? in_acc(*A2) : A1, E2_ = cross ? in_acc(*E2) : E1;
   return AT_DISPATCH_FLOATING_TYPES(acc, "gram_tokens", [&] {
     return route == Route::kTokenPair
                ? token_pair<scalar_t>(A1, E1, A2_, E2_, bias ? 1 : 0, cross, diagonal, groups)
