@@ -1,5 +1,5 @@
-"""lowrank_kernels.cpu: every CPU kernel against the float64 reference (lowrank_kernels.reference) with
-a priori bounds (Higham §3.1: γ_n times the same computation on |inputs|), at odd shapes
+"""The CPU kernels (C++, csrc/<op>.cpp): each against the float64 reference
+(lowrank_kernels.reference) with a priori bounds (Higham §3.1: γ_n times the same computation on |inputs|), at odd shapes
 (B = 1, primes), size-0 dims, non-contiguous inputs, fp32, fp16 (fp32 accumulation) and float64,
 and through each route of the kernels that choose one."""
 import pytest

@@ -12,7 +12,7 @@ from . import _generic
 from ._direct import DirectUses
 from ._factors import Factors
 from ._fallback import FallbackHandler
-from ._kinds import DenseFactors, sum_gram
+from ._kinds import sum_gram
 from ._layers import HANDLERS as LAYER_HANDLERS
 from ._norms import HANDLERS as NORM_HANDLERS
 from ._weighted import Weighting

@@ -171,17 +171,15 @@ TRITON_DTYPES = {"cpu": (torch.float32, torch.float16),
                  "cuda": (torch.float32, torch.float16, torch.bfloat16)}
 
 
-def layer_backends(reference, triton, cpu=None, native_cpu=False):
+def layer_backends(reference, triton, native_cpu=False):
     """OpSpec backends of a layer op: the reference (every device and dtype: the default
-    kernel), Triton (the CUDA kernel) and the CPU kernel: a Python formulation `cpu`, or with
-    native_cpu=True the C++ kernel registered from csrc/<op>.cpp (the op itself)."""
+    kernel), Triton (the CUDA kernel) and, with native_cpu=True, the C++ CPU kernel
+    registered from csrc/<op>.cpp (the op itself)."""
     backends = {"reference": Backend(reference, {"cpu": ALL_FLOAT, "cuda": ALL_FLOAT}),
                 "triton": Backend(triton, TRITON_DTYPES)}
-    if cpu is not None:
-        backends["cpu"] = Backend(cpu, {"cpu": ALL_FLOAT})
     if native_cpu:
         backends["native"] = Backend(None, {"cpu": ALL_FLOAT})
-    auto_cpu = ("native",) if native_cpu else ("cpu",) if cpu is not None else ()
+    auto_cpu = ("native",) if native_cpu else ()
     return dict(backends=backends, auto={"cpu": auto_cpu, "cuda": ("triton",)})
 
 

@@ -13,7 +13,6 @@ core of gram_linear on the route of its CPU cost model).
 """
 import torch
 
-from .. import _checks
 from .._registry import OpSpec, call, register
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
 from ._common import check_conv2d, check_cross, choose_route, conv_arguments, layer_backends

@@ -9,7 +9,6 @@ reference backend); V may have its own floating dtype.
 """
 import torch
 
-from .. import _checks
 from .._registry import OpSpec, call, register
 from ..reference.project_linear import project_linear as reference_project
 from ._common import check_directions, check_linear_layer, fake_projection, layer_backends

@@ -10,7 +10,6 @@ float64 inputs on the reference backend); c may have its own floating dtype.
 """
 import torch
 
-from .. import _checks
 from .._registry import OpSpec, call, register
 from ..reference.weighted_sum_linear import weighted_sum_linear as reference_weighted_sum
 from ._common import (check_coefficients, check_linear_layer, fake_outputs,
