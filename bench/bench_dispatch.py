@@ -5,7 +5,8 @@ torch thread: what is measured is Python and dispatch.
   device called directly (the backend function of a Python kernel; for a C++ kernel the op
   itself, the floor). Its difference is the layer's overhead, but for a Python kernel of
   tens of µs it drowns in the kernel's own spread on a shared machine, so also:
-- "layer <op>": the layer alone — the same schema, checks and dispatcher path as <op>
+- "layer <op>", for each op whose CUDA kernel is launched from Python (Triton): that
+  path's layer alone, measured on CPU — the same schema, checks and dispatcher path as <op>
   (registered as probe_<op> with a kernel that returns a preallocated result), called
   through the public entry point lowrank_kernels.<op> (its op swapped for the probe while
   measured), against that trivial kernel called directly. Targets: ≤ 5 µs over the kernel
@@ -114,4 +115,4 @@ CASES = ([Case(f"dispatch {op}", "tiny (test_op_layer sample)", _case(op), threa
           for op in sorted(lk.REGISTRY)]
          + [Case(f"layer {op}", "tiny, trivial kernel", _layer_case(op), threads=1)
             for op in sorted(lk.REGISTRY)
-            if _registry._KERNELS[op, "cpu"] != "native"])
+            if _registry._KERNELS[op, "cuda"] != "native"])  # a Python (Triton) path
