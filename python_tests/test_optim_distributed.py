@@ -41,9 +41,9 @@ CASES = {
     "fngd_layer": (lambda m, **kw: FNGD(m, lr=0.1, damping=0.3, steps_per_epoch=2,
                                         momentum=0.9, weight_decay=1e-3, refresh_every=2, **kw),
                    7, True),
-    "fngd_model_backward": (lambda m, **kw: FNGD(m, lr=0.1, damping=0.3, steps_per_epoch=2,
+    "fngd_model": (lambda m, **kw: FNGD(m, lr=0.1, damping=0.3, steps_per_epoch=2,
                                                  blocks="model", reuse="per_step",
-                                                 reuse_via_backward=True, momentum=0.5, **kw),
+                                                 momentum=0.5, **kw),
                             5, True),
     "fngd_bare_group": (lambda m, **kw: FNGD(m, lr=0.1, damping=0.3, steps_per_epoch=2,
                                              momentum=0.9, **kw), 5, False),
@@ -139,7 +139,7 @@ def _unequal(rank, world):
     """FNGD with local batches of 3 and 5 samples; then sizes that swap at a reuse step."""
     rows = _sizes_rows(rank, UNEQUAL)
     results = {}
-    for name in ("fngd_layer", "fngd_model_backward", "fngd_bare_group"):
+    for name in ("fngd_layer", "fngd_model", "fngd_bare_group"):
         model, _, opt, steps, bare = _build(name, rank, world)
         results[name] = _train(name, model, opt, steps, 0, rows, bare)[0]
         opt.close()
@@ -219,7 +219,7 @@ def test_four_gloo_processes_match_single_process_on_global_batch(tmp_path, sing
 def test_fngd_reuse_step_communicates_no_more_than_ddp(two):
     ranks = two[1]
     grad_bytes = sum(p.numel() * 8 for p in _model().parameters())  # float64
-    for name, reuse_steps in (("fngd_layer", (2, 3, 6)), ("fngd_model_backward", (2, 3)),
+    for name, reuse_steps in (("fngd_layer", (2, 3, 6)), ("fngd_model", (2, 3)),
                               ("fngd_bare_group", (2, 3, 4))):
         for step in reuse_steps:
             own, ddp, _ = ranks[0][name]["traffic"][step]
@@ -263,7 +263,7 @@ def test_unequal_local_batches_match_single_process_and_a_changed_size_is_refuse
     update on the 8 samples (each rank's rows of c from the sizes recorded in the first
     epoch); a reuse step whose sizes differ from the recorded ones raises, naming them."""
     ranks = [result["unequal"] for result in two[1]]
-    for name in ("fngd_layer", "fngd_model_backward", "fngd_bare_group"):
+    for name in ("fngd_layer", "fngd_model", "fngd_bare_group"):
         for r, result in enumerate(ranks):
             _check_updates(result[name], single[name], f"{name} rank {r} (sizes {UNEQUAL})")
     for r, result in enumerate(ranks):
