@@ -381,14 +381,19 @@ def _note(k, v):
 # a baseline formulation, and their targets in µs per call (the op-layer issue's).
 OVERHEAD_PREFIXES = ("dispatch ", "layer ")
 OVERHEAD_TARGET_US = {"native": 5.0, "other": 10.0}
-# Optimizer-step rows: an optimizer against SGD, not an op against its formulation.
+# Optimizer-step rows: an optimizer against SGD, not an op against its formulation; compiled
+# model steps under Capture against the same steps eager (bench_compile.py).
 OPTIM_OP = "optim_step"
+COMPILE_PREFIX = "compile_step"
 
 
 def kind_of(row):
-    """'overhead', 'optim' or 'op' (the rows held to >= 1.0x their best baseline)."""
+    """'overhead', 'optim', 'compile' or 'op' (the rows held to >= 1.0x their best
+    baseline)."""
     if row["op"].startswith(OVERHEAD_PREFIXES):
         return "overhead"
+    if row["op"].startswith(COMPILE_PREFIX):
+        return "compile"
     return "optim" if row["op"] == OPTIM_OP else "op"
 
 
@@ -589,6 +594,10 @@ def write_results(out, stem, meta, rows, raw, device_label, final):
     optim = [r for r in rows if kind_of(r) == "optim"]
     if optim:
         sections.append("## Optimizer steps against an SGD step\n\n" + table(optim))
+    compiled = [r for r in rows if kind_of(r) == "compile"]
+    if compiled:
+        sections.append("## torch.compile'd model steps under Capture against eager\n\n"
+                        + table(compiled))
     overhead = [r for r in rows if kind_of(r) == "overhead"]
     if overhead:
         sections.append("## Call overhead of the op layer (tiny inputs, 1 thread)\n\n"
