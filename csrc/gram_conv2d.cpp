@@ -10,9 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <string>
-
 #include "lowrank/gram_tokens.h"
+#include "lowrank/layer_checks.h"
 #include "lowrank/layer_common.h"
 
 namespace lowrank::gram {
@@ -20,48 +19,14 @@ namespace {
 
 constexpr const char* kOp = "gram_conv2d";
 
-std::string py_list(at::IntArrayRef v) {
-  std::string out = "[";
-  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
-  return out + "]";
-}
-
-void check_pair(const char* name, at::IntArrayRef v, int64_t minimum) {
-  TORCH_CHECK_VALUE(v.size() == 2 && v[0] >= minimum && v[1] >= minimum, kOp, ": ", name,
-                    " must be an int or a pair of ints ≥ ", minimum, ", got ", py_list(v));
-}
-
 // The checks of ops/_common.py check_conv2d and check_cross (same error types and messages).
 layer::Conv2dGeometry check_args(const at::Tensor& X, const at::Tensor& E, at::IntArrayRef k,
                                  at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
                                  int64_t groups, const std::optional<at::Tensor>& X2,
                                  const std::optional<at::Tensor>& E2, bool diagonal) {
-  check_ndim(kOp, "X", X, 4, 4, "B x C_in x H x W: the layer input");
-  check_ndim(kOp, "E", E, 4, 4, "B x C_out x H_out x W_out: the output gradient");
-  check_float(kOp, "X", X);
-  check_float(kOp, "E", E);
-  check_same_device(kOp, "X", X, "E", E);
-  check_same_dtype(kOp, "X", X, "E", E);
-  check_dim_match(kOp, "X", X.size(0), "E", E.size(0), "batch size B (dim 0)");
-  check_pair("kernel_size", k, 1);
-  check_pair("stride", s, 1);
-  check_pair("padding", p, 0);
-  check_pair("dilation", d, 1);
-  TORCH_CHECK_VALUE(groups >= 1 && X.size(1) % groups == 0 && E.size(1) % groups == 0, kOp,
-                    ": groups must be a positive int dividing C_in (", X.size(1),
-                    ") and C_out (", E.size(1), "), got ", groups);
-  const int64_t h = (X.size(2) + 2 * p[0] - d[0] * (k[0] - 1) - 1) / s[0] + 1;
-  const int64_t w = (X.size(3) + 2 * p[1] - d[1] * (k[1] - 1) - 1) / s[1] + 1;
-  // Python's floor division: a negative numerator gives a size below 1 there too
-  const int64_t hf = X.size(2) + 2 * p[0] - d[0] * (k[0] - 1) - 1 < 0 ? 0 : h;
-  const int64_t wf = X.size(3) + 2 * p[1] - d[1] * (k[1] - 1) - 1 < 0 ? 0 : w;
-  TORCH_CHECK_VALUE(E.size(2) == hf && E.size(3) == wf && hf >= 1 && wf >= 1, kOp,
-                    ": E must be the gradient of the conv output, of spatial size (", hf, ", ",
-                    wf, ") for X ", py_shape(X.sizes().slice(2)), " with kernel_size ",
-                    py_list(k), ", stride ", py_list(s), ", padding ", py_list(p),
-                    ", dilation ", py_list(d), "; got ", py_shape(E.sizes().slice(2)));
+  const layer::Conv2dGeometry g = layer::check_conv2d(kOp, X, E, k, s, p, d, groups);
   check_cross(kOp, "X2", "E2", X, E, X2, E2, diagonal);
-  return {k[0], k[1], s[0], s[1], p[0], p[1], d[0], d[1], hf, wf};
+  return g;
 }
 
 at::Tensor gram_conv2d_cpu(const at::Tensor& X, const at::Tensor& E, at::IntArrayRef kernel_size,

@@ -22,6 +22,7 @@
 #include <string>
 
 #include "lowrank/gram_tokens.h"
+#include "lowrank/layer_checks.h"
 
 namespace lowrank::gram {
 namespace {
@@ -273,15 +274,7 @@ at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor
 // check_linear_layer, check_cross and check_route.
 void check_args(const at::Tensor& A, const at::Tensor& E, const std::optional<at::Tensor>& A2,
                 const std::optional<at::Tensor>& E2, bool diagonal, c10::string_view route) {
-  check_ndim(kOp, "A", A, 2, 3, "B x d_in or B x T x d_in: layer inputs");
-  check_ndim(kOp, "E", E, 2, 3, "B x d_out or B x T x d_out: gradients of the layer outputs");
-  check_float(kOp, "A", A);
-  check_float(kOp, "E", E);
-  check_same_device(kOp, "A", A, "E", E);
-  check_same_dtype(kOp, "A", A, "E", E);
-  check_dim_match(kOp, "A", A.size(0), "E", E.size(0), "batch size B (dim 0)");
-  check_dim_match(kOp, "A", A.dim(), "E", E.dim(), "number of dims");
-  if (A.dim() == 3) check_dim_match(kOp, "A", A.size(1), "E", E.size(1), "token count T (dim 1)");
+  layer::check_linear_layer(kOp, A, E);
   check_cross(kOp, "A2", "E2", A, E, A2, E2, diagonal);
   TORCH_CHECK_VALUE(route == "auto" || route == "token_pair" || route == "per_sample", kOp,
                     ": route must be one of 'auto', 'token_pair', 'per_sample', got '",
