@@ -7,6 +7,7 @@ any shape; a kernel that drops or doubles a term fails them.
 import torch
 
 U32 = 2.0 ** -24  # unit roundoff of float32 (the accumulator of every fused kernel)
+U64 = 2.0 ** -53  # unit roundoff of float64
 
 
 def gamma(n, u=U32):

@@ -5,7 +5,8 @@ and through each route of the kernels that choose one."""
 import pytest
 import torch
 from layer_bounds import exact_and_bound
-from numerics import U32, assert_within, gamma
+from inputs import noncontiguous, rand
+from numerics import U32, U64, assert_within, gamma
 
 import lowrank_kernels as lk
 from lowrank_kernels import _capabilities as caps
@@ -22,21 +23,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DTYPES = [torch.float32, torch.float16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "fp64"]
-U64 = 2.0 ** -53
-
-
-def _rand(*shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _noncontiguous(X):
-    """X's values in a tensor whose last dim has stride 2."""
-    wide = torch.zeros(*X.shape[:-1], 2 * X.shape[-1], dtype=X.dtype)
-    wide[..., ::2] = X
-    return wide[..., ::2]
-
-
 def _check(out, expected, dtype, what):
     """Each output in the accumulation dtype, of the exact shape, within its bound (float64:
     the bound with the float64 unit roundoff)."""
@@ -90,12 +76,12 @@ def test_gram_linear(shape, dtype, route):
     B, B2, T, d_in, d_out, G = shape
     lead = (B,) if T == 0 else (B, T)
     lead2 = (B2,) if T == 0 else (B2, T)
-    A, E = _rand(*lead, G * d_in, dtype=dtype, seed=0), _rand(*lead, G * d_out, dtype=dtype, seed=1)
-    A2, E2 = _rand(*lead2, G * d_in, dtype=dtype, seed=2), _rand(*lead2, G * d_out, dtype=dtype, seed=3)
+    A, E = rand(*lead, G * d_in, dtype=dtype, seed=0), rand(*lead, G * d_out, dtype=dtype, seed=1)
+    A2, E2 = rand(*lead2, G * d_in, dtype=dtype, seed=2), rand(*lead2, G * d_out, dtype=dtype, seed=3)
     n = _gram_n(T, d_in, d_out, G)
     for bias in (False, True):
         for second, diagonal in (((None, None), False), ((A2, E2), False), ((None, None), True),
-                                 ((_noncontiguous(A), E[..., :]), True)):
+                                 ((noncontiguous(A), E[..., :]), True)):
             def run(A_, E_, A2_, E2_, bias=bias, diagonal=diagonal):
                 return ref_gram_linear.gram_linear(A_, E_, bias, A2_, E2_, diagonal, "token_pair", G)
 
@@ -108,7 +94,7 @@ def test_gram_linear(shape, dtype, route):
                 torch.testing.assert_close(lk.gram_linear(A, E, bias, A2=second[0],
                                                           E2=second[1], diagonal=diagonal,
                                                           route=route), K, rtol=0, atol=0)
-    K = _gram_tokens(_noncontiguous(A), _noncontiguous(E), True, None, None, False, route, G)
+    K = _gram_tokens(noncontiguous(A), noncontiguous(E), True, None, None, False, route, G)
     _check(K, _bound(ref_gram_linear.gram_linear, (A, E), (True, None, None, False,
                                                              "token_pair", G), n, dtype),
            dtype, "non-contiguous")
@@ -122,7 +108,7 @@ def test_gram_linear_triangle_blocks_and_pair_blocks():
     shapes = [((150, 9), (150, 5)), ((300, 40), (300, 24)), ((140, 10, 3), (140, 10, 5)),
               ((70, 128, 2), (70, 128, 3)), ((150, 2, 200), (150, 2, 160))]
     for k, (sa, se) in enumerate(shapes):
-        A, E = _rand(*sa, dtype=torch.float32, seed=4 + k), _rand(*se, dtype=torch.float32, seed=9 + k)
+        A, E = rand(*sa, dtype=torch.float32, seed=4 + k), rand(*se, dtype=torch.float32, seed=9 + k)
         T = A.shape[1] if A.dim() == 3 else 0
         n = _gram_n(T, A.shape[-1], E.shape[-1], 1)
         for route in ("token_pair", "per_sample"):
@@ -160,8 +146,8 @@ def test_gram_conv2d(dtype):
     stride, padding, dilation and groups; the token core's routes on the same tokens."""
     from lowrank_kernels.reference.conv2d_tokens import input_tokens, output_tokens
 
-    X, E = _rand(3, 4, 7, 6, dtype=dtype, seed=0), _rand(3, 6, 4, 3, dtype=dtype, seed=1)
-    X2, E2 = _rand(2, 4, 7, 6, dtype=dtype, seed=2), _rand(2, 6, 4, 3, dtype=dtype, seed=3)
+    X, E = rand(3, 4, 7, 6, dtype=dtype, seed=0), rand(3, 6, 4, 3, dtype=dtype, seed=1)
+    X2, E2 = rand(2, 4, 7, 6, dtype=dtype, seed=2), rand(2, 6, 4, 3, dtype=dtype, seed=3)
     geometry = ((3, 2), (2, 2), (1, 0), (1, 1), 2)
     n = _gram_n(12, 2 * 3 * 2, 3, 2)
     for bias, second, diagonal in ((False, (None, None), False), (True, (X2, E2), False),
@@ -189,10 +175,10 @@ def test_gram_conv2d_im2col_geometries():
                               ((2, 2, 9, 8), (3, 2), (2, 3), (2, 1), (2, 1)),
                               ((1, 2, 5, 7), (2, 3), (3, 2), (0, 2), (1, 3)),
                               ((3, 1, 3, 3), (3, 3), (1, 1), (0, 0), (1, 1))):
-        X = _rand(*shape, dtype=torch.float64, seed=7)
+        X = rand(*shape, dtype=torch.float64, seed=7)
         h = (shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
         w = (shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-        E = _rand(shape[0], 4, h, w, dtype=torch.float64, seed=8)
+        E = rand(shape[0], 4, h, w, dtype=torch.float64, seed=8)
         for diagonal in (False, True):
             K = lk.gram_conv2d(X, E, k, s, p, d, bias=True, diagonal=diagonal)
             R = ref_gram_conv2d.gram_conv2d(X, E, k, s, p, d, 1, True, None, None, diagonal,
@@ -230,13 +216,13 @@ def _tokens(route):
 def test_weighted_sum_and_project_linear(shape, dtype, route):
     weighted_sum, project = _tokens(route)
     B, T, d_in, d_out, G, m = shape
-    A, E = _rand(B, T, G * d_in, dtype=dtype, seed=0), _rand(B, T, G * d_out, dtype=dtype, seed=1)
-    c = _rand(B, *((m,) if m else ()), dtype=dtype, seed=2)
-    V = _rand(*((m,) if m else ()), G * d_out, d_in, dtype=dtype, seed=3)
-    Vb = _rand(*((m,) if m else ()), G * d_out, dtype=dtype, seed=4)
+    A, E = rand(B, T, G * d_in, dtype=dtype, seed=0), rand(B, T, G * d_out, dtype=dtype, seed=1)
+    c = rand(B, *((m,) if m else ()), dtype=dtype, seed=2)
+    V = rand(*((m,) if m else ()), G * d_out, d_in, dtype=dtype, seed=3)
+    Vb = rand(*((m,) if m else ()), G * d_out, dtype=dtype, seed=4)
     n_sum = B * T + B + T + 2
     n_dot = max(d_in + d_out + T, T + d_out * d_in) + G + d_out + 3
-    for A_, E_ in ((A, E), (_noncontiguous(A), _noncontiguous(E))):
+    for A_, E_ in ((A, E), (noncontiguous(A), noncontiguous(E))):
         for bias in (False, True):
             out = weighted_sum(A_, E_, c, bias, G)
             _check(out, _bound(ref_weighted_sum_linear.weighted_sum_linear, (A, E, c), (bias, G),
@@ -263,11 +249,11 @@ def test_weighted_sum_and_project_conv2d(shape, dtype, route):
     B, C_in, C_out, H, W, k, st, pad, dil, G, m = shape
     H_out = (H + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // st[0] + 1
     W_out = (W + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // st[1] + 1
-    X = _rand(B, C_in, H, W, dtype=dtype, seed=0)
-    E = _rand(B, C_out, H_out, W_out, dtype=dtype, seed=1)
-    c = _rand(B, *((m,) if m else ()), dtype=dtype, seed=2)
-    V = _rand(*((m,) if m else ()), C_out, C_in // G, *k, dtype=dtype, seed=3)
-    Vb = _rand(*((m,) if m else ()), C_out, dtype=dtype, seed=4)
+    X = rand(B, C_in, H, W, dtype=dtype, seed=0)
+    E = rand(B, C_out, H_out, W_out, dtype=dtype, seed=1)
+    c = rand(B, *((m,) if m else ()), dtype=dtype, seed=2)
+    V = rand(*((m,) if m else ()), C_out, C_in // G, *k, dtype=dtype, seed=3)
+    Vb = rand(*((m,) if m else ()), C_out, dtype=dtype, seed=4)
     geometry = (st, pad, dil, G)
     T, d_in = H_out * W_out, C_in // G * k[0] * k[1]
     ops = torch.ops.lowrank_kernels_testing
@@ -299,8 +285,8 @@ def subspace_expand(P, a, base=None):
 def test_subspace_project_expand(D, k, dtype):
     """csrc/subspace_project.cpp: the AVX2 register kernels (fp32, unit column stride, k <= 64:
     masked tails, several row chunks at D = 20011, a padded row stride), BLAS otherwise."""
-    P, g = _rand(D, k, dtype=dtype, seed=0), _rand(D, dtype=dtype, seed=1)
-    a, base = _rand(k, dtype=dtype, seed=2), _rand(D, dtype=dtype, seed=3)
+    P, g = rand(D, k, dtype=dtype, seed=0), rand(D, dtype=dtype, seed=1)
+    a, base = rand(k, dtype=dtype, seed=2), rand(D, dtype=dtype, seed=3)
     padded = torch.zeros(D, k + 3, dtype=dtype)[:, 1:k + 1]
     padded.copy_(P)
     for P_ in (P, P.T.contiguous().T, padded):
@@ -324,8 +310,8 @@ def test_random_subspace(D, d, dtype, rademacher):
     seed, s = 11, 0.3
     dist = "rademacher" if rademacher else "gaussian"
     Om = ref_sketch_omega(torch.arange(D), d, seed, rademacher).double()  # the reference's Ω
-    a, base, g = _rand(d, dtype=dtype, seed=0), _rand(D, dtype=dtype, seed=1), \
-        _rand(D, dtype=dtype, seed=2)
+    a, base, g = rand(d, dtype=dtype, seed=0), rand(D, dtype=dtype, seed=1), \
+        rand(D, dtype=dtype, seed=2)
     a64, base64, g64 = a.double(), base.double(), g.double()
     u = U64 if dtype == torch.float64 else U32
     w = lk.random_subspace_expand(a, seed, D, s, dist, base, backend="native")

@@ -2,7 +2,8 @@
 import pytest
 import torch
 from conftest import device_backend_params
-from numerics import U32, assert_within, gamma
+from inputs import noncontiguous
+from numerics import U32, U64, assert_within, gamma
 
 import lowrank_kernels as lk
 
@@ -33,16 +34,6 @@ def test_matches_dense_hadamard(device, backend, n, dtype):
     assert_within(y.cpu(), x64 @ hadamard(n).T, _bound(x64, n, out_u), f"{backend} n={n}")
 
 
-U64 = 2.0 ** -53
-
-
-def _noncontiguous(X):
-    """X's values in a tensor whose last dim has stride 2."""
-    wide = torch.zeros(*X.shape[:-1], 2 * X.shape[-1], dtype=X.dtype)
-    wide[..., ::2] = X
-    return wide[..., ::2]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64],
                          ids=["fp32", "fp16", "fp64"])
 @pytest.mark.parametrize("shape", [(3, 5, 1), (2, 2), (3, 5, 64), (2, 1024), (0, 8), (1, 4096),
@@ -54,7 +45,7 @@ def test_cpu_kernel_is_the_reference_bit_for_bit(shape, dtype):
     (n ≤ 4096) within the log₂ n-stage bound of the dense Hadamard product."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0),
                     dtype=torch.float64).to(dtype)
-    for x_ in (x, _noncontiguous(x)):
+    for x_ in (x, noncontiguous(x)):
         before = x_.clone()
         y = lk.fwht(x_, backend="native")
         assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()

@@ -7,14 +7,12 @@ Bounds used (exact arithmetic, plus a rounding term): with Q the range finder's 
 ‖M − U diag(S) Vᵀ‖₂ ≤ σ_{k+1} + ε (HMT §9.4)."""
 import pytest
 import torch
+from numerics import U64
 
 import lowrank_kernels as lk
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-U64 = 2.0 ** -53
 
 
 def _matrix(m, n, decay, seed=0):
