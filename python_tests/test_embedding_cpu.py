@@ -6,8 +6,9 @@ the Gram (token pair; used rows in one and in several blocks, by a lookup table 
 the rows, with a triangle of row blocks at B >= 128) and the diagonal."""
 import pytest
 import torch
+from inputs import noncontiguous, rand
 from layer_bounds import exact_and_bound
-from numerics import U32, assert_within
+from numerics import U32, U64, assert_within
 
 import lowrank_kernels as lk
 from lowrank_kernels.reference import gram_embedding as ref_gram_embedding
@@ -18,21 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 DTYPES = [torch.float32, torch.float16, torch.float64]
 DTYPE_IDS = ["fp32", "fp16", "fp64"]
-U64 = 2.0 ** -53
-
-
-def _rand(*shape, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _noncontiguous(X):
-    """X's values in a tensor whose last dim has stride 2."""
-    wide = torch.zeros(*X.shape[:-1], 2 * X.shape[-1], dtype=X.dtype)
-    wide[..., ::2] = X
-    return wide[..., ::2]
-
-
 def _check(out, run, tensors, n, dtype, what):
     """out in the accumulation dtype, of the exact shape, within γ_n·M of run(*tensors) in
     float64 (with float64's unit roundoff for float64 inputs)."""
@@ -77,15 +63,21 @@ def _gram_cases(shape):
             yield idx, idx2_, diagonal
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", EMBEDDING_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def _gram_params():
+    """(shape, dtype) pairs: every dtype, but the blocked shapes in fp32 only (time)."""
+    for shape in EMBEDDING_SHAPES:
+        B, T, _, d = shape[:4]
+        for dtype, name in zip(DTYPES, DTYPE_IDS):
+            if d * B * T <= 100_000 or dtype == torch.float32:
+                yield pytest.param(shape, dtype, id=f"{'x'.join(map(str, shape))}-{name}")
+
+
+@pytest.mark.parametrize("shape,dtype", list(_gram_params()))
 def test_gram_embedding(shape, dtype):
     B, T, N, d, B2, T2, pad = shape
-    if d * B * T > 100_000 and dtype != torch.float32:
-        pytest.skip("the blocked shape runs in fp32 only (time)")
-    E = _rand(B, T, d, dtype=dtype, seed=2)
+    E = rand(B, T, d, dtype=dtype, seed=2)
     for idx, idx2, diagonal in _gram_cases(shape):
-        E2 = None if idx2 is None else _rand(*idx2.shape, d, dtype=dtype, seed=3)
+        E2 = None if idx2 is None else rand(*idx2.shape, d, dtype=dtype, seed=3)
         n = T + T2 + (B * T + B2 * T2) * d + T * T2 + d + 4
         K = lk.gram_embedding(idx, E, N, pad, idx2=idx2, E2=E2, diagonal=diagonal,
                               backend="native")
@@ -97,7 +89,7 @@ def test_gram_embedding(shape, dtype):
         _check(K, run, tensors, n, dtype, f"cross={idx2 is not None} diagonal={diagonal}")
         if idx2 is None and not diagonal:
             assert torch.equal(K, K.T)
-    K = lk.gram_embedding(idx, _noncontiguous(E), N, pad, backend="native")
+    K = lk.gram_embedding(idx, noncontiguous(E), N, pad, backend="native")
     _check(K, lambda E_: ref_gram_embedding.gram_embedding(idx, E_, N, pad), (E,), n, dtype,
            "non-contiguous")
 
@@ -109,11 +101,11 @@ def test_gram_embedding(shape, dtype):
 def test_weighted_sum_and_project_embedding(shape, dtype):
     B, T, N, d, _, _, pad = shape
     idx = _idx(B, T, N, 0)
-    E = _rand(B, T, d, dtype=dtype, seed=2)
+    E = rand(B, T, d, dtype=dtype, seed=2)
     for m in (0, 3):
-        c = _rand(B, *((m,) if m else ()), dtype=dtype, seed=4)
-        V = _rand(*((m,) if m else ()), N, d, dtype=dtype, seed=5)
-        for E_ in (E, _noncontiguous(E)):
+        c = rand(B, *((m,) if m else ()), dtype=dtype, seed=4)
+        V = rand(*((m,) if m else ()), N, d, dtype=dtype, seed=5)
+        for E_ in (E, noncontiguous(E)):
             out = lk.weighted_sum_embedding(idx, E_, c, N, pad, backend="native")
             _check(out, lambda E1, c1: ref_weighted_sum_embedding.weighted_sum_embedding(
                 idx, E1, c1, N, pad), (E, c), B * T + 2, dtype, f"U c m={m}")
@@ -121,6 +113,6 @@ def test_weighted_sum_and_project_embedding(shape, dtype):
             _check(out, lambda E1, V1: ref_project_embedding.project_embedding(
                 idx, E1, V1, pad), (E, V), T * d + 3, dtype, f"Uᵀ V m={m}")
     if N > 1:  # m = 3 directions V with a strided last dim
-        out = lk.project_embedding(idx, E, _noncontiguous(V), pad, backend="native")
+        out = lk.project_embedding(idx, E, noncontiguous(V), pad, backend="native")
         _check(out, lambda E1, V1: ref_project_embedding.project_embedding(
             idx, E1, V1, pad), (E, V), T * d + 3, dtype, "Uᵀ V strided V")

@@ -17,7 +17,7 @@ import torch
 from conftest import backends_for
 from fuzz_strategies import (NAMES, Draw, U, acc_dtype, coeff, conv_grads, embedding_grads,
                              hadamard, linear_grads, omega_python, ulp32)
-from hypothesis import HealthCheck, Phase, given, note, seed, settings
+from hypothesis import HealthCheck, given, note, seed, settings
 from hypothesis import strategies as st
 from numerics import assert_within, gamma
 
@@ -27,7 +27,7 @@ from lowrank_kernels.reference.sketch_omega import sketch_omega as reference_ome
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-STATS = {"cases": 0, "mismatches": 0, "crashes": 0, "known": 0}
+STATS = {"cases": 0, "mismatches": 0, "crashes": 0}
 CONV_LAYOUTS = ("contiguous", "strided", "transposed", "expanded", "channels_last")
 LONG_FACTOR = 8
 SUBNORMAL_HALF = {torch.float16: 2.0 ** -25, torch.bfloat16: 2.0 ** -134}
@@ -620,13 +620,6 @@ EXAMPLES = {"gram_linear": 30, "gram_conv2d": 20, "gram_embedding": 30,
 TRITON_EXAMPLES = 8
 
 
-# Known bugs: {(op, backend, dtype): (reason, whether the default run's examples hit it or only
-# --fuzz-long's)}. Their fuzz entries fail deterministically and are xfail(strict=True) in those
-# runs, without shrinking; a test_* beside them holds each minimal reproducer. None at present
-# (the Triton fp16 weighted sums were the last: test_fp16_weighted_sum_*).
-KNOWN_BUGS = {}
-
-
 def _params():
     out = []
     for op in sorted(CASES):
@@ -650,8 +643,7 @@ class _Summary:
     def pytest_terminal_summary(self, terminalreporter):
         terminalreporter.write_line(
             f"fuzz summary: {STATS['cases']} cases, {STATS['mismatches']} mismatches, "
-            f"{STATS['crashes']} crashes ({STATS['known']} failing examples in xfail'd "
-            f"known-bug entries)")
+            f"{STATS['crashes']} crashes")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -663,18 +655,13 @@ def _summary(request):
 
 
 @pytest.mark.parametrize("op,backend,dtype", PARAMS)
-def test_fuzz(op, backend, dtype, fuzz_long, request):
+def test_fuzz(op, backend, dtype, fuzz_long):
     examples = TRITON_EXAMPLES if backend == "triton" else EXAMPLES[op]
     examples *= LONG_FACTOR if fuzz_long else 1
     run = CASES[op]
-    reason, long_only = KNOWN_BUGS.get((op, backend, dtype), (None, False))
-    known = reason is not None and (fuzz_long or not long_only)
-    if known:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-    phases = (Phase.explicit, Phase.generate) if known else tuple(Phase)
 
     @seed(zlib.crc32(f"{op}-{backend}-{dtype}".encode()))
-    @settings(max_examples=examples, phases=phases, database=None, deadline=None, print_blob=True,
+    @settings(max_examples=examples, database=None, deadline=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
     @given(st.data())
     def fuzz(data):
@@ -688,10 +675,10 @@ def test_fuzz(op, backend, dtype, fuzz_long, request):
             else:
                 run(Draw(data, dtype), backend)
         except AssertionError:
-            STATS["known" if known else "mismatches"] += 1
+            STATS["mismatches"] += 1
             raise
         except Exception:
-            STATS["known" if known else "crashes"] += 1
+            STATS["crashes"] += 1
             raise
 
     fuzz()
