@@ -179,6 +179,11 @@ class _Layer(torch.autograd.Function):
             call.norm = None
             return (None, gx, *(grads.get(id(p)) if need else None for p, need in
                                 zip(call.handler.params.values(), ctx.needs_input_grad[2:])))
+        if isinstance(call.handler, Conv2dHandler) and call.inner is None:
+            gx, grads = _conv2d(call.handler, call.saved, g, call.weighting,
+                                ctx.needs_input_grad[1])
+            return (None, gx, *(grads.get(id(p)) if need else None for p, need in
+                                zip(call.handler.params.values(), ctx.needs_input_grad[2:])))
         if call.inner is not None:
             gx, = torch.autograd.grad(call.y, call.inner, g, allow_unused=True)
             call.inner = call.y = None
@@ -246,16 +251,11 @@ def _direct_input_grad(handler):
 
 
 def _input_grad(handler, saved, g):
-    """The plain input gradient of a Linear / Conv1D (g W), Conv2d (its data gradient)."""
+    """The plain input gradient of a Linear (g W) / Conv1D (g Wᵀ)."""
     W = handler.params.get("weight", getattr(handler.module, "weight", None)).detach()
     if isinstance(handler, LinearHandler):
         return g @ _as(W, g.dtype)
-    if isinstance(handler, Conv1DHandler):
-        return g @ _as(W.T, g.dtype)
-    x, (_, stride, padding, dilation, groups) = saved
-    return torch.ops.aten.convolution_backward(
-        g, x.to(g.dtype), W.to(g.dtype), None, list(stride), list(padding), list(dilation),
-        False, [0, 0], groups, [True, False, False])[0]
+    return g @ _as(W.T, g.dtype)
 
 
 def _parameter_grads(handler, saved, g, weighting):
@@ -265,8 +265,6 @@ def _parameter_grads(handler, saved, g, weighting):
     w = {n: weighting.rows(p, B) for n, p in params.items()}
     if isinstance(handler, (LinearHandler, Conv1DHandler)):
         return _linear(params, w, saved, g, isinstance(handler, Conv1DHandler), weighting)
-    if isinstance(handler, Conv2dHandler):
-        return _conv2d(params, w, saved, g, weighting)
     if isinstance(handler, EmbeddingHandler):
         return _embedding(handler.module, params, w, saved, g, weighting)
     out = {}  # norms: the per-sample affine gradients (B × channels) weighted
@@ -307,28 +305,35 @@ def _as(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _conv2d(params, w, saved, g, weighting):
-    """The convolution's weight (and bias) gradient of g with row i scaled by w_i."""
+def _conv2d(handler, saved, g, weighting, need_input):
+    """(input gradient, {id(p): weighted gradient}) of one Conv2d call in one native call:
+
+        convolution_backward(e, x ⊙ w, W) -> (the plain input gradient, Σ_i w_i ∂W(e_i, x_i))
+
+    (the weight gradient is linear in each sample's input row and the input gradient does
+    not read x, so x's rows are scaled, not e's); the bias: Σ_i w_i Σ_hw e_i."""
     x, (_, stride, padding, dilation, groups) = saved
+    params = handler.params
     if x.dtype != g.dtype:
         dtype = torch.promote_types(x.dtype, g.dtype)
         x, g = x.to(dtype), g.to(dtype)
     W, b = params.get("weight"), params.get("bias")
-    gs = g * weighting.shaped(w["weight" if W is not None else "bias"], g)
     out = {}
-    if W is not None:
-        fused = b is not None and w["bias"] is w["weight"]
-        _, gW, gb = torch.ops.aten.convolution_backward(
-            gs, x, _as(W.detach(), g.dtype), [W.shape[0]] if fused else None,
-            list(stride), list(padding), list(dilation), False, [0, 0], groups,
-            [False, True, fused])
-        out[id(W)] = _as(gW, W.dtype)
-        if fused:
-            out[id(b)] = _as(gb, b.dtype)
-    if b is not None and id(b) not in out:
-        gb = g * weighting.shaped(w["bias"], g) if W is not None else gs
-        out[id(b)] = _as(gb.sum((0, 2, 3)), b.dtype)
-    return out
+    if W is not None or need_input:
+        weight = W if W is not None else handler.module.weight
+        if W is not None:
+            x = x * weighting.shaped(weighting.rows(W, g.shape[0]), x)
+        gx, gW, _ = torch.ops.aten.convolution_backward(
+            g, x, _as(weight.detach(), g.dtype), None, list(stride), list(padding),
+            list(dilation), False, [0, 0], groups, [need_input, W is not None, False])
+        if W is not None:
+            out[id(W)] = _as(gW, W.dtype)
+    else:
+        gx = None
+    if b is not None:
+        w = weighting.rows(b, g.shape[0])
+        out[id(b)] = _as(w.to(g.dtype) @ g.sum((2, 3)), b.dtype)
+    return gx, out
 
 
 def _embedding(module, params, w, idx, g, weighting):
