@@ -7,10 +7,11 @@
 // A float32 P (TWA's and a dense random subspace's bases) in AVX2/FMA registers, one pass over
 // P, rows in parallel: row-major with k <= 64 (project: c += g_i P_i; expand: 8 row dots at a
 // time, reduced by a transpose) or column-major (a QR's Q; project: 8 column dots at a time
-// against a vector of g; expand: 4 columns at a time added into a block of w in L1); project
-// sums row chunks of a fixed size in order, so its bits do not depend on the thread count
-// (measured at D = 300001, k = 16, 1 thread, column-major: 1.1-1.3x MKL's sgemv for project,
-// on par for expand, both streaming P once). Otherwise BLAS
+// against a vector of g; expand: 8 columns at a time added into a block of w in L1/L2; the
+// column count of a group a template constant, so its accumulators stay in registers); project
+// sums row chunks of a fixed size in order, so its bits do not depend on the thread count.
+// Measured at D = 300001, k = 16, 1 thread, column-major, interleaved: project 1.2-1.3x
+// MKL's sgemv (P.T @ g), expand 1.2-1.4x addmv, both streaming P once. Otherwise BLAS
 // (at::mv / at::addmv) on P in the accumulation dtype, a low-precision P converted a block of
 // rows at a time (read once at its own width, never copied whole).
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "lowrank/hd.h"
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -120,35 +122,32 @@ LK_TARGET_AVX2_FMA void expand_rows(const float* P, index_t ld, const float* a, 
   }
 }
 
-// Column-major P (P_ij at P + i + j ld): c_j = Σ_{r0 <= i < r1} P_ij g_i, 8 columns at a time
-// against one vector of g (the chunk of g stays in cache across the column groups).
-LK_TARGET_AVX2_FMA void project_columns(const float* P, index_t ld, const float* g, index_t r0,
-                                        index_t r1, int64_t k, float* c) {
-  for (int64_t j0 = 0; j0 < k; j0 += 8) {
-    const int nj = static_cast<int>(std::min<int64_t>(8, k - j0));
-    __m256 acc[8];
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-    index_t i = r0;
-    for (; i + 8 <= r1; i += 8) {
-      const __m256 gv = _mm256_loadu_ps(g + i);
-      for (int j = 0; j < 8; ++j)
-        if (j < nj) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(P + i + (j0 + j) * ld), gv, acc[j]);
-    }
-    for (int j = 0; j < nj; ++j) {
-      __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
-      s = _mm_hadd_ps(s, s);
-      s = _mm_hadd_ps(s, s);
-      float x = _mm_cvtss_f32(s);
-      for (index_t r = i; r < r1; ++r) x += P[r + (j0 + j) * ld] * g[r];
-      c[j0 + j] = x;
-    }
+// Column-major P (P_ij at P + i + j ld): c_j = Σ_{r0 <= i < r1} P_ij g_i for the G columns
+// at P, one vector of g against G column vectors (the chunk of g stays in L1 across groups).
+template <int G>
+LK_TARGET_AVX2_FMA void project_column_group(const float* P, index_t ld, const float* g,
+                                             index_t r0, index_t r1, float* c) {
+  __m256 acc[G];
+  for (int j = 0; j < G; ++j) acc[j] = _mm256_setzero_ps();
+  index_t i = r0;
+  for (; i + 8 <= r1; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    for (int j = 0; j < G; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(P + i + j * ld), gv, acc[j]);
+  }
+  for (int j = 0; j < G; ++j) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[j]), _mm256_extractf128_ps(acc[j], 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    float x = _mm_cvtss_f32(s);
+    for (index_t r = i; r < r1; ++r) x += P[r + j * ld] * g[r];
+    c[j] = x;
   }
 }
 
 // dst[0:n] = src[0:n] + Σ_{q < G} a_q P_q (columns P_q at P + q ld), 16 rows at a time.
 template <int G>
-LK_TARGET_AVX2_FMA inline void expand_column_group(const float* P, index_t ld, const float* a,
-                                                   const float* src, float* dst, index_t n) {
+LK_TARGET_AVX2_FMA void expand_column_group(const float* P, index_t ld, const float* a,
+                                            const float* src, float* dst, index_t n) {
   __m256 av[G];
   for (int q = 0; q < G; ++q) av[q] = _mm256_broadcast_ss(a + q);
   index_t i = 0;
@@ -168,20 +167,49 @@ LK_TARGET_AVX2_FMA inline void expand_column_group(const float* P, index_t ld, c
   }
 }
 
-// Column-major P: w = (base +) P a for rows [r0, r1), in blocks of 2048 rows that stay in L1
-// while 4 columns at a time are added in.
+// F<G>::run(j, args...) for the columns of P in groups of 8 and one group of the k % 8 left
+// (G a compile-time constant: the accumulators stay in registers, no per-column branch).
+template <template <int> class F, class... Args>
+void by_column_groups(int64_t k, Args... args) {
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) F<8>::run(j, args...);
+  switch (k - j) {
+    case 1: F<1>::run(j, args...); break;
+    case 2: F<2>::run(j, args...); break;
+    case 3: F<3>::run(j, args...); break;
+    case 4: F<4>::run(j, args...); break;
+    case 5: F<5>::run(j, args...); break;
+    case 6: F<6>::run(j, args...); break;
+    case 7: F<7>::run(j, args...); break;
+    default: break;
+  }
+}
+template <int G>
+struct ProjectColumns {  // (j, P, ld, g, r0, r1, c): columns j .. j + G - 1
+  static void run(int64_t j, const float* P, index_t ld, const float* g, index_t r0, index_t r1,
+                  float* c) {
+    project_column_group<G>(P + j * ld, ld, g, r0, r1, c + j);
+  }
+};
+template <int G>
+struct ExpandColumns {  // (j, P, ld, a, w, n): w[0:n] += P[:, j .. j + G - 1] a[j ..]
+  static void run(int64_t j, const float* P, index_t ld, const float* a, const float* src,
+                  float* w, index_t n) {
+    expand_column_group<G>(P + j * ld, ld, a + j, j == 0 ? src : w, w, n);
+  }
+};
+
+// Column-major P: w = (base +) P a for rows [r0, r1), in blocks of 8192 rows (32 KiB of w,
+// in L1/L2) into which 8 columns at a time are added.
 LK_TARGET_AVX2_FMA void expand_columns(const float* P, index_t ld, const float* a,
                                        const float* base, index_t r0, index_t r1, int64_t k,
                                        float* w) {
-  constexpr index_t kBlock = 2048;
+  constexpr index_t kBlock = 8192;
   for (index_t i0 = r0; i0 < r1; i0 += kBlock) {
     const index_t n = std::min(kBlock, r1 - i0);
     float* wb = w + i0;
     if (base == nullptr) std::fill(wb, wb + n, 0.0f);
-    const float* src = base ? base + i0 : wb;
-    int64_t j = 0;
-    for (; j + 4 <= k; j += 4, src = wb) expand_column_group<4>(P + j * ld + i0, ld, a + j, src, wb, n);
-    for (; j < k; ++j, src = wb) expand_column_group<1>(P + j * ld + i0, ld, a + j, src, wb, n);
+    by_column_groups<ExpandColumns>(k, P + i0, ld, a, base ? base + i0 : wb, wb, n);
   }
 }
 
@@ -285,21 +313,24 @@ at::Tensor subspace_project_cpu(const at::Tensor& P, const at::Tensor& g) {
 #if LK_SUBSPACE_AVX2
   if (const Layout layout = register_layout(P); layout != Layout::kNone) {
     const index_t chunks = (D + kChunkRows - 1) / kChunkRows;
-    at::Tensor partial = at::empty({chunks, k}, v.options());
+    std::vector<float> partial(chunks * k);
     const float* p = P.const_data_ptr<float>();
     const float* gp = v.const_data_ptr<float>();
-    float* out = partial.data_ptr<float>();
     at::parallel_for(0, chunks, 1, [&](index_t begin, index_t end) {
       for (index_t ch = begin; ch < end; ++ch) {
         const index_t r0 = ch * kChunkRows, r1 = std::min(D, r0 + kChunkRows);
+        float* out = partial.data() + ch * k;
         if (layout == Layout::kRows)
-          by_vectors<ProjectRows>(k, p, P.stride(0), gp, r0, r1, k, out + ch * k);
+          by_vectors<ProjectRows>(k, p, P.stride(0), gp, r0, r1, k, out);
         else
-          project_columns(p, P.stride(1), gp, r0, r1, k, out + ch * k);
+          by_column_groups<ProjectColumns>(k, p, P.stride(1), gp, r0, r1, out);
       }
     });
-    at::Tensor c = partial[0];
-    for (index_t ch = 1; ch < chunks; ++ch) c.add_(partial[ch]);  // in order
+    at::Tensor c = at::empty({k}, v.options());
+    float* cp = c.data_ptr<float>();
+    std::copy(partial.begin(), partial.begin() + k, cp);
+    for (index_t ch = 1; ch < chunks; ++ch)  // in order
+      for (index_t j = 0; j < k; ++j) cp[j] += partial[ch * k + j];
     return c;
   }
 #endif

@@ -283,13 +283,17 @@ def subspace_expand(P, a, base=None):
 @pytest.mark.parametrize("D,k", [(0, 3), (1, 1), (7, 0), (1009, 7), (20011, 16), (203, 37),
                                  (97, 64), (61, 65)])
 def test_subspace_project_expand(D, k, dtype):
-    """csrc/subspace_project.cpp: the AVX2 register kernels (fp32, unit column stride, k <= 64:
-    masked tails, several row chunks at D = 20011, a padded row stride), BLAS otherwise."""
+    """csrc/subspace_project.cpp: the AVX2 register kernels (fp32; unit column stride, k <= 64:
+    masked tails, several row chunks at D = 20011, a padded row stride; unit row stride: groups
+    of 8 columns and the k % 8 left, several row blocks, a padded column stride), BLAS
+    otherwise."""
     P, g = rand(D, k, dtype=dtype, seed=0), rand(D, dtype=dtype, seed=1)
     a, base = rand(k, dtype=dtype, seed=2), rand(D, dtype=dtype, seed=3)
     padded = torch.zeros(D, k + 3, dtype=dtype)[:, 1:k + 1]
     padded.copy_(P)
-    for P_ in (P, P.T.contiguous().T, padded):
+    padded_columns = torch.zeros(k, D + 5, dtype=dtype)[:, 2:D + 2].T
+    padded_columns.copy_(P)
+    for P_ in (P, P.T.contiguous().T, padded, padded_columns):
         _check(subspace_project(P_, g), _bound(ref_subspace.subspace_project, (P, g), (), D + 2,
                                                dtype), dtype, "Pᵀ g")
         for b in (base, None):
