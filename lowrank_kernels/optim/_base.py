@@ -195,14 +195,16 @@ class GuardedOptimizer(torch.optim.Optimizer):
                 continue
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             ds = [directions[id(p)].to(p.dtype) for p in params]
-            ok = torch.stack([torch.isfinite(n.to(self.state["fallbacks"].device)) for n in
-                              torch._foreach_norm([_accumulated(d) for d in ds])])
+            device = self.state["fallbacks"].device
+            ok = torch.isfinite(torch.stack([n.to(device) for n in
+                                             torch._foreach_norm([_accumulated(d) for d in ds])]))
             bad = (~ok).long().sum()
             self.state["fallbacks"] = self.state["fallbacks"] + bad
             self.state["skipped"] = self.state["skipped"] + bad
             if wd != 0:
                 ds = torch._foreach_add(ds, params, alpha=wd)
-            ds = [torch.where(k, d, 0) for k, d in zip(ok.unbind(), ds)]
+            zero = torch.zeros((), dtype=ds[0].dtype)  # one 0-d CPU scalar, not one per d
+            ds = [torch.where(k, d, zero) for k, d in zip(ok.unbind(), ds)]
             if mu != 0:
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                         for p in params]

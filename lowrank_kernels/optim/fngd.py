@@ -248,9 +248,11 @@ class FNGD(GuardedOptimizer):
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             directions = dict(zip(map(id, params), self._recorded_corrections(params, fused)))
             if fused is not None:  # no solved batch: ḡ (c = 1/B) per block, as a fallback
+                ok = fused[1]
                 block = {id(p): l for l, (_, ps) in enumerate(self.blocks) for p in ps}
-                failed = sum((~fused[1][block[id(p)]]).long() for p in params)
-                self.state["fallbacks"] = self.state["fallbacks"] + failed
+                counts = torch.bincount(torch.tensor([block[id(p)] for p in params]),
+                                        minlength=ok.shape[0]).to(ok.device)
+                self.state["fallbacks"] = self.state["fallbacks"] + (~ok).long() @ counts
             self._update_without_fallback(directions)
             self.state["step"] += 1
         finally:
