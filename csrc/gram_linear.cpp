@@ -20,7 +20,9 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
+#include "lowrank/f32_tiles.h"
 #include "lowrank/gram_tokens.h"
 #include "lowrank/layer_checks.h"
 
@@ -36,6 +38,9 @@ constexpr int64_t kGradBlock = 1 << 22;
 // (measured, 1 thread, A A1ᵀ with d = 512..1024: full GEMM 52 / 287 / 1502 us at B = 64 / 128 /
 // 256 against rows of 32: 60 / 241 / 1209 us and rows of 64: 59 / 253 / 1104 us).
 constexpr int64_t kTriangleMinRows = 128;
+// Samples from which the per-sample route's float32 G Gᵀ takes tiles::syrk_lower (fewer: its
+// 16-row panels are mostly padding, and the packing costs more than the flops it saves).
+constexpr int64_t kSyrkMinRows = 32;
 int64_t triangle_block(int64_t B) { return B < kTriangleMinRows ? B : B < 256 ? 32 : 64; }
 // Flop-equivalents of one fused pass over an entry of X (+b, ⊙, the sum) and of writing and
 // reading one per-sample gradient entry.
@@ -70,17 +75,20 @@ at::ScalarType acc_type(const at::Tensor& A) {
   return A.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// K's strict lower triangle := its upper one transposed (exactly symmetric).
+// K's strict lower triangle := its upper one transposed (from_lower: the other way round):
+// exactly symmetric.
 template <typename S>
-void mirror_upper(at::Tensor& K) {
+void mirror(at::Tensor& K, bool from_lower) {
   const int64_t n = K.size(0);
   S* k = K.data_ptr<S>();
   constexpr int64_t kTile = 64;
   for (int64_t i0 = 0; i0 < n; i0 += kTile)
     for (int64_t j0 = i0; j0 < n; j0 += kTile)
       for (int64_t i = i0; i < std::min(i0 + kTile, n); ++i)
-        for (int64_t j = std::max(j0, i + 1); j < std::min(j0 + kTile, n); ++j)
-          k[j * n + i] = k[i * n + j];
+        for (int64_t j = std::max(j0, i + 1); j < std::min(j0 + kTile, n); ++j) {
+          if (from_lower) k[i * n + j] = k[j * n + i];
+          else k[j * n + i] = k[i * n + j];
+        }
 }
 
 // The last dim with unit stride (row dots and the fused passes read rows).
@@ -153,6 +161,40 @@ void pair_block_sums(const at::Tensor& xa, const at::Tensor& xe, S b, int64_t T,
   });
 }
 
+// Whether the float32 register tiles (lowrank/f32_tiles.h) take these tensors here.
+bool f32_tiles(const at::Tensor& X) {
+  return X.scalar_type() == at::kFloat && tiles::has_avx2_fma();
+}
+
+// The symmetric T = 1 Gram in float32, K = Σ_g (A_g A_gᵀ + b) ⊙ (E_g E_gᵀ): per group the two
+// products on and below the diagonal by tiles::syrk_lower (about half a GEMM's flops each),
+// then one pass K (+)= (SA + b) ⊙ SE over the lower triangle that also writes the upper one.
+// A (B, 1, G·ka), E (B, 1, G·ke) with unit last strides.
+at::Tensor symmetric_rows(const at::Tensor& A, const at::Tensor& E, float b, int64_t groups) {
+  const int64_t n = A.size(0), ka = A.size(2) / groups, ke = E.size(2) / groups;
+  at::Tensor K = at::empty({n, n}, A.options());
+  at::Tensor SA = at::empty({n, n}, A.options()), SE = at::empty({n, n}, A.options());
+  float *k = K.data_ptr<float>(), *sa = SA.data_ptr<float>(), *se = SE.data_ptr<float>();
+  constexpr int64_t kTile = 64;
+  const int64_t tiles_per_side = (n + kTile - 1) / kTile;
+  for (int64_t g = 0; g < groups; ++g) {
+    tiles::syrk_lower(A.const_data_ptr<float>() + g * ka, A.stride(0), n, ka, sa, n, false);
+    tiles::syrk_lower(E.const_data_ptr<float>() + g * ke, E.stride(0), n, ke, se, n, false);
+    const bool add = g > 0, last = g + 1 == groups;
+    at::parallel_for(0, tiles_per_side, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t ti = lo; ti < hi; ++ti)
+        for (int64_t j0 = 0; j0 <= ti * kTile; j0 += kTile)
+          for (int64_t i = ti * kTile; i < std::min(n, (ti + 1) * kTile); ++i)
+            for (int64_t j = j0; j < std::min(j0 + kTile, i + 1); ++j) {
+              const float v = (add ? k[i * n + j] : 0.f) + (sa[i * n + j] + b) * se[i * n + j];
+              k[i * n + j] = v;
+              if (last) k[j * n + i] = v;
+            }
+    });
+  }
+  return K;
+}
+
 // The token-pair route; A... (B, T, G·k) in the accumulation dtype.
 template <typename S>
 at::Tensor token_pair(const at::Tensor& A, const at::Tensor& E, const at::Tensor& A2,
@@ -188,6 +230,8 @@ at::Tensor token_pair(const at::Tensor& A, const at::Tensor& E, const at::Tensor
     return out;
   }
   if (B1 == 0 || B2 == 0 || T == 0) return at::zeros({B1, B2}, A.options());
+  if constexpr (std::is_same_v<S, float>)
+    if (T == 1 && !cross && f32_tiles(A)) return symmetric_rows(unit_rows(A), unit_rows(E), b, groups);
   at::Tensor K = at::empty({B1, B2}, A.options());
   const int64_t fits = std::max<int64_t>(1, kPairBlock / std::max<int64_t>(1, T * T * B2));
   const int64_t step = cross ? fits : std::min(fits, T == 1 ? triangle_block(B1) : B1);
@@ -205,7 +249,7 @@ at::Tensor token_pair(const at::Tensor& A, const at::Tensor& E, const at::Tensor
       pair_block_sums<S>(xa, xe, b, T, r0, c0, g > 0, !cross, K);
     }
   }
-  if (!cross) mirror_upper<S>(K);
+  if (!cross) mirror<S>(K, false);
   return K;
 }
 
@@ -221,7 +265,11 @@ at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor
   if (B1 == 0 || B2 == 0)
     return diagonal ? at::zeros({B1}, A.options()) : at::zeros({B1, B2}, A.options());
   const int64_t step = std::max<int64_t>(1, kGradBlock / std::max<int64_t>(1, (B1 + B2) * ka));
-  const bool triangle = !cross && !diagonal && B1 >= kTriangleMinRows;
+  const bool tiled = f32_tiles(A) && std::is_same_v<S, float>;
+  // The symmetric K: float32 lower tiles (tiles::syrk_lower) from kSyrkMinRows samples on, else
+  // upper block rows of GEMMs from kTriangleMinRows on, else one GEMM.
+  const bool syrk = tiled && !cross && !diagonal && B1 >= kSyrkMinRows;
+  const bool triangle = !syrk && !cross && !diagonal && B1 >= kTriangleMinRows;
   std::optional<at::Tensor> K;
   auto add_gram = [&](const at::Tensor& G1, const at::Tensor& G2) {  // (B, P) rows
     const bool first = !K.has_value();
@@ -234,6 +282,13 @@ at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor
       at::parallel_for(0, B1, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) o[i] += fast_dot(p1 + i * s1, p2 + i * s2, P);
       });
+    } else if (syrk) {
+      if (first) K = at::empty({B1, B1}, A.options());
+      if constexpr (std::is_same_v<S, float>) {
+        const at::Tensor g1 = unit_rows(G1);
+        tiles::syrk_lower(g1.const_data_ptr<float>(), g1.stride(0), B1, g1.size(1),
+                          K->data_ptr<float>(), B1, !first);
+      }
     } else if (!triangle) {
       if (first) K = at::mm(G1, G2.t());
       else K->addmm_(G1, G2.t());
@@ -254,6 +309,15 @@ at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor
     for (int64_t lo = 0; lo < ke; lo += step) {
       const int64_t n = std::min(step, ke - lo);
       auto grads = [&](const at::Tensor& X, const at::Tensor& Y) {  // (B, n·ka)
+        if constexpr (std::is_same_v<S, float>)
+          if (tiled && X.stride(2) == 1 && Y.stride(2) == 1) {  // per sample E_iᵀ A_i in place
+            at::Tensor G = at::empty({X.size(0), n * ka}, X.options());
+            tiles::per_sample_grads(Y.const_data_ptr<float>(), Y.stride(0), Y.stride(1),
+                                    X.const_data_ptr<float>(), X.stride(0), X.stride(1),
+                                    X.size(0), X.size(1), g * ke + lo, n, ka,
+                                    G.data_ptr<float>(), n * ka, ka);
+            return G;
+          }
         return at::bmm(part(Y, 2, g * ke + lo, n).transpose(1, 2), X).view({X.size(0), -1});
       };
       const at::Tensor G1 = grads(Ag, E);
@@ -266,7 +330,7 @@ at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor
   }
   if (!K.has_value())  // no parameters (d_out = 0)
     return diagonal ? at::zeros({B1}, A.options()) : at::zeros({B1, B2}, A.options());
-  if (!cross && !diagonal) mirror_upper<S>(*K);
+  if (!cross && !diagonal) mirror<S>(*K, syrk);
   return *K;
 }
 

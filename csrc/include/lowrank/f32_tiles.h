@@ -1,0 +1,221 @@
+// float32 register-tiled products of the layer ops' CPU kernels (AVX2 + FMA, chosen at run
+// time; callers check has_avx2_fma() and keep a BLAS path otherwise):
+//
+//   xt_y:        C (m × n) (+)= Xᵀ Y = Σ_k x_kᵀ y_k   over the K rows of X (K × m), Y (K × n)
+//   syrk_lower:  W (n × n) = X Xᵀ on and below the diagonal (tiles crossing it also above)
+//
+// Both are sums of rank-1 updates into a 6 × 16 tile of C held in 12 ymm registers: per k, six
+// broadcasts of the row side and two 8-float loads of the column side. xt_y reads X and Y in
+// place (the per-sample gradient G_i = E_iᵀ A_i of T token rows needs no transpose); syrk_lower
+// packs 16-row panels of X transposed (8 × 8 AVX transposes, kc = 256 columns at a time: a
+// 16 KiB panel stays in L1) and computes only the tiles that meet the lower triangle: about
+// half of a GEMM's flops (measured 1 thread, d = 512..1024: 1.9-2.0x faster than MKL's
+// sgemm for the full A Aᵀ at B = 64..256; MKL's own ssyrk is not exported by torch, and its
+// internal one takes sgemmt on AMD, 1.3x). Sums run in index order of k with FMA, as a GEMM's.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define LK_TILES_AVX2 1
+#define LK_TILES_TARGET __attribute__((target("avx2,fma")))
+#endif
+
+namespace lowrank::tiles {
+
+inline bool has_avx2_fma() {
+#ifdef LK_TILES_AVX2
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#ifdef LK_TILES_AVX2
+constexpr int kRows = 6, kCols = 16;
+// Columns of X per packed panel of syrk_lower (16 rows × kKc floats: 16 KiB).
+constexpr int64_t kKc = 256;
+// Rows of X (k) per block of xt_y (a 16-column panel of Y, kKc × 16 floats, stays in L1).
+constexpr int64_t kKBlock = 256;
+
+// Lanes of the columns j < nr of a 16-wide tile (nr < 16).
+struct ColMask {
+  __m256i lo, hi;
+};
+LK_TILES_TARGET inline ColMask col_mask(int64_t nr) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i n = _mm256_set1_epi32(static_cast<int>(nr));
+  return {_mm256_cmpgt_epi32(n, idx),
+          _mm256_cmpgt_epi32(n, _mm256_add_epi32(idx, _mm256_set1_epi32(8)))};
+}
+
+template <bool Masked>
+LK_TILES_TARGET inline __m256 load8(const float* p, __m256i mask) {
+  if constexpr (Masked) return _mm256_maskload_ps(p, mask);
+  else return _mm256_loadu_ps(p);
+}
+
+// C[r, j] (+)= Σ_{k < K} x[r·rs + k·ks] · v[k·vs + j] for r < M, j < 16 (j < nr if Masked:
+// only those columns of v are read and of C written). accumulate: C's tile is added to.
+template <int M, bool Masked>
+LK_TILES_TARGET inline void tile(const float* x, int64_t rs, int64_t ks, const float* v,
+                                 int64_t vs, int64_t K, float* c, int64_t ldc, int64_t nr,
+                                 bool accumulate) {
+  const ColMask mask = Masked ? col_mask(nr) : ColMask{};
+  // (every loop over r and h unrolled: the accumulators stay in registers)
+  __m256 acc[M][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    acc[r][0] = accumulate ? load8<Masked>(c + r * ldc, mask.lo) : _mm256_setzero_ps();
+    acc[r][1] = accumulate ? load8<Masked>(c + r * ldc + 8, mask.hi) : _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 v0 = load8<Masked>(v + k * vs, mask.lo);
+    const __m256 v1 = load8<Masked>(v + k * vs + 8, mask.hi);
+#pragma GCC unroll 6
+    for (int r = 0; r < M; ++r) {
+      const __m256 b = _mm256_broadcast_ss(x + r * rs + k * ks);
+      acc[r][0] = _mm256_fmadd_ps(b, v0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(b, v1, acc[r][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < M; ++r) {
+    if constexpr (Masked) {
+      _mm256_maskstore_ps(c + r * ldc, mask.lo, acc[r][0]);
+      _mm256_maskstore_ps(c + r * ldc + 8, mask.hi, acc[r][1]);
+    } else {
+      _mm256_storeu_ps(c + r * ldc, acc[r][0]);
+      _mm256_storeu_ps(c + r * ldc + 8, acc[r][1]);
+    }
+  }
+}
+
+// tile<m, nr < 16> for 1 <= m <= 6.
+template <bool Masked>
+LK_TILES_TARGET inline void tile_rows(int64_t m, const float* x, int64_t rs, int64_t ks,
+                                      const float* v, int64_t vs, int64_t K, float* c,
+                                      int64_t ldc, int64_t nr, bool accumulate) {
+  switch (m) {
+    case 6: return tile<6, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+    case 5: return tile<5, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+    case 4: return tile<4, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+    case 3: return tile<3, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+    case 2: return tile<2, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+    default: return tile<1, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+  }
+}
+
+LK_TILES_TARGET inline void any_tile(int64_t m, int64_t nr, const float* x, int64_t rs,
+                                     int64_t ks, const float* v, int64_t vs, int64_t K,
+                                     float* c, int64_t ldc, bool accumulate) {
+  if (nr == kCols) tile_rows<false>(m, x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+  else tile_rows<true>(m, x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+}
+
+// C (m × n, row stride ldc) (+)= Xᵀ Y: X (K × m) and Y (K × n) of row strides ldx, ldy, unit
+// column strides. One thread (callers parallelize over independent products).
+LK_TILES_TARGET inline void xt_y(const float* X, int64_t ldx, const float* Y, int64_t ldy,
+                                 int64_t K, int64_t m, int64_t n, float* C, int64_t ldc,
+                                 bool accumulate) {
+  if (K == 0 && !accumulate)
+    for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.f);
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t kb = std::min(kKBlock, K - k0);
+    const bool add = accumulate || k0 > 0;
+    for (int64_t j0 = 0; j0 < n; j0 += kCols)
+      for (int64_t i0 = 0; i0 < m; i0 += kRows)
+        any_tile(std::min<int64_t>(kRows, m - i0), std::min<int64_t>(kCols, n - j0),
+                 X + k0 * ldx + i0, 1, ldx, Y + k0 * ldy + j0, ldy, kb, C + i0 * ldc + j0,
+                 ldc, add);
+  }
+}
+
+// Per-sample gradient rows G_i = E_i[:, lo:lo + h]ᵀ A_i (h × k) for the B samples: E (B, T, ·)
+// and A (B, T, k) of sample strides sE, sA and token strides tE, tA (unit last strides), G_i at
+// G + i·sG, rows of stride ldg. Threads share the samples.
+inline void per_sample_grads(const float* E, int64_t sE, int64_t tE, const float* A, int64_t sA,
+                             int64_t tA, int64_t B, int64_t T, int64_t lo, int64_t h,
+                             int64_t k, float* G, int64_t sG, int64_t ldg) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i)
+      xt_y(E + i * sE + lo, tE, A + i * sA, tA, T, h, k, G + i * sG, ldg, false);
+  });
+}
+
+// dst[k·ldd + r] = src[r·lds + k] for r, k < 8 (0 for the rows r >= rows).
+LK_TILES_TARGET inline void transpose8(const float* src, int64_t lds, int64_t rows, float* dst,
+                                       int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// panel[k·16 + r] = X[r0 + r, k0 + k] for r < 16, k < kc (0 for rows r0 + r >= n).
+LK_TILES_TARGET inline void pack_panel(const float* X, int64_t ldx, int64_t n, int64_t r0,
+                                       int64_t k0, int64_t kc, float* panel) {
+  for (int64_t h = 0; h < kCols; h += 8) {
+    const int64_t i = r0 + h, rows = std::clamp<int64_t>(n - i, 0, 8);
+    const float* src = rows > 0 ? X + i * ldx + k0 : X;  // (no rows: nothing read)
+    float* dst = panel + h;
+    int64_t k = 0;
+    for (; k + 8 <= kc; k += 8) transpose8(src + k, ldx, rows, dst + k * kCols, kCols);
+    for (; k < kc; ++k)
+      for (int r = 0; r < 8; ++r) dst[k * kCols + r] = i + r < n ? X[(i + r) * ldx + k0 + k] : 0.f;
+  }
+}
+
+// W[i, j] (+)= x_i·x_j for j <= i (and for the j > i of the tiles crossing the diagonal):
+// X (n × K) of row stride ldx, unit column stride; W (n × n) of row stride ldw. Threads share
+// the column panels, in an order that pairs long and short ones. accumulate: W is added to (the
+// same tiles as a first call wrote).
+LK_TILES_TARGET inline void syrk_lower(const float* X, int64_t ldx, int64_t n, int64_t K,
+                                       float* W, int64_t ldw, bool accumulate) {
+  const int64_t panels = (n + kCols - 1) / kCols, kc_max = std::min(kKc, K);
+  std::unique_ptr<float[]> storage(new float[panels * kCols * kc_max]);
+  float* packed = storage.get();
+  if (K == 0) {  // no columns: W (+)= 0
+    if (!accumulate)
+      for (int64_t i = 0; i < n; ++i) std::fill(W + i * ldw, W + i * ldw + i + 1, 0.f);
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p)
+        pack_panel(X, ldx, n, p * kCols, k0, kc, packed + p * kCols * kc);
+    });
+    at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t q = lo; q < hi; ++q) {
+        const int64_t p = q % 2 == 0 ? q / 2 : panels - 1 - q / 2;  // long, short, long, ...
+        const int64_t j0 = p * kCols, nr = std::min<int64_t>(kCols, n - j0);
+        for (int64_t i0 = j0 / kRows * kRows; i0 < n; i0 += kRows)
+          any_tile(std::min<int64_t>(kRows, n - i0), nr, X + i0 * ldx + k0, ldx, 1,
+                   packed + p * kCols * kc, kCols, kc, W + i0 * ldw + j0, ldw,
+                   accumulate || k0 > 0);
+      }
+    });
+  }
+}
+#endif
+
+}  // namespace lowrank::tiles
