@@ -315,13 +315,22 @@ def strict():
         _STRICT[0] -= 1
 
 
-def call(op, backend, *args):
-    """op(*args) on `backend` (None: the default kernels) — the `backend=` argument of the
-    Python entry points."""
+def on_backend(op, backend):
+    """op itself for backend None (the default kernels: the entry point adds nothing to the
+    call), else op run on `backend` — the `backend=` argument of the Python entry points,
+    `on_backend(_OP, backend)(*args)`."""
     if backend is None:
-        return op(*args)
-    with _Routing(backend=backend):
-        return op(*args)
+        return op
+
+    def forced(*args):
+        with _Routing(backend=backend):
+            return op(*args)
+    return forced
+
+
+def call(op, backend, *args):
+    """op(*args) on `backend` (None: the default kernels)."""
+    return on_backend(op, backend)(*args)
 
 
 def _environment_mode():

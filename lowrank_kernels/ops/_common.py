@@ -21,51 +21,31 @@ def pair(op, name, value, minimum):
     return values
 
 
-# The conv entry points' defaults of stride, padding, dilation, groups (the schema's: an int
-# for an int[2] is both entries).
-CONV_DEFAULTS = (1, 0, 1, 1)
-
-
-def conv_arguments(head, tail, tail_defaults):
-    """A conv op's arguments from its entry point: head (tensors, kernel size), stride,
-    padding, dilation, groups, then the rest — without the trailing ones that are
-    (identically) the entry point's defaults, which the dispatcher then neither converts nor
-    passes (the kernel completes them). Geometry values go to the op as given: the schema's
-    int[2] takes an int or a pair, the op's check their ranges."""
-    args = head + tail
-    defaults = CONV_DEFAULTS + tail_defaults
-    n, k = len(args), len(defaults)
-    while k and args[n - 1] is defaults[k - 1]:
-        n, k = n - 1, k - 1
-    return args[:n]
-
-
 def output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-_PAIRS = (list, tuple)
 
 
 def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_name="X"):
     """X (B, C_in, H, W) and E (B, C_out, H_out, W_out) of one Conv2d call: ranks, dtypes,
     devices, the batch, channels divisible by groups, and H_out, W_out as the geometry gives."""
-    # The common case in one expression; the geometry from the dispatcher (int[2]: ints, the
-    # length not enforced there) or the defaults as the completer shares them (tuples).
-    if type(X) is torch.Tensor and type(E) is torch.Tensor and X.dim() == 4 and \
-            E.dim() == 4 and X.dtype is E.dtype and X.dtype in ALL_FLOAT and \
-            X.device == E.device and type(groups) is int and groups >= 1 and \
-            type(kernel_size) in _PAIRS and type(stride) in _PAIRS and \
-            type(padding) in _PAIRS and type(dilation) in _PAIRS and \
-            len(kernel_size) == len(stride) == len(padding) == len(dilation) == 2:
+    # The common case in one expression; errors come from the checks below. The geometry
+    # comes from the schema's int[2] (lists of ints, the length not enforced there), the
+    # completer's defaults (tuples) or V's shape: an unpacking that fails is the slow path.
+    try:
         (k0, k1), (s0, s1), (p0, p1), (d0, d1) = kernel_size, stride, padding, dilation
-        x, e = X.shape, E.shape
-        if min(k0, k1, s0, s1, d0, d1) >= 1 and p0 >= 0 and p1 >= 0:
-            h = (x[2] + 2 * p0 - d0 * (k0 - 1) - 1) // s0 + 1
-            w = (x[3] + 2 * p1 - d1 * (k1 - 1) - 1) // s1 + 1
-            if x[0] == e[0] and not x[1] % groups and not e[1] % groups and e[2] == h and \
-                    e[3] == w and h >= 1 and w >= 1:
-                return kernel_size, stride, padding, dilation
+        B, C, H, W = X.shape
+        B_e, C_e, H_e, W_e = E.shape
+    except (AttributeError, TypeError, ValueError):
+        pass
+    else:
+        if type(X) is torch.Tensor and type(E) is torch.Tensor and X.dtype is E.dtype and \
+                X.dtype in ALL_FLOAT and X.device == E.device and type(groups) is int and \
+                groups >= 1 and k0 >= 1 and k1 >= 1 and s0 >= 1 and s1 >= 1 and \
+                d0 >= 1 and d1 >= 1 and p0 >= 0 and p1 >= 0 and B == B_e and \
+                not C % groups and not C_e % groups and \
+                H_e == (H + 2 * p0 - d0 * (k0 - 1) - 1) // s0 + 1 >= 1 and \
+                W_e == (W + 2 * p1 - d1 * (k1 - 1) - 1) // s1 + 1 >= 1:
+            return
     _checks.check_tensor(op, x_name, X, 4, "B x C_in x H x W: the layer input")
     _checks.check_tensor(op, "E", E, 4, "B x C_out x H_out x W_out: the output gradient")
     _checks.check_float(op, x_name, X)
@@ -87,7 +67,6 @@ def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_nam
                          f"{expected} for {x_name} {tuple(X.shape[2:])} with kernel_size "
                          f"{kernel_size}, stride {stride}, padding {padding}, dilation "
                          f"{dilation}; got {tuple(E.shape[2:])}")
-    return kernel_size, stride, padding, dilation
 
 
 # ---- linear layers, the Gram route model, backend tables -----------------------------------
@@ -187,6 +166,10 @@ def layer_backends(reference, triton, native_cpu=False):
 
 def check_coefficients(op, c, lead):
     """c (B,) or (B, m): floating, on lead's device, one coefficient per sample."""
+    if type(c) is torch.Tensor and c.dtype in ALL_FLOAT and c.device == lead.device:
+        shape = c.shape
+        if (len(shape) == 1 or len(shape) == 2) and shape[0] == lead.shape[0]:
+            return  # the common case in one expression; errors come from the checks below
     _checks.check_tensor(op, "c", c, (1, 2), "B or B x m: the coefficients, one row a sample")
     _checks.check_float(op, "c", c)
     _checks.check_same(op, ("c", "the layer tensors"), (c, lead), "device")
@@ -207,13 +190,14 @@ def check_directions(op, V, V_bias, shape, lead):
     """V (shape) or (m, *shape), V_bias (shape[0],) or (m, shape[0]) — floating, on lead's
     device, one V_bias row per direction."""
     n = len(shape)
-    if type(V) is torch.Tensor and (V.dim() == n or V.dim() == n + 1) and \
-            V.dtype in ALL_FLOAT and V.device == lead.device and \
-            tuple(V.shape[-n:]) == tuple(shape) and (V_bias is None or (
+    if type(V) is torch.Tensor and V.dtype in ALL_FLOAT and V.device == lead.device:
+        v = V.shape
+        m = len(v) - n  # 1 for m directions
+        if (m == 0 or m == 1) and v[m:] == shape and (V_bias is None or (
                 type(V_bias) is torch.Tensor and V_bias.dtype in ALL_FLOAT and
-                V_bias.device == V.device and
-                tuple(V_bias.shape) == tuple(V.shape[:-n]) + (shape[0],))):
-        return  # the common case in one expression; errors come from the checks below
+                V_bias.device == V.device and V_bias.dim() == m + 1 and
+                V_bias.shape[m] == shape[0] and (m == 0 or V_bias.shape[0] == v[0]))):
+            return  # the common case in one expression; errors come from the checks below
     _checks.check_tensor(op, "V", V, (n, n + 1), f"{' x '.join(map(str, shape))} or m x that: "
                                                  "weight-shaped directions")
     _checks.check_float(op, "V", V)
@@ -242,6 +226,11 @@ def fake_projection(lead, V, n):
 
 def check_idx_E(op, idx_name, idx, E_name, E):
     """idx (B, T) int64 and E (B, T, d) floating, on one device."""
+    if type(idx) is torch.Tensor and type(E) is torch.Tensor and idx.dtype is torch.int64 and \
+            E.dtype in ALL_FLOAT and idx.device == E.device:
+        i, e = idx.shape, E.shape
+        if len(i) == 2 and len(e) == 3 and i[0] == e[0] and i[1] == e[1]:
+            return  # the common case in one expression; errors come from the checks below
     _checks.check_tensor(op, idx_name, idx, 2, "B x T: token indices")
     if idx.dtype != torch.int64:
         raise TypeError(f"{op}: {idx_name} must be an int64 tensor of indices, got {idx.dtype}")

@@ -9,7 +9,7 @@ dimension). H_n is symmetric, so the gradient is H_n ḡ.
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, call, register
+from .._registry import Backend, OpSpec, on_backend, register
 from ..reference.fwht import fwht as reference_fwht
 
 OP = "fwht"
@@ -70,4 +70,4 @@ def fwht(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     (H_n)_{ij} = (−1)^{popcount(i & j)}). Returns x's shape and dtype (fp32 arithmetic;
     fp64 for fp64 on the reference backend). backend: None (the device's kernel), or force
     'reference' / 'triton' (see use_backend)."""
-    return call(_OP, backend, x)
+    return on_backend(_OP, backend)(x)

@@ -13,16 +13,17 @@ core of gram_linear on the route of its CPU cost model).
 """
 import torch
 
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
-from ._common import check_conv2d, check_cross, choose_route, conv_arguments, layer_backends
+from ._common import check_conv2d, check_cross, choose_route, layer_backends
 
 OP = "gram_conv2d"
 
 
 def check(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
     check_conv2d(OP, X, E, kernel_size, stride, padding, dilation, groups)
-    check_cross(OP, ("X2", "E2"), (X, E), (X2, E2), diagonal)
+    if X2 is not None or E2 is not None:
+        check_cross(OP, ("X2", "E2"), (X, E), (X2, E2), diagonal)
     return X
 
 
@@ -78,6 +79,5 @@ def gram_conv2d(X: torch.Tensor, E: torch.Tensor, kernel_size, stride=1, padding
     X2/E2: a second batch, for the cross-Gram (B × B2). diagonal: return diag(K) (B).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 inputs)."""
-    return call(_OP, backend, *conv_arguments(
-        (X, E, kernel_size, stride, padding, dilation), (groups, bias, X2, E2, diagonal),
-        (False, None, None, False)))
+    return on_backend(_OP, backend)(X, E, kernel_size, stride, padding, dilation, groups, bias,
+                                    X2, E2, diagonal)

@@ -12,7 +12,7 @@ backend). The checks here are shared by the embedding weighted sum and projectio
 import torch
 
 from .. import _checks
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.gram_embedding import gram_embedding as reference_gram_embedding
 from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
                       normalized_padding, without_padding)
@@ -89,4 +89,4 @@ def gram_embedding(idx: torch.Tensor, E: torch.Tensor, num_embeddings: int,
     diagonal: return diag(K) (B), the per-sample squared gradient norms.
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 E on the reference backend)."""
-    return call(_OP, backend, idx, E, num_embeddings, padding_idx, idx2, E2, diagonal)
+    return on_backend(_OP, backend)(idx, E, num_embeddings, padding_idx, idx2, E2, diagonal)

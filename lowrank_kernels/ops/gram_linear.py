@@ -16,7 +16,7 @@ reference; the C++ CPU kernel, csrc/gram_linear.cpp, by its own cost model fitte
 """
 import torch
 
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.gram_linear import gram_linear as reference_gram_linear
 from ._common import check_cross, check_linear_layer, check_route, choose_route, layer_backends
 
@@ -84,4 +84,4 @@ def gram_linear(A: torch.Tensor, E: torch.Tensor, bias: bool = False, *, A2=None
     route: 'auto' (default), 'token_pair' or 'per_sample' (see the module docstring).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 inputs)."""
-    return call(_OP, backend, A, E, bias, A2, E2, diagonal, route)
+    return on_backend(_OP, backend)(A, E, bias, A2, E2, diagonal, route)

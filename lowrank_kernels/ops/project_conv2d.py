@@ -8,20 +8,21 @@ reference backend).
 import torch
 
 from .. import _checks
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.project_conv2d import project_conv2d as reference_project
-from ._common import (check_conv2d, check_directions, conv_arguments, fake_projection,
+from ._common import (check_conv2d, check_directions, fake_projection,
                       layer_backends, pair)
 
 OP = "project_conv2d"
 
 
 def check(X, E, V, V_bias, stride, padding, dilation, groups):
-    _checks.check_tensor(OP, "V", V, (4, 5), "C_out x C_in/groups x kh x kw or m x that: "
-                                             "weight-shaped directions")
-    kernel_size = tuple(V.shape[-2:])
-    check_conv2d(OP, X, E, kernel_size, stride, padding, dilation, groups)
-    check_directions(OP, V, V_bias, (E.shape[1], X.shape[1] // groups, *kernel_size), E)
+    if type(V) is not torch.Tensor or not 4 <= V.dim() <= 5:
+        _checks.check_tensor(OP, "V", V, (4, 5), "C_out x C_in/groups x kh x kw or m x that: "
+                                                 "weight-shaped directions")
+    kh, kw = V.shape[-2:]
+    check_conv2d(OP, X, E, (kh, kw), stride, padding, dilation, groups)
+    check_directions(OP, V, V_bias, (E.shape[1], X.shape[1] // groups, kh, kw), E)
     return X
 
 
@@ -62,5 +63,4 @@ def project_conv2d(X: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=Non
         if V.dim() < 2 or list(V.shape[-2:]) != kernel_size:
             raise ValueError(f"{OP}: kernel_size {kernel_size} must equal V's last two dims "
                              f"(kh, kw), got V of shape {tuple(V.shape)}")
-    return call(_OP, backend, *conv_arguments((X, E, V, V_bias, stride, padding, dilation),
-                                              (groups,), ()))
+    return on_backend(_OP, backend)(X, E, V, V_bias, stride, padding, dilation, groups)

@@ -9,20 +9,23 @@ Output float32 (float64 for float64 E on the reference backend).
 import torch
 
 from .. import _checks
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.project_embedding import project_embedding as reference_project_embedding
-from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
-                      normalized_padding, without_padding)
+from ._common import (ALL_FLOAT, check_idx_E, check_index_range, check_num_embeddings,
+                      layer_backends, normalized_padding, without_padding)
 
 OP = "project_embedding"
 
 
 def check(idx, E, V, padding_idx):
     check_idx_E(OP, "idx", idx, "E", E)
-    _checks.check_tensor(OP, "V", V, (2, 3), "num_embeddings x d or m x num_embeddings x d")
-    _checks.check_float(OP, "V", V)
-    _checks.check_same(OP, ("E", "V"), (E, V), "device")
-    _checks.check_dim_match(OP, "E", E.shape[2], "V", V.shape[-1], "embedding dim d (last dim)")
+    if not (type(V) is torch.Tensor and V.dtype in ALL_FLOAT and V.device == E.device and
+            2 <= V.dim() <= 3 and V.shape[-1] == E.shape[2]):  # else the error
+        _checks.check_tensor(OP, "V", V, (2, 3), "num_embeddings x d or m x num_embeddings x d")
+        _checks.check_float(OP, "V", V)
+        _checks.check_same(OP, ("E", "V"), (E, V), "device")
+        _checks.check_dim_match(OP, "E", E.shape[2], "V", V.shape[-1],
+                                "embedding dim d (last dim)")
     check_num_embeddings(OP, V.shape[-2], padding_idx)
     return E
 
@@ -73,4 +76,4 @@ def project_embedding(idx: torch.Tensor, E: torch.Tensor, V: torch.Tensor,
     (m, num_embeddings, d) -> (B, m). backend: None (the device's kernel), or force
     'reference' / 'triton' (see use_backend). Returns float32 (float64 for float64 E on the
     reference backend)."""
-    return call(_OP, backend, idx, E, V, padding_idx)
+    return on_backend(_OP, backend)(idx, E, V, padding_idx)

@@ -9,7 +9,7 @@ reference backend); V may have its own floating dtype.
 """
 import torch
 
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.project_linear import project_linear as reference_project
 from ._common import check_directions, check_linear_layer, fake_projection, layer_backends
 
@@ -56,4 +56,4 @@ def project_linear(A: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=Non
     V: (d_out, d_in) -> (B,), or (m, d_out, d_in) -> (B, m); V_bias: (d_out,) or (m, d_out).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 inputs)."""
-    return call(_OP, backend, A, E, V, V_bias)
+    return on_backend(_OP, backend)(A, E, V, V_bias)

@@ -5,7 +5,7 @@ never store Ω; this op materializes rows of it for tests, debugging and operato
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, call, register
+from .._registry import Backend, OpSpec, on_backend, register
 from ..reference.sketch_omega import sketch_omega as reference_sketch_omega
 from ._common import DISTS, check_dist, check_seed  # noqa: F401  (DISTS: for the sketch API)
 
@@ -17,6 +17,10 @@ OP = "sketch_omega"
 
 
 def check(rows, k, seed, dist, col_offset):
+    if type(rows) is torch.Tensor and rows.dtype is torch.int64 and rows.dim() == 1 and \
+            k >= 0 and (dist == "gaussian" or dist == "rademacher") and col_offset >= 0 and \
+            not col_offset % 4 and type(seed) is int and 0 <= seed < 2 ** 63:
+        return rows  # the common case in one expression; errors come from the checks below
     _checks.check_tensor(OP, "rows", rows, 1, "row indices i of Ω")
     if rows.dtype != torch.int64:
         raise TypeError(f"{OP}: rows must be int64, got {rows.dtype}")
@@ -26,8 +30,7 @@ def check(rows, k, seed, dist, col_offset):
     check_dist(OP, dist)
     if col_offset < 0 or col_offset % 4:
         raise ValueError(f"{OP}: col_offset must be a multiple of 4 and >= 0, got {col_offset}")
-    # The backend is chosen by the device of rows and the dtype of Ω (float32).
-    return rows.new_empty(0, dtype=torch.float32)
+    return rows
 
 
 def _check_rows_nonnegative(rows):
@@ -52,7 +55,7 @@ def _triton(rows, k, seed, dist, col_offset):
     return triton_sketch_omega(rows, k, seed, dist == "rademacher", col_offset)
 
 
-_OMEGA = (torch.float32,)  # the dtype of Ω (rows are int64)
+_ROWS = (torch.int64,)  # what every backend takes: int64 rows (Ω is float32)
 SPEC = register(OpSpec(
     name=OP,
     schema=("(Tensor rows, int k, int seed=0, str dist='gaussian', int col_offset=0"
@@ -60,9 +63,9 @@ SPEC = register(OpSpec(
     check=check,
     fake=fake,
     backends={
-        "reference": Backend(_reference, {"cpu": _OMEGA, "cuda": _OMEGA}),
-        "triton": Backend(_triton, {"cpu": _OMEGA, "cuda": _OMEGA}),
-        "native": Backend(None, {"cpu": _OMEGA}),  # the C++ kernel: the op itself
+        "reference": Backend(_reference, {"cpu": _ROWS, "cuda": _ROWS}),
+        "triton": Backend(_triton, {"cpu": _ROWS, "cuda": _ROWS}),
+        "native": Backend(None, {"cpu": _ROWS}),  # the C++ kernel: the op itself
     },
     auto={"cpu": ("native",), "cuda": ("triton",)},
 ))
@@ -88,4 +91,4 @@ def sketch_omega(rows: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussia
     covers columns 4g .. 4g+3). backend: None (the device's kernel), or force 'reference' /
     'triton' / 'native' (see use_backend)."""
     check_seed(OP, seed)
-    return call(_OP, backend, rows, k, seed, dist, col_offset)
+    return on_backend(_OP, backend)(rows, k, seed, dist, col_offset)

@@ -13,7 +13,7 @@ P is a constant basis (no gradient).
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, call, register
+from .._registry import Backend, OpSpec, on_backend, register
 from ..reference.subspace_project import subspace_expand as reference_expand
 from ..reference.subspace_project import subspace_project as reference_project
 
@@ -37,6 +37,11 @@ def _check_basis(op, P):
 
 
 def check_project(P, g):
+    if type(P) is torch.Tensor and type(g) is torch.Tensor and P.dtype in _ALL and \
+            g.dtype in _ALL and (P.dtype is torch.float64) is (g.dtype is torch.float64) and \
+            not P.requires_grad and P.device == g.device and P.dim() == 2 and g.dim() == 1 and \
+            P.shape[0] == g.shape[0]:
+        return P  # the common case in one expression; errors come from the checks below
     op = "subspace_project"
     _check_basis(op, P)
     _checks.check_tensor(op, "g", g, 1, "D: the vector to project")
@@ -48,6 +53,17 @@ def check_project(P, g):
 
 
 def check_expand(P, alpha, base):
+    if type(P) is torch.Tensor and type(alpha) is torch.Tensor and P.dtype in _ALL and \
+            alpha.dtype in _ALL and not P.requires_grad and P.device == alpha.device and \
+            P.dim() == 2 and alpha.dim() == 1 and P.shape[1] == alpha.shape[0]:
+        f64 = P.dtype is torch.float64
+        if base is None:
+            if f64 is (alpha.dtype is torch.float64):
+                return P  # the common cases in one expression; errors come from the checks below
+        elif type(base) is torch.Tensor and base.dtype in _ALL and base.device == P.device and \
+                base.dim() == 1 and base.shape[0] == P.shape[0] and \
+                f64 is (alpha.dtype is torch.float64) is (base.dtype is torch.float64):
+            return P
     op = "subspace_expand"
     _check_basis(op, P)
     _checks.check_tensor(op, "alpha", alpha, 1, "k: the coordinates")
@@ -167,7 +183,7 @@ torch.library.register_autograd("lowrank_kernels::subspace_expand", _backward_ex
 def subspace_project(P: torch.Tensor, g: torch.Tensor, backend: str | None = None):
     """c = Pᵀ g. P: D×k basis, g: D vector. Returns k, float32 (float64 for float64 inputs).
     backend: None (the device's kernel), or force 'reference' / 'triton' / 'native' (see use_backend)."""
-    return call(_PROJECT, backend, P, g)
+    return on_backend(_PROJECT, backend)(P, g)
 
 
 def subspace_expand(P: torch.Tensor, alpha: torch.Tensor, base: torch.Tensor | None = None,
@@ -175,4 +191,4 @@ def subspace_expand(P: torch.Tensor, alpha: torch.Tensor, base: torch.Tensor | N
     """w = base + P α. P: D×k basis, α: k coordinates, base: D vector or None. Returns D in
     base's dtype (P's without base), accumulated in float32 (float64 for float64 inputs).
     backend: None (the device's kernel), or force 'reference' / 'triton' / 'native' (see use_backend)."""
-    return call(_EXPAND, backend, P, alpha, base)
+    return on_backend(_EXPAND, backend)(P, alpha, base)

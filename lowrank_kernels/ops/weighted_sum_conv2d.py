@@ -6,9 +6,9 @@ rows, as a weight ([m,] C_out, C_in/groups, kh, kw) and, with bias, the bias par
 """
 import torch
 
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
-from ._common import (check_coefficients, check_conv2d, conv_arguments, fake_outputs,
+from ._common import (check_coefficients, check_conv2d, fake_outputs,
                       layer_backends)
 
 OP = "weighted_sum_conv2d"
@@ -60,6 +60,5 @@ def weighted_sum_conv2d(X: torch.Tensor, E: torch.Tensor, c: torch.Tensor, kerne
     c: (B,) -> ((C_out, C_in/groups, kh, kw), (C_out,)); c: (B, m) -> ((m, …), (m, C_out)).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns (grad_weight, grad_bias or None), float32 (float64 for float64 inputs)."""
-    W, b = call(_OP, backend, *conv_arguments(
-        (X, E, c, kernel_size, stride, padding, dilation), (groups, bias), (False,)))
-    return W, b
+    return on_backend(_OP, backend)(X, E, c, kernel_size, stride, padding, dilation, groups,
+                                    bias)

@@ -9,21 +9,23 @@ Output float32 (float64 for float64 E on the reference backend).
 import torch
 
 from .. import _checks
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.weighted_sum_embedding import (
     weighted_sum_embedding as reference_weighted_sum_embedding)
-from ._common import (check_idx_E, check_index_range, check_num_embeddings, layer_backends,
-                      normalized_padding, without_padding)
+from ._common import (ALL_FLOAT, check_idx_E, check_index_range, check_num_embeddings,
+                      layer_backends, normalized_padding, without_padding)
 
 OP = "weighted_sum_embedding"
 
 
 def check(idx, E, c, num_embeddings, padding_idx):
     check_idx_E(OP, "idx", idx, "E", E)
-    _checks.check_tensor(OP, "c", c, (1, 2), "B or B x m: sample weights")
-    _checks.check_float(OP, "c", c)
-    _checks.check_same(OP, ("E", "c"), (E, c), "device")
-    _checks.check_dim_match(OP, "idx", idx.shape[0], "c", c.shape[0], "batch size B (dim 0)")
+    if not (type(c) is torch.Tensor and c.dtype in ALL_FLOAT and c.device == E.device and
+            1 <= c.dim() <= 2 and c.shape[0] == idx.shape[0]):  # else the error
+        _checks.check_tensor(OP, "c", c, (1, 2), "B or B x m: sample weights")
+        _checks.check_float(OP, "c", c)
+        _checks.check_same(OP, ("E", "c"), (E, c), "device")
+        _checks.check_dim_match(OP, "idx", idx.shape[0], "c", c.shape[0], "batch size B (dim 0)")
     check_num_embeddings(OP, num_embeddings, padding_idx)
     return E
 
@@ -76,4 +78,4 @@ def weighted_sum_embedding(idx: torch.Tensor, E: torch.Tensor, c: torch.Tensor,
     (m, num_embeddings, d). backend: None (the device's kernel), or force 'reference' /
     'triton' (see use_backend). Returns float32 (float64 for float64 E on the reference
     backend)."""
-    return call(_OP, backend, idx, E, c, num_embeddings, padding_idx)
+    return on_backend(_OP, backend)(idx, E, c, num_embeddings, padding_idx)

@@ -10,7 +10,7 @@ float64 inputs on the reference backend); c may have its own floating dtype.
 """
 import torch
 
-from .._registry import OpSpec, call, register
+from .._registry import OpSpec, on_backend, register
 from ..reference.weighted_sum_linear import weighted_sum_linear as reference_weighted_sum
 from ._common import (check_coefficients, check_linear_layer, fake_outputs,
                       layer_backends)
@@ -65,5 +65,4 @@ def weighted_sum_linear(A: torch.Tensor, E: torch.Tensor, c: torch.Tensor, bias:
     c: (B,) -> ((d_out, d_in), (d_out,)); c: (B, m) -> ((m, d_out, d_in), (m, d_out)).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns (grad_weight, grad_bias or None), float32 (float64 for float64 inputs)."""
-    W, b = call(_OP, backend, A, E, c, bias)
-    return W, b
+    return on_backend(_OP, backend)(A, E, c, bias)

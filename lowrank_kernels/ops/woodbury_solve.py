@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, call, register
+from .._registry import Backend, OpSpec, on_backend, register
 from ..reference import woodbury_solve as ref
 
 OP = "woodbury_solve"
@@ -20,6 +20,7 @@ INFO_NONFINITE = ref.INFO_NONFINITE
 INFO_OVERFLOW = ref.INFO_OVERFLOW
 INFO_BAD_DAMPING = ref.INFO_BAD_DAMPING
 _DTYPES = (torch.float32, torch.float64)
+_INF = float("inf")
 
 
 class WoodburySolveResult(NamedTuple):
@@ -33,6 +34,17 @@ _R_SHAPES = "n x r or n: the right-hand sides"
 
 
 def check(K, damping, R, jitter, max_tries):
+    if type(K) is torch.Tensor and type(R) is torch.Tensor and type(damping) is torch.Tensor and \
+            K.dtype is R.dtype and K.dtype in _DTYPES and damping.dtype in _checks.FLOAT_DTYPES \
+            and K.device == R.device and (jitter is None or 0.0 <= jitter < _INF) and \
+            0 <= max_tries <= 64:
+        k, r, d = K.shape, R.shape, damping.shape
+        b = len(k) - 2  # 1: a batch of matrices
+        if (b == 0 or b == 1) and k[-1] == k[-2] and b + 1 <= len(r) <= b + 2 and \
+                r[b] == k[-1] and (b == 0 or r[0] == k[0]) and (
+                    not d and (damping.is_cpu or damping.device == K.device) or
+                    len(d) == 1 and d[0] == (k[0] if b else 1) and damping.device == K.device):
+            return K  # the common case in one expression; errors come from the checks below
     _checks.check_tensor(OP, "K", K, (2, 3), "b x n x n or n x n: the symmetric matrices")
     _checks.check_float(OP, "K", K, _DTYPES)
     if K.shape[-1] != K.shape[-2]:
@@ -134,4 +146,4 @@ def woodbury_solve(K: torch.Tensor, damping, R: torch.Tensor, *, jitter: float |
         # A CPU scalar (on the CPU whatever torch.set_default_device says): filled on K's
         # device by the kernel, no host-device copy.
         damping = torch.scalar_tensor(float(damping), dtype=torch.float64, device="cpu")
-    return WoodburySolveResult(*call(_OP, backend, K, damping, R, jitter, max_tries))
+    return WoodburySolveResult(*on_backend(_OP, backend)(K, damping, R, jitter, max_tries))
