@@ -15,9 +15,14 @@ from ._fallback import FallbackHandler
 from ._kinds import sum_gram
 from ._layers import HANDLERS as LAYER_HANDLERS
 from ._norms import HANDLERS as NORM_HANDLERS
+from . import _traced
+from ._traced import TracedCall, forget_tickets
 from ._weighted import Weighting
 
 HANDLERS = {**LAYER_HANDLERS, **NORM_HANDLERS}
+# Handlers whose calls record in-graph under torch.compile (capture._traced): they save from
+# the call's input and output alone.
+TRACED = frozenset(HANDLERS.values())
 SUPPORTED = (", ".join(f"nn.{t.__name__}" for t in HANDLERS) + ", transformers Conv1D, "
              "per-channel scale/shift modules (norm variants, layer scale), BatchNorm "
              "subclasses, parameters used directly through broadcasting ops")
@@ -167,6 +172,7 @@ class Capture:
                     f"parameters ({', '.join(params)}) but is not a supported layer ({SUPPORTED}"
                     "); pass fallback=True to get its per-sample gradients with torch.func "
                     "(small modules), or freeze them (requires_grad=False)")
+        self._handler_of = {id(m): h for m, h, _ in self._handlers}
         self._hooks = []
         self._patched = []  # modules whose _call_impl this capture replaced while active
         self._calls = []
@@ -214,7 +220,13 @@ class Capture:
         self.release()
         self._hooks.append(self.model.register_forward_pre_hook(
             _disable_dynamo(self._batch_hook), with_kwargs=True))
+        traced = []
         for module, handler, kind in self._handlers:
+            if _traced.AVAILABLE and type(handler) in TRACED and \
+                    "_call_impl" not in module.__dict__:
+                traced.append(module)
+                self._kinds[id(module)] = {"kind": kind}
+                continue
             self._hooks.append(module.register_forward_hook(
                 _disable_dynamo(self._forward_hook(module, handler, kind)), with_kwargs=True))
         for module, name, params in self._direct:
@@ -224,6 +236,11 @@ class Capture:
                                                             always_call=True))
         for _, p in self._param_names.values():
             self._hooks.append(p.register_hook(_disable_dynamo(self._param_hook(id(p)))))
+        for module in traced:
+            call = TracedCall.of(module)
+            call.capture = self
+            module.__dict__["_call_impl"] = call
+            self._patched.append(module)
         for module, _, _ in self._handlers:
             if "_call_impl" not in module.__dict__:  # not already replaced (another capture)
                 module.__dict__["_call_impl"] = _EagerCall(module)
@@ -235,7 +252,9 @@ class Capture:
         for h in self._hooks:
             h.remove()
         for module in self._patched:
-            del module.__dict__["_call_impl"]
+            call = module.__dict__.pop("_call_impl")
+            if isinstance(call, TracedCall):
+                call.capture = None
         self._hooks, self._patched = [], []
         self._active = False
         if not self.keep:
@@ -244,6 +263,7 @@ class Capture:
 
     def release(self):
         """Drop every captured tensor (the hooks stay while the `with` block runs)."""
+        forget_tickets(self)
         self._calls = []
         self._seen = {}
         self._hook_grads = {}
@@ -304,6 +324,17 @@ class Capture:
                 o.register_hook(call.receiver(k))
         self._calls.append(call)
         self._cache = None
+
+    def _record_traced(self, module, x, y):
+        """One call of a module recording through its TracedCall (capture._traced): what
+        the forward hook does for it; the caller hooks y's gradient to the call."""
+        handler = self._handler_of[id(module)]
+        if y.dtype in (torch.float16, torch.bfloat16):
+            self._low_precision = True
+        call = _Call(handler, handler.save((x,), y), 1)
+        self._calls.append(call)
+        self._cache = None
+        return call
 
     def _direct_hooks(self, name, params):
         modes = []
