@@ -6,15 +6,18 @@ transformer block stack, three steps each —
 - capture: zero_grad, forward + backward inside `with Capture(model)`, the Gram cap.gram();
 - fngd: one FNGD step in its first epoch (Gram, Woodbury solve, weighted sum) after the
   forward and backward of the model;
-- seng: one SENG step (refresh every step).
+- seng: one SENG step (refresh every step);
+- plain: the forward and backward alone, no capture: what torch.compile itself gives this
+  model (the reference for the three above: on CPU a tiny model's compiled step carries
+  dynamo's guards and AOTAutograd's wrappers, ~0.1–0.2 ms, which a capture cannot remove).
 
 The eager row is the baseline, the compiled row "ours": its speed-up is eager / compiled
 (> 1: the compiled step is faster). Compile time is excluded (the build warms both up) and is
 given in the notes, with the number of graphs dynamo compiled (after timing: none more, no
-recompile). Captured layers run as eager calls inside the compiled model
-(capture._capture._EagerCall): the graph breaks at their boundaries, and what lies between
-them (activations, attention, residual adds) compiles — in the MLP nothing does (graphs = 0:
-dynamo runs the Sequential eagerly), so compiled = eager plus dynamo's frame overhead.
+recompile). The captured torch layers trace into the graph with their recording as custom
+ops (capture._traced): each model compiles as one graph (graphs = 1), the capture's batch
+hook on the model running before it. FNGD's rows time its first epoch (its reuse steps run
+the captured layers through Capture.weighted's autograd Function, as eager calls).
 LOWRANK_BENCH_COMPILE_BACKEND picks the torch.compile backend (inductor by default).
 
     python bench/run.py -k compile
@@ -69,6 +72,13 @@ LABELS = ({"mlp": "MLP 32-512-512-10 LayerNorm B=256", "transformer":
 
 def _step(kind, model, run, x, y):
     """() -> loss: one step of `kind` through run (model itself, or its compiled twin)."""
+    if kind == "plain":
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(run(x), y)
+            loss.backward()
+            return loss
+        return step, None
     if kind == "capture":
         cap = lk.Capture(model)
 
@@ -136,4 +146,4 @@ def _case(name, kind):
 # One torch thread on CPU (a worker of its own), as the other training-step cases.
 CASES = [Case(f"compile_step {kind}", LABELS[name] + (", 1 thread" if DEVICE == "cpu" else ""),
               _case(name, kind), threads=1 if DEVICE == "cpu" else None)
-         for name in MODELS for kind in ("capture", "fngd", "seng")]
+         for name in MODELS for kind in ("plain", "capture", "fngd", "seng")]

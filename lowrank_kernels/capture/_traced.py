@@ -39,8 +39,13 @@ _TICKETS = {}  # ticket -> (the capture, its _Call) until the call's gradient ar
 _NEXT_TICKET = itertools.count(1)
 
 
-@torch.library.custom_op("lowrank_kernels::_capture_call", mutates_args=())
-def _capture_call(x: torch.Tensor, y: torch.Tensor, site: int) -> torch.Tensor:
+_LIB = torch.library.Library("lowrank_kernels", "FRAGMENT")
+# Plain definitions (no autograd wrapper: their inputs are detached): one dispatcher call each.
+_LIB.define("_capture_call(Tensor x, Tensor y, int site) -> Tensor")
+_LIB.define("_capture_grad(Tensor g, Tensor ticket) -> ()")
+
+
+def _capture_call(x, y, site):
     """Record one call of the module at `site` (its input x, output y); its ticket."""
     traced = _SITES.get(site)
     call = None if traced is None else traced.record(x.clone(), y)
@@ -51,29 +56,26 @@ def _capture_call(x: torch.Tensor, y: torch.Tensor, site: int) -> torch.Tensor:
     return torch.tensor(ticket, dtype=torch.int64)
 
 
-@_capture_call.register_fake
-def _(x, y, site):
-    return torch.empty((), dtype=torch.int64)
-
-
-@torch.library.custom_op("lowrank_kernels::_capture_grad", mutates_args=())
-def _capture_grad(g: torch.Tensor, ticket: torch.Tensor) -> None:
+def _capture_grad(g, ticket):
     """Hand the output gradient g to the call its ticket names (a copy: see the module doc)."""
     entry = _TICKETS.get(int(ticket))
     if entry is not None:
         entry[1].receiver(0)(g.clone())
 
 
-@_capture_grad.register_fake
-def _(g, ticket):
-    return None
+_LIB.impl("_capture_call", _capture_call, "CompositeExplicitAutograd")
+_LIB.impl("_capture_grad", _capture_grad, "CompositeExplicitAutograd")
+torch.library.register_fake("lowrank_kernels::_capture_call", lib=_LIB)(
+    lambda x, y, site: torch.empty((), dtype=torch.int64))
+torch.library.register_fake("lowrank_kernels::_capture_grad", lib=_LIB)(lambda g, ticket: None)
+_CALL = torch.ops.lowrank_kernels._capture_call.default
+_GRAD = torch.ops.lowrank_kernels._capture_grad.default
 
 
 try:  # ordered side effects: kept in the graph, in program order
     from torch._higher_order_ops.effects import EffectType, _register_effectful_op
 
-    for _op in (torch.ops.lowrank_kernels._capture_call.default,
-                torch.ops.lowrank_kernels._capture_grad.default):
+    for _op in (_CALL, _GRAD):
         _register_effectful_op(_op, EffectType.ORDERED)
     AVAILABLE = True
 except (ImportError, AttributeError):  # pragma: no cover - an older torch: eager calls
@@ -134,8 +136,8 @@ class TracedCall:
             return y
         (x,), y = capture._broadcast(args, y)
         if torch.compiler.is_compiling():
-            ticket = _capture_call(x.detach(), y.detach(), self.site)
-            y.register_hook(lambda g: _capture_grad(g, ticket))
+            ticket = _CALL(x.detach(), y.detach(), self.site)
+            y.register_hook(lambda g: _GRAD(g, ticket))
         else:
             call = self.record(x, y)
             if call is not None:
