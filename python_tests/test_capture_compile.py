@@ -279,3 +279,29 @@ def test_optimizer_steps_a_compiled_model(name, method, backend):
     for k, (a, b) in enumerate(zip(history, eager)):
         assert abs(a - b) <= 1e-6 * abs(b), f"step {k}: compiled {a} vs eager {b}"
     assert history[-1] < history[0], f"{method}: loss did not decrease {history}"
+
+
+class Conv1D(nn.Module):
+    """Named and shaped as transformers' Conv1D but computing tanh(x W + b): Capture's check
+    of a Conv1D's first call must refuse it."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight + self.bias)
+
+
+def test_compiled_conv1d_impostor_raises_as_eager(backend):
+    """The Conv1D check runs inside the compiled graph's recording op at the first call:
+    the same TypeError as eagerly, naming the module."""
+    model = nn.Sequential(Conv1D(4, 3))
+    x = torch.randn(5, 3)
+    for run in (model, torch.compile(model, backend=backend)):
+        with pytest.raises(TypeError, match=r"module '0' \(Conv1D\) is not y = x W \+ b"):
+            with lk.Capture(model) as cap:
+                run(x).sum().backward()
+                cap.gram()

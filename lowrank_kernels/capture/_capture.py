@@ -21,8 +21,9 @@ from ._weighted import Weighting
 
 HANDLERS = {**LAYER_HANDLERS, **NORM_HANDLERS}
 # Handlers whose calls record in-graph under torch.compile (capture._traced): they save from
-# the call's input and output alone.
-TRACED = frozenset(HANDLERS.values())
+# the call's input and output alone (transformers Conv1D verified at its first call, inside
+# the op, when no fallback could take it instead).
+TRACED = frozenset((*HANDLERS.values(), _generic.Conv1DHandler))
 SUPPORTED = (", ".join(f"nn.{t.__name__}" for t in HANDLERS) + ", transformers Conv1D, "
              "per-channel scale/shift modules (norm variants, layer scale), BatchNorm "
              "subclasses, parameters used directly through broadcasting ops")
@@ -173,6 +174,7 @@ class Capture:
                     "); pass fallback=True to get its per-sample gradients with torch.func "
                     "(small modules), or freeze them (requires_grad=False)")
         self._handler_of = {id(m): h for m, h, _ in self._handlers}
+        self._eager_hooks = {}  # id(module) -> its forward hook, for a TracedCall's odd call
         self._hooks = []
         self._patched = []  # modules whose _call_impl this capture replaced while active
         self._calls = []
@@ -222,13 +224,13 @@ class Capture:
             _disable_dynamo(self._batch_hook), with_kwargs=True))
         traced = []
         for module, handler, kind in self._handlers:
+            hook = _disable_dynamo(self._forward_hook(module, handler, kind))
             if _traced.AVAILABLE and type(handler) in TRACED and \
-                    "_call_impl" not in module.__dict__:
+                    (kind == "native" or not self.fallback) and "_call_impl" not in module.__dict__:
                 traced.append(module)
-                self._kinds[id(module)] = {"kind": kind}
+                self._eager_hooks[id(module)] = hook  # for a call the TracedCall cannot take
                 continue
-            self._hooks.append(module.register_forward_hook(
-                _disable_dynamo(self._forward_hook(module, handler, kind)), with_kwargs=True))
+            self._hooks.append(module.register_forward_hook(hook, with_kwargs=True))
         for module, name, params in self._direct:
             pre, post = self._direct_hooks(name, params)
             self._hooks.append(module.register_forward_pre_hook(_disable_dynamo(pre)))
@@ -328,7 +330,9 @@ class Capture:
     def _record_traced(self, module, x, y):
         """One call of a module recording through its TracedCall (capture._traced): what
         the forward hook does for it; the caller hooks y's gradient to the call."""
-        handler = self._handler_of[id(module)]
+        handler, state = self._handler_of[id(module)], self._kinds[id(module)]
+        if state["kind"] == "verify":
+            self._verify(module, handler, (x,), {}, y, state)
         if y.dtype in (torch.float16, torch.bfloat16):
             self._low_precision = True
         call = _Call(handler, handler.save((x,), y), 1)

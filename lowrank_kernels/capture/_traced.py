@@ -4,8 +4,8 @@ Capture compiles whole — its captured layers included — instead of breaking 
 every layer.
 
 While a capture is active, each module whose handler saves from its input alone (Linear,
-Conv2d, Embedding, and the torch norms; `TRACED`) calls through its `TracedCall` (set as
-the module's `_call_impl`): the module's own call, then
+Conv2d, Embedding, the torch norms, transformers Conv1D; capture._capture.TRACED) calls
+through its `TracedCall` (set as the module's `_call_impl`): the module's own call, then
 
     forward:   ticket = _capture_call(x, y, site)    saved = handler.save(x, y), a _Call
                                                      recorded, its ticket
@@ -130,10 +130,12 @@ class TracedCall:
         if capture._skip_record is module:  # its call went through the weighting
             capture._skip_record = None
             return y
-        if (not torch.is_grad_enabled() or kwargs or len(args) != 1
-                or not isinstance(args[0], torch.Tensor) or not isinstance(y, torch.Tensor)
-                or not y.requires_grad):
+        if not torch.is_grad_enabled() or (isinstance(y, torch.Tensor) and not y.requires_grad):
             return y
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or \
+                not isinstance(y, torch.Tensor):  # what the eager hook does with it
+            replaced = capture._eager_hooks[id(module)](module, args, kwargs, y)
+            return y if replaced is None else replaced
         (x,), y = capture._broadcast(args, y)
         if torch.compiler.is_compiling():
             ticket = _CALL(x.detach(), y.detach(), self.site)
