@@ -27,7 +27,8 @@ def output_size(size, kernel, stride, padding, dilation):
 
 def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_name="X"):
     """X (B, C_in, H, W) and E (B, C_out, H_out, W_out) of one Conv2d call: ranks, dtypes,
-    devices, the batch, channels divisible by groups, and H_out, W_out as the geometry gives."""
+    devices, the batch, channels divisible by groups, and H_out, W_out as the geometry gives.
+    Returns (C_in, C_out)."""
     # The common case in one expression; errors come from the checks below. The geometry
     # comes from the schema's int[2] (lists of ints, the length not enforced there), the
     # completer's defaults (tuples) or V's shape: an unpacking that fails is the slow path.
@@ -45,7 +46,7 @@ def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_nam
                 not C % groups and not C_e % groups and \
                 H_e == (H + 2 * p0 - d0 * (k0 - 1) - 1) // s0 + 1 >= 1 and \
                 W_e == (W + 2 * p1 - d1 * (k1 - 1) - 1) // s1 + 1 >= 1:
-            return
+            return C, C_e
     _checks.check_tensor(op, x_name, X, 4, "B x C_in x H x W: the layer input")
     _checks.check_tensor(op, "E", E, 4, "B x C_out x H_out x W_out: the output gradient")
     _checks.check_float(op, x_name, X)
@@ -67,6 +68,7 @@ def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_nam
                          f"{expected} for {x_name} {tuple(X.shape[2:])} with kernel_size "
                          f"{kernel_size}, stride {stride}, padding {padding}, dilation "
                          f"{dilation}; got {tuple(E.shape[2:])}")
+    return X.shape[1], E.shape[1]
 
 
 # ---- linear layers, the Gram route model, backend tables -----------------------------------
@@ -122,13 +124,14 @@ def check_cross(op, names, first, second, diagonal):
 
 
 def check_linear_layer(op, A, E):
-    """A (B[, T], d_in) and E (B[, T], d_out) of one linear layer: same dtype, device, B, T."""
+    """A (B[, T], d_in) and E (B[, T], d_out) of one linear layer: same dtype, device, B, T.
+    Returns (d_in, d_out)."""
     if type(A) is torch.Tensor and type(E) is torch.Tensor and A.dtype is E.dtype and \
             A.dtype in ALL_FLOAT and A.device == E.device:
         a, e = A.shape, E.shape
         n = len(a)
         if (n == 2 or n == 3) and len(e) == n and a[0] == e[0] and (n == 2 or a[1] == e[1]):
-            return  # the common case in one expression; errors come from the checks below
+            return a[-1], e[-1]  # the common case in one expression; errors from the checks below
     _checks.check_tensor(op, "A", A, (2, 3), "B x d_in or B x T x d_in: layer inputs")
     _checks.check_tensor(op, "E", E, (2, 3),
                          "B x d_out or B x T x d_out: gradients of the layer outputs")
@@ -140,6 +143,7 @@ def check_linear_layer(op, A, E):
     _checks.check_dim_match(op, "A", A.dim(), "E", E.dim(), "number of dims")
     if A.dim() == 3:
         _checks.check_dim_match(op, "A", A.shape[1], "E", E.shape[1], "token count T (dim 1)")
+    return A.shape[-1], E.shape[-1]
 
 
 ALL_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -190,13 +194,13 @@ def check_directions(op, V, V_bias, shape, lead):
     """V (shape) or (m, *shape), V_bias (shape[0],) or (m, shape[0]) — floating, on lead's
     device, one V_bias row per direction."""
     n = len(shape)
-    if type(V) is torch.Tensor and V.dtype in ALL_FLOAT and V.device == lead.device:
-        v = V.shape
+    device = lead.device
+    if type(V) is torch.Tensor and V.dtype in ALL_FLOAT and V.device == device:
+        v = tuple(V.shape)  # a tuple slices faster than a torch.Size
         m = len(v) - n  # 1 for m directions
         if (m == 0 or m == 1) and v[m:] == shape and (V_bias is None or (
                 type(V_bias) is torch.Tensor and V_bias.dtype in ALL_FLOAT and
-                V_bias.device == V.device and V_bias.dim() == m + 1 and
-                V_bias.shape[m] == shape[0] and (m == 0 or V_bias.shape[0] == v[0]))):
+                V_bias.device == device and V_bias.shape == v[:m] + shape[:1])):
             return  # the common case in one expression; errors come from the checks below
     _checks.check_tensor(op, "V", V, (n, n + 1), f"{' x '.join(map(str, shape))} or m x that: "
                                                  "weight-shaped directions")

@@ -20,9 +20,10 @@ def check(X, E, V, V_bias, stride, padding, dilation, groups):
     if type(V) is not torch.Tensor or not 4 <= V.dim() <= 5:
         _checks.check_tensor(OP, "V", V, (4, 5), "C_out x C_in/groups x kh x kw or m x that: "
                                                  "weight-shaped directions")
-    kh, kw = V.shape[-2:]
-    check_conv2d(OP, X, E, (kh, kw), stride, padding, dilation, groups)
-    check_directions(OP, V, V_bias, (E.shape[1], X.shape[1] // groups, kh, kw), E)
+    v = V.shape
+    kh, kw = v[-2], v[-1]
+    C_in, C_out = check_conv2d(OP, X, E, (kh, kw), stride, padding, dilation, groups)
+    check_directions(OP, V, V_bias, (C_out, C_in // groups, kh, kw), E)
     return X
 
 

@@ -19,8 +19,8 @@ OP = "project_linear"
 
 
 def check(A, E, V, V_bias):
-    check_linear_layer(OP, A, E)
-    check_directions(OP, V, V_bias, (E.shape[-1], A.shape[-1]), E)
+    d_in, d_out = check_linear_layer(OP, A, E)
+    check_directions(OP, V, V_bias, (d_out, d_in), E)
     return A
 
 
