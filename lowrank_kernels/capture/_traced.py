@@ -125,7 +125,7 @@ class TracedCall:
     def _run(self, capture, args, kwargs):
         module = self.module_ref()
         y = type(module)._call_impl(module, *args, **kwargs)
-        if capture is None:
+        if capture is None or not capture._active:  # paused (the fallback's torch.func)
             return y
         if capture._skip_record is module:  # its call went through the weighting
             capture._skip_record = None
