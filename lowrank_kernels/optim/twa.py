@@ -271,9 +271,9 @@ class TWA(torch.optim.Optimizer):
         # One parameter: its gradient as it is (only read), not a copy.
         flat = grads[0].detach().reshape(-1) if len(grads) == 1 else flatten_parameters(grads)
         c = self._project(flat).to(alpha.dtype)
-        # NaN/Inf in c, or ‖c‖² overflowing the gradients' dtype (float32 at least)
+        # ‖c‖² in the gradients' dtype (float32 at least): it overflows for a loss × 1e30
         norm_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-        ok = torch.isfinite(c.to(norm_dtype).square().sum())
+        norm2 = c.to(norm_dtype).square().sum()
         direction = c.add(alpha, alpha=wd) if wd else c
         buf = new_buf = None
         if mu:
@@ -283,14 +283,15 @@ class TWA(torch.optim.Optimizer):
             new_buf = buf.mul(mu).add_(direction)
             direction = direction.add(new_buf, alpha=mu) if group["nesterov"] else new_buf
         new_alpha = alpha.add(direction, alpha=-lr)
-        ok = ok & torch.isfinite(new_alpha.sum())
         w = self._expand(new_alpha)
         wide = torch.float64 if w.dtype == torch.float64 else torch.float32
-        ok = ok & torch.isfinite(w.sum(dtype=wide))
+        # One test on the device: ‖c‖², Σ α and Σ w finite (a NaN/Inf in c, α or w makes its
+        # sum non-finite), stacked in the widest of their dtypes.
+        ok = torch.isfinite(torch.stack((norm2, new_alpha.sum(), w.sum(dtype=wide)))).all()
         torch.where(ok, new_alpha, alpha, out=alpha)
         if mu:
             torch.where(ok, new_buf, buf, out=buf)
         self._write_back(w, ok)
-        self.state["skipped"] = self.state["skipped"] + (~ok).long()
+        self.state["skipped"] = self.state["skipped"] + ok.logical_not()
         self.state["step"] += 1
         return loss
