@@ -1,0 +1,128 @@
+"""Capture.weighted's backward paths, float64, against an independent reference: with
+per-parameter weights w_p (B,) — a weight and its bias weighted differently — the backward
+leaves p.grad = Σ_i w_p,i ∂L/∂θ_i (θ_i sample i's own copy of the parameters: autograd over
+per-sample perturbations φ_i at 0, added through each layer's own formula), and the input
+gradient is the plain backward's. Paths: Conv2d with bias (one convolution_backward with
+x's rows scaled), a Conv2d whose weight is frozen (bias only, input gradient still
+needed), the first layer (no input gradient), BatchNorm in train and eval mode and GroupNorm
+(per-sample sums of the batch viewed as one sample), LayerNorm with and without a bias
+(1/σ scaled per row), Linear on tokens."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_kernels.capture import Capture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+F64 = torch.float64
+TOL = 1e-11
+
+
+class Net(nn.Module):
+    def __init__(self, ln_bias):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2.weight.requires_grad_(False)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4, bias=ln_bias)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.gn(self.conv2(F.relu(self.bn(self.conv1(x))))))
+        tokens = h.flatten(2).transpose(1, 2)  # (B, T, 4)
+        return self.fc(self.ln(tokens)).mean(1)
+
+
+def _net(ln_bias, train_bn):
+    torch.manual_seed(0)
+    model = Net(ln_bias).to(F64)
+    with torch.no_grad():  # affine parameters and running statistics away from (1, 0)
+        for m in (model.bn, model.gn, model.ln):
+            m.weight.uniform_(0.5, 1.5)
+            if m.bias is not None:
+                m.bias.uniform_(-0.5, 0.5)
+        model.bn.running_mean.uniform_(-0.3, 0.3)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    return model.train(train_bn)
+
+
+def _delta(module, x, phi, B):
+    """What sample i's own parameter copy θ + φ_i adds to module's output (linear in φ)."""
+    if isinstance(module, nn.Linear):
+        return torch.einsum("bti,boi->bto", x, phi["weight"]) + phi["bias"][:, None]
+    if isinstance(module, nn.Conv2d):
+        out = 0
+        if "weight" in phi:
+            W = phi["weight"]
+            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), W.reshape(-1, *W.shape[2:]), None,
+                           module.stride, module.padding, module.dilation, B)
+            out = out.reshape(B, -1, *out.shape[2:])
+        return out + phi["bias"][:, :, None, None]
+    if isinstance(module, nn.LayerNorm):
+        xhat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        out = xhat * phi["weight"][:, None]
+        return out + phi["bias"][:, None] if "bias" in phi else out
+    if isinstance(module, nn.BatchNorm2d):
+        xhat = (F.batch_norm(x, None, None, training=True, eps=module.eps) if module.training
+                else F.batch_norm(x, module.running_mean, module.running_var, training=False,
+                                  eps=module.eps))
+    else:
+        xhat = F.group_norm(x, module.num_groups, eps=module.eps)
+    return xhat * phi["weight"][:, :, None, None] + phi["bias"][:, :, None, None]
+
+
+def _shares(model, x, y):
+    """{name: ∂L/∂θ_i (B, *shape)} of L = mean_i ℓ_i: the gradient over φ at φ = 0."""
+    B = x.shape[0]
+    phi, hooks = {}, []
+    for mn, m in model.named_modules():
+        own = {pn: torch.zeros(B, *p.shape, dtype=F64, requires_grad=True)
+               for pn, p in m.named_parameters(recurse=False) if p.requires_grad}
+        if own:
+            phi.update({f"{mn}.{pn}": t for pn, t in own.items()})
+            hooks.append(m.register_forward_hook(
+                lambda m, args, out, own=own: out + _delta(m, args[0], own, B)))
+    try:
+        loss = F.cross_entropy(model(x), y)
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(zip(phi, torch.autograd.grad(loss, list(phi.values()))))
+
+
+@pytest.mark.parametrize("ln_bias", [True, False], ids=["ln-bias", "ln-no-bias"])
+@pytest.mark.parametrize("train_bn", [True, False], ids=["bn-train", "bn-eval"])
+def test_weighted_backward_matches_per_sample_reference(train_bn, ln_bias):
+    B = 5
+    model = _net(ln_bias, train_bn)
+    plain, reference = copy.deepcopy(model), copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, 4, 4, generator=g, dtype=F64)
+    y = torch.randint(0, 3, (B,), generator=g)
+    names = {id(p): n for n, p in model.named_parameters()}
+    w = {n: torch.rand(B, generator=g, dtype=F64) + 0.5 for n in names.values()}
+
+    xw = x.clone().requires_grad_()
+    with Capture(model) as cap:
+        with cap.weighted(lambda b: {i: w[n] for i, n in names.items()}):
+            out = model(xw)
+        F.cross_entropy(out, y).backward()
+        assert not cap.recorded  # every call went through the weighting
+    xp = x.clone().requires_grad_()
+    F.cross_entropy(plain(xp), y).backward()
+    shares = _shares(reference, x, y)
+
+    assert float((xw.grad - xp.grad).norm() / xp.grad.norm()) < TOL
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None
+            continue
+        expect = torch.einsum("i,i...->...", w[n], shares[n])
+        assert float((p.grad - expect).norm() / expect.norm()) < TOL, n
+    for a, b in zip(model.buffers(), plain.buffers()):  # running statistics as the plain's
+        assert torch.equal(a, b)
