@@ -65,16 +65,23 @@ def _case(op):
 
 
 def _probe(op, result):
-    """probe_<op>: op's schema, checks and fake, every kernel returning `result`."""
+    """probe_<op>: op's schema, checks and fake, every kernel returning `result` — on CPU the
+    path of op's CUDA kernel: its dtype table and `supports`, and an autograd kernel where op
+    has one (a formula registered from Python; without grad it is a pass-through)."""
     name = f"probe_{op}"
     if not hasattr(torch.ops.lowrank_kernels, name):
         spec = lk.REGISTRY[op]
-        stub = _registry.Backend(lambda *args: result, {"cpu": spec.backends["reference"]
-                                                         .dtypes["cpu"]})
+        cuda = spec.backends[_registry._KERNELS[op, "cuda"]]
+        stub = _registry.Backend(lambda *args: result, {"cpu": cuda.dtypes["cuda"]},
+                                 cuda.supports)
         _registry.register(dataclasses.replace(
             spec, name=name, backends={"reference": stub, "cpu": stub},
             auto={"cpu": ("cpu",), "cuda": ()}))
         del lk.REGISTRY[name]  # a probe, not a public op
+        qualname = f"{_registry.NAMESPACE}::{op}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"):
+            torch.library.register_autograd(f"{_registry.NAMESPACE}::{name}",
+                                            lambda ctx, *grads: None)
     return getattr(torch.ops.lowrank_kernels, name).default
 
 

@@ -70,4 +70,4 @@ def fwht(x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     (H_n)_{ij} = (−1)^{popcount(i & j)}). Returns x's shape and dtype (fp32 arithmetic;
     fp64 for fp64 on the reference backend). backend: None (the device's kernel), or force
     'reference' / 'triton' (see use_backend)."""
-    return on_backend(_OP, backend)(x)
+    return on_backend(_OP, backend, x)(x)

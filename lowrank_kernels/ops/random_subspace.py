@@ -14,7 +14,7 @@ of project s·Ω ḡ for g.
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, call, register
+from .._registry import Backend, OpSpec, on_backend, register
 from ..reference.random_subspace import random_subspace_expand as reference_expand
 from ..reference.random_subspace import random_subspace_project as reference_project
 from ._common import check_dist, check_seed
@@ -160,7 +160,7 @@ def random_subspace_expand(alpha: torch.Tensor, seed: int, D: int, scale: float,
     stored. α: d coordinates; base: D vector or None. Returns D in base's dtype (float32
     without base; float64 for float64). backend: None (the device's kernel), or force
     'reference' / 'triton' / 'native' (see use_backend)."""
-    return call(_EXPAND, backend, alpha, seed, D, scale, dist, base)
+    return on_backend(_EXPAND, backend, alpha, base)(alpha, seed, D, scale, dist, base)
 
 
 def random_subspace_project(g: torch.Tensor, seed: int, d: int, scale: float,
@@ -168,5 +168,5 @@ def random_subspace_project(g: torch.Tensor, seed: int, d: int, scale: float,
     """c = s·Ωᵀ g with Ω (D×d) as in random_subspace_expand. g: D vector. Returns d, float32
     (float64 for float64). backend: None (the device's kernel), or force 'reference' /
     'triton' / 'native' (see use_backend)."""
-    return call(_PROJECT, backend, g, seed, d, scale, dist)
+    return on_backend(_PROJECT, backend, g)(g, seed, d, scale, dist)
 

@@ -183,7 +183,7 @@ torch.library.register_autograd("lowrank_kernels::subspace_expand", _backward_ex
 def subspace_project(P: torch.Tensor, g: torch.Tensor, backend: str | None = None):
     """c = Pᵀ g. P: D×k basis, g: D vector. Returns k, float32 (float64 for float64 inputs).
     backend: None (the device's kernel), or force 'reference' / 'triton' / 'native' (see use_backend)."""
-    return on_backend(_PROJECT, backend)(P, g)
+    return on_backend(_PROJECT, backend, P, g)(P, g)
 
 
 def subspace_expand(P: torch.Tensor, alpha: torch.Tensor, base: torch.Tensor | None = None,
@@ -191,4 +191,4 @@ def subspace_expand(P: torch.Tensor, alpha: torch.Tensor, base: torch.Tensor | N
     """w = base + P α. P: D×k basis, α: k coordinates, base: D vector or None. Returns D in
     base's dtype (P's without base), accumulated in float32 (float64 for float64 inputs).
     backend: None (the device's kernel), or force 'reference' / 'triton' / 'native' (see use_backend)."""
-    return on_backend(_EXPAND, backend)(P, alpha, base)
+    return on_backend(_EXPAND, backend, P, alpha, base)(P, alpha, base)
