@@ -7,7 +7,8 @@ torch thread: what is measured is Python and dispatch.
   tens of µs it drowns in the kernel's own spread on a shared machine, so also:
 - "layer <op>", for each op whose CUDA kernel is launched from Python (Triton): that
   path's layer alone, measured on CPU — the same schema, checks and dispatcher path as <op>
-  (registered as probe_<op> with a kernel that returns a preallocated result), called
+  (registered as probe_<op> with a kernel that returns a preallocated result, behind the
+  CUDA kernel's dtype table and `supports` and op's autograd layer if it has one), called
   through the public entry point lowrank_kernels.<op> (its op swapped for the probe while
   measured), against that trivial kernel called directly. Targets: ≤ 5 µs over the kernel
   for native ops, ≤ 10 µs for the others.

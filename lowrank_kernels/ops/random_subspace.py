@@ -76,10 +76,10 @@ def _triton_project(g, seed, d, scale, dist):
     return random_subspace_project(g, seed, d, scale, dist == "rademacher")
 
 
-def _no_cpu_bf16(*args):
-    if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.bfloat16
-           for t in args):
-        return "bf16 Triton runs on GPU only (the interpreter computes bf16 wrongly)"
+def _no_cpu_bf16(*args):  # on every call of the CUDA kernel: a plain loop, dtype first
+    for t in args:
+        if isinstance(t, torch.Tensor) and t.dtype is torch.bfloat16 and t.is_cpu:
+            return "bf16 Triton runs on GPU only (the interpreter computes bf16 wrongly)"
     return None
 
 

@@ -105,10 +105,10 @@ def _triton_expand(P, alpha, base):
     return subspace_expand(P, alpha, base)
 
 
-def _any_cpu_bf16(*tensors):
-    if any(t is not None and t.device.type == "cpu" and t.dtype == torch.bfloat16
-           for t in tensors):
-        return "bf16 Triton runs on GPU only (the interpreter computes bf16 wrongly)"
+def _any_cpu_bf16(*tensors):  # on every call of the CUDA kernel: a plain loop, dtype first
+    for t in tensors:
+        if t is not None and t.dtype is torch.bfloat16 and t.is_cpu:
+            return "bf16 Triton runs on GPU only (the interpreter computes bf16 wrongly)"
     return None
 
 
