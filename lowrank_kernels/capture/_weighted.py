@@ -13,7 +13,7 @@ same values; the layer's own graph for its input, built inside); its backward gi
                     row i scaled by w_i — the same GEMM / convolution / scatter the plain
                     backward runs (which is Σ_i s·g_i), instead of it, not besides it (a
                     Conv2d: one convolution_backward for both, x's rows scaled instead of
-                    e's; a norm: its native backward's per-sample sums, see _NativeNorm).
+                    e's).
 
 Exact for every layer kind whose per-sample gradients are linear in the row of e (all of
 Capture's: Linear, Conv1D, Conv2d incl. groups, Embedding, the norms' affine parameters
@@ -199,15 +199,7 @@ class _Layer(torch.autograd.Function):
 class _NativeNorm:
     """A BatchNorm / GroupNorm / LayerNorm call whose graph is the one native node: its
     saved tensors (the batch statistics) taken, the node's own backward called twice — for
-    the input with e, and for the affine parameters without any tensor of e's size made:
-
-        BatchNorm, GroupNorm: the per-sample sums S_w[i] = Σ_t e_i x̂_i, S_b[i] = Σ_t e_i
-            (B, C) in one pass, as the same backward of the batch viewed as one sample of
-            B·C channels (B·groups groups) with the statistics repeated per sample;
-            then w_p @ S_p;
-        LayerNorm: the weight as the backward with each row's 1/σ scaled by its sample's
-            w_i (the weight gradient Σ_rows e (x − μ)/σ is linear in it); the bias w @ Σ_t e_i.
-    """
+    the input with e, for the affine parameters with e's rows scaled (one fused pass each)."""
 
     NODES: typing.ClassVar = {"NativeBatchNormBackward0": ("running_mean", "running_var", "result1", "result2",
                                           "training", "eps"),
@@ -226,59 +218,28 @@ class _NativeNorm:
         kind = type(node).__name__
         return cls(kind, node) if kind in cls.NODES and node._saved_weight is not None else None
 
-    def _input_grad(self, g):
+    def _call(self, g, mask):
         x, W, a = self.input, self.weight, self.args
-        mask = [True, False, False]
         if self.kind == "NativeBatchNormBackward0":
-            return torch.ops.aten.native_batch_norm_backward(g, x, W, *a, mask)[0]
+            return torch.ops.aten.native_batch_norm_backward(g, x, W, *a, mask)
         if self.kind == "NativeGroupNormBackward0":
-            return torch.ops.aten.native_group_norm_backward(g, x, a[0], a[1], W, *a[2:],
-                                                             mask)[0]
+            return torch.ops.aten.native_group_norm_backward(g, x, a[0], a[1], W, *a[2:], mask)
         return torch.ops.aten.native_layer_norm_backward(g, x, a[0], a[1], a[2], W, self.bias,
-                                                         mask)[0]
-
-    def _per_sample(self, g):
-        """(S_w, S_b): the per-sample sums (B, C) of the weight and bias gradients."""
-        x, a = self.input, self.args
-        B, C = x.shape[0], x.shape[1]
-        flat = (1, B * C, *x.shape[2:])  # the batch as one sample of B·C channels
-        g1, x1 = g.reshape(flat), x.reshape(flat)
-        if self.kind == "NativeBatchNormBackward0":
-            running_mean, running_var, mean, invstd, training, eps = a
-            if not training:  # eval: the running statistics normalize
-                mean, invstd = running_mean, torch.rsqrt(running_var + eps)
-            mean, invstd = torch.stack((mean, invstd)).repeat(1, B)
-            # the weight argument (B·C values) is read by the input gradient only
-            _, Sw, Sb = torch.ops.aten.native_batch_norm_backward(
-                g1, x1, invstd, None, None, mean, invstd, True, eps, [False, True, True])
-        else:
-            mean, rstd, _, _, HxW, group = a
-            _, Sw, Sb = torch.ops.aten.native_group_norm_backward(
-                g1, x1, mean.reshape(1, -1), rstd.reshape(1, -1), self.weight.repeat(B), 1,
-                B * C, HxW, B * group, [False, True, True])
-        return Sw.reshape(B, C), Sb.reshape(B, C)
+                                                         mask)
 
     def backward(self, g, call, need_input):
-        gx = self._input_grad(g) if need_input else None
+        gx = self._call(g, [True, False, False])[0] if need_input else None
         params = call.handler.params
-        B = g.shape[0]
-        w = {n: call.weighting.rows(p, B) for n, p in params.items()}
-        if self.kind == "NativeLayerNormBackward0":
-            sums = {"bias": g.reshape(B, -1, g.shape[-1]).sum(1)} if "bias" in params else {}
-            if "weight" in params:
-                shape, mean, rstd = self.args
-                scaled = rstd * w["weight"].to(rstd.dtype).reshape(-1, *[1] * (rstd.dim() - 1))
-                _, gw, _ = torch.ops.aten.native_layer_norm_backward(
-                    g, self.input, shape, mean, scaled, self.weight, self.bias,
-                    [False, True, False])
-            out = {id(params["weight"]): _as(gw, params["weight"].dtype)} if "weight" in params else {}
-        else:
-            Sw, Sb = self._per_sample(g)
-            sums, out = {"weight": Sw, "bias": Sb}, {}
-        for n, S in sums.items():
-            if n in params:
-                out[id(params[n])] = _as(w[n].to(S.dtype) @ S.reshape(B, -1), params[n].dtype
-                                         ).reshape(params[n].shape)
+        w = {n: call.weighting.rows(p, g.shape[0]) for n, p in params.items()}
+        out = {}
+        names = list(params)
+        groups = [names] if len({id(w[n]) for n in names}) == 1 else [[n] for n in names]
+        for group in groups:
+            gs = g * call.weighting.shaped(w[group[0]], g)
+            _, gw, gb = self._call(gs, [False, "weight" in group, "bias" in group])
+            for n, t in (("weight", gw), ("bias", gb)):
+                if n in group:
+                    out[id(params[n])] = _as(t, params[n].dtype)
         return gx, out
 
 
