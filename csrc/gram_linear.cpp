@@ -7,11 +7,16 @@
 // by one of two exact routes, BLAS GEMMs (at::mm / at::bmm) for the products and plain loops
 // for what is left:
 // - token pair: X = (A A2ᵀ + b) ⊙ (E E2ᵀ) over token rows, its T × T blocks summed per sample
-//   pair in one fused pass (no product temporary); for the symmetric K only the upper block rows
-//   (B ≥ 128: rows of 32 or 64, 9/16 to 5/8 of the flops of the full GEMMs), then mirrored.
-//   diagonal=True at T = 1 is row dots (‖a_i‖² + b)‖e_i‖² in one pass over A and E;
-// - per sample: G_i = E_iᵀ A_i by one bmm (in blocks of d_out bounded by kGradBlock entries),
-//   then K = G G2ᵀ (+ S S2ᵀ, S_i = Σ_t e_it, with a bias) — the diagonal as row dots of G.
+//   pair in one fused pass (no product temporary); for the symmetric K only one triangle, then
+//   mirrored: at T = 1 in float32 A Aᵀ and E Eᵀ by register tiles on and below the diagonal
+//   (lowrank/f32_tiles.h syrk_lower, about half the flops of a GEMM) and one pass
+//   (SA + b) ⊙ SE; else the upper block rows of GEMMs (B ≥ 128: rows of 32 or 64, 9/16 to 5/8
+//   of the flops of the full GEMMs). diagonal=True at T = 1 is row dots (‖a_i‖² + b)‖e_i‖² in
+//   one pass over A and E (float32: FMA chains, one load per element of the Gram's own);
+// - per sample: G_i = E_iᵀ A_i (float32: register tiles reading E_i and A_i in place, else one
+//   bmm; in blocks of d_out bounded by kGradBlock entries), then K = G G2ᵀ (+ S S2ᵀ,
+//   S_i = Σ_t e_it, with a bias; the symmetric float32 K from 32 samples by syrk_lower) — the
+//   diagonal as row dots of G.
 // route "auto" picks by choose_route, a flop model whose element costs were fitted on a 2-core
 // AVX2 EPYC (torch 2.13, MKL, 1 thread), see there.
 #include <ATen/ATen.h>
@@ -114,6 +119,26 @@ void diagonal_rows(const at::Tensor& A, const at::Tensor& E, const at::Tensor& A
   const S *a2 = A2.const_data_ptr<S>(), *e2 = E2.const_data_ptr<S>();
   const int64_t sa = A.stride(0), se = E.stride(0), sa2 = A2.stride(0), se2 = E2.stride(0);
   S* o = out.data_ptr<S>();
+#ifdef LK_TILES_AVX2
+  if constexpr (std::is_same_v<S, float>) {
+    if (tiles::has_avx2_fma()) {  // FMA chains; the Gram's own diagonal: one load per element
+      const bool square = a == a2 && sa == sa2 && e == e2 && se == se2;
+      at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          float sum = 0;
+          for (int64_t g = 0; g < groups; ++g) {
+            const float *ai = a + i * sa + g * ka, *ei = e + i * se + g * ke;
+            sum += square ? (tiles::row_dot<true>(ai, ai, ka) + b) * tiles::row_dot<true>(ei, ei, ke)
+                          : (tiles::row_dot<false>(ai, a2 + i * sa2 + g * ka, ka) + b) *
+                                tiles::row_dot<false>(ei, e2 + i * se2 + g * ke, ke);
+          }
+          o[i] = sum;
+        }
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       S sum = 0;

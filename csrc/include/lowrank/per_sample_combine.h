@@ -23,6 +23,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "lowrank/f32_tiles.h"
+
 namespace lowrank::combine {
 
 enum class Route { kAuto, kScaled, kPerSample };
@@ -59,10 +61,10 @@ constexpr int64_t kGradBlock = int64_t{1} << 22;
 // Entries of a block of the GEMM + dot route's Y (rows × m·width) held at once.
 constexpr int64_t kRowBlock = int64_t{1} << 22;
 
-// Entries of A (rows × d_in) up to which the scaled route's GEMM is a register-tiled rank
-// update (A in L1). Measured at B = 16, T = 1, 256 -> 256, m = 4 (1 thread, interleaved, min of
-// 100+ rounds on the loaded 2-core EPYC): 0.98x of the baseline's scaled rows + BLAS GEMM,
-// where the BLAS GEMM (inner dimension B = 16) in this kernel gave 0.92x.
+// Entries of A (rows × d_in) up to which the scaled route's product (C ⊙ E)ᵀ A is tiles::xt_y
+// (A in L1, W written row after row) instead of a BLAS GEMM with inner dimension B·T. Measured
+// at B = 16, T = 1, 256 -> 256, m = 4 (1 thread, interleaved medians): 0.93x the time of MKL's
+// sgemm for the product.
 constexpr int64_t kSmallRank = int64_t{1} << 13;
 
 // Rows of d_out per block of per-sample gradients G (B, rows, k).
@@ -169,47 +171,6 @@ LK_COMBINE_TARGET inline void add_row_dots(const float* G, int64_t ldg, int64_t 
   }
 }
 
-// W[r + q, p] = Σ_i S[i, r + q] A[i, p] for q < R, p < n, i < K: a register tile of R rows.
-template <int R>
-LK_COMBINE_TARGET inline void rank_tile(const float* S, int64_t lds, const float* A,
-                                        int64_t lda, int64_t K, int64_t n, float* W,
-                                        int64_t ldw) {
-  int64_t p = 0;
-  for (; p + 16 <= n; p += 16) {
-    __m256 acc[R][2];
-    for (int q = 0; q < R; ++q) acc[q][0] = acc[q][1] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < K; ++i) {
-      const __m256 a0 = _mm256_loadu_ps(A + i * lda + p), a1 = _mm256_loadu_ps(A + i * lda + p + 8);
-      for (int q = 0; q < R; ++q) {
-        const __m256 sv = _mm256_broadcast_ss(S + i * lds + q);
-        acc[q][0] = _mm256_fmadd_ps(sv, a0, acc[q][0]);
-        acc[q][1] = _mm256_fmadd_ps(sv, a1, acc[q][1]);
-      }
-    }
-    for (int q = 0; q < R; ++q) {
-      _mm256_storeu_ps(W + q * ldw + p, acc[q][0]);
-      _mm256_storeu_ps(W + q * ldw + p + 8, acc[q][1]);
-    }
-  }
-  for (; p < n; ++p)
-    for (int q = 0; q < R; ++q) {
-      float acc = 0;
-      for (int64_t i = 0; i < K; ++i) acc = std::fma(S[i * lds + q], A[i * lda + p], acc);
-      W[q * ldw + p] = acc;
-    }
-}
-
-// W = Sᵀ A, W (rows, n) of row stride ldw, S (K, rows) and A (K, n) of row strides lds, lda:
-// a rank-K update for small K·n (A stays in L1 while every row of W is written once) — the
-// scaled route at T = 1, where a BLAS GEMM with inner dimension B spends most of its time
-// packing.
-LK_COMBINE_TARGET inline void small_rank_product(const float* S, int64_t lds, const float* A,
-                                                 int64_t lda, int64_t K, int64_t rows,
-                                                 int64_t n, float* W, int64_t ldw) {
-  int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) rank_tile<4>(S + r, lds, A, lda, K, n, W + r * ldw, ldw);
-  for (; r < rows; ++r) rank_tile<1>(S + r, lds, A, lda, K, n, W + r * ldw, ldw);
-}
 #endif
 
 // Whether the float32 AVX2 loops take tensors of t's dtype here.
@@ -220,6 +181,20 @@ inline bool simd_float(const at::Tensor& t) {
   (void)t;
   return false;
 #endif
+}
+
+// Gb (B, h, k) = (E_i[:, lo:lo + h]ᵀ A_i)_i: float32 by tiles::xt_y in place (unit last
+// strides), else one bmm. Gb: rows of k contiguous.
+inline void per_sample_grads(const at::Tensor& E, const at::Tensor& A, int64_t lo, int64_t h,
+                             at::Tensor& Gb) {
+  if (simd_float(A) && A.stride(2) == 1 && E.stride(2) == 1) {
+    tiles::per_sample_grads(E.const_data_ptr<float>(), E.stride(0), E.stride(1),
+                            A.const_data_ptr<float>(), A.stride(0), A.stride(1), A.size(0),
+                            A.size(1), lo, h, A.size(2), Gb.data_ptr<float>(), Gb.stride(0),
+                            Gb.stride(1));
+    return;
+  }
+  at::bmm_out(Gb, E.narrow(2, lo, h).transpose(1, 2), A);
 }
 
 // W (m, d, k) = Σ_i c_ij E_iᵀ A_i for one group: A (B, T, k), E (B, T, d), C (B, m); W may be a
@@ -236,7 +211,7 @@ inline void weighted_sum_group(const at::Tensor& A, const at::Tensor& E, const a
     for (int64_t lo = 0; lo < d; lo += step) {
       const int64_t h = std::min(step, d - lo);
       at::Tensor Gb = h == step ? G : G.narrow(1, 0, h);
-      at::bmm_out(Gb, E.narrow(2, lo, h).transpose(1, 2), A);
+      per_sample_grads(E, A, lo, h, Gb);
       at::Tensor Wb = W.narrow(1, lo, h);  // (m, h, k): rows of k contiguous
 #ifdef LK_COMBINE_AVX2
       if (fast) {
@@ -261,10 +236,10 @@ inline void weighted_sum_group(const at::Tensor& A, const at::Tensor& E, const a
     at::mul_out(Es, E.unsqueeze(2), Cb);
     Es = Es.view({rows, m * d});
     const at::Tensor A2 = A.reshape({rows, k});
-#ifdef LK_COMBINE_AVX2
+#ifdef LK_TILES_AVX2
     if (simd_float(A) && W.is_contiguous() && A2.stride(1) == 1 && rows * k <= kSmallRank) {
-      small_rank_product(Es.const_data_ptr<float>(), m * d, A2.const_data_ptr<float>(),
-                         A2.stride(0), rows, m * d, k, W.data_ptr<float>(), k);
+      tiles::xt_y(Es.const_data_ptr<float>(), m * d, A2.const_data_ptr<float>(), A2.stride(0),
+                  rows, m * d, k, W.data_ptr<float>(), k, false);
       return;
     }
 #endif
@@ -337,7 +312,7 @@ inline void project_group(const at::Tensor& A, const at::Tensor& E, const at::Te
     for (int64_t lo = 0; lo < d; lo += step) {
       const int64_t h = std::min(step, d - lo);
       at::Tensor Gb = h == step ? G : G.narrow(1, 0, h);
-      at::bmm_out(Gb, E.narrow(2, lo, h).transpose(1, 2), A);
+      per_sample_grads(E, A, lo, h, Gb);
       const at::Tensor Vb = V.narrow(1, lo, h).reshape({m, h * k});
 #ifdef LK_COMBINE_AVX2
       if (fast && Vb.stride(1) == 1) {
