@@ -42,21 +42,8 @@ acc_t lane_sum(const acc_t* l) {
   return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
 }
 
-// ---- baseline ISA: omega_lanes on 8 rows × 2 column groups (lane 8 v + t: row i0 + t, group
-// g + v) --------------------------------------------------------------------------------------
-template <class acc_t>
-void rows_groups_base(std::uint64_t seed, index_t i0, index_t g, bool rademacher,
-                      float (&z)[4][kLanes]) {
-  std::uint32_t gs[kLanes], lo[kLanes], hi[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    const auto i = static_cast<std::uint64_t>(i0 + l % 8);
-    gs[l] = static_cast<std::uint32_t>(g + l / 8);
-    lo[l] = static_cast<std::uint32_t>(i);
-    hi[l] = static_cast<std::uint32_t>(i >> 32);
-  }
-  philox::omega_lanes<Isa::kBase>(seed, gs, lo, hi, rademacher, z);
-}
-
+// ---- baseline ISA: omega_rows_lanes, 8 rows × 2 column groups (lane 8 v + t: row i0 + t,
+// group g + v) -------------------------------------------------------------------------------
 // w[i] = (base[i] +) Σ_j Ω_ij a_j for rows [r0, r1), r0 a multiple of 8.
 template <class acc_t>
 void expand_range_base(std::uint64_t seed, const acc_t* a, index_t groups, const acc_t* base,
@@ -65,7 +52,8 @@ void expand_range_base(std::uint64_t seed, const acc_t* a, index_t groups, const
   for (index_t i0 = r0; i0 < r1; i0 += 8) {
     acc_t acc[8] = {};
     for (index_t g = 0; g < groups; g += 2) {
-      rows_groups_base<acc_t>(seed, i0, g, rademacher, z);
+      philox::omega_rows_lanes<Isa::kBase>(seed, static_cast<std::uint64_t>(i0),
+                                           static_cast<std::uint64_t>(g), rademacher, z);
       for (index_t v = 0; v < std::min<index_t>(2, groups - g); ++v) {
         const acc_t* ag = a + 4 * (g + v);
         for (int t = 0; t < 8; ++t)
@@ -91,7 +79,8 @@ void project_block_base(std::uint64_t seed, const acc_t* v, index_t r0, index_t 
     acc_t vi[8];
     for (int t = 0; t < 8; ++t) vi[t] = i0 + t < r1 ? v[i0 + t] : acc_t(0);
     for (index_t g = 0; g < ng; g += 2) {
-      rows_groups_base<acc_t>(seed, i0, g0 + g, rademacher, z);
+      philox::omega_rows_lanes<Isa::kBase>(seed, static_cast<std::uint64_t>(i0),
+                                           static_cast<std::uint64_t>(g0 + g), rademacher, z);
       for (index_t u = 0; u < std::min<index_t>(2, ng - g); ++u)
         for (int q = 0; q < 4; ++q) {
           acc_t* l = lanes + 32 * (g + u) + 8 * q;
@@ -203,16 +192,10 @@ LK_TARGET_AVX2 void project_block_avx2(std::uint64_t seed, const acc_t* v, index
 }
 #endif
 
+// The group words for the AVX2 kernels (none where they do not run).
 std::vector<philox::GroupWords> group_words(std::uint64_t seed, index_t groups) {
-  std::vector<philox::GroupWords> gw;
-#if LK_X86
-  if (philox::cpu_has_avx2()) {
-    gw.resize(static_cast<std::size_t>(groups));
-    for (index_t g = 0; g < groups; ++g)
-      gw[static_cast<std::size_t>(g)] = philox::group_words(seed, static_cast<std::uint64_t>(g));
-  }
-#endif
-  return gw;
+  return philox::cpu_has_avx2() ? philox::group_table(seed, 0, groups)
+                                : std::vector<philox::GroupWords>();
 }
 
 void check_common(const char* op, int64_t seed, c10::string_view dist) {

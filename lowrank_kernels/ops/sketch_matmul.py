@@ -5,10 +5,11 @@ stored as a whole:
     transpose=False:  Y = M Ω,   M m×n, Ω_ij = f(seed, row_offset + i, j) (n × k)  → Y m×k
     transpose=True:   Y = Ωᵀ M,  M m×n, Ω_ij = f(seed, row_offset + i, j) (m × k)  → Y k×n
 
-Triton: Ω tiles generated in registers inside the GEMM (no memory for Ω). Native (CPU): Ω
-generated in row blocks of ≤ 2²⁰ entries by the C++ Philox (lowrank/philox.h), then
-torch.mm. Reference: the same blocks from the PyTorch Philox. Output float32 (float64 for
-float64 M, reference backend).
+Triton: Ω tiles generated in registers inside the GEMM (no memory for Ω). Native (CPU,
+csrc/sketch_matmul.cpp): Ω generated in row blocks of about 2¹⁸ entries by the C++ Philox
+(lowrank/philox_lanes.h, AVX2 where the CPU has it), each block into one GEMM. Reference: row
+blocks of ≤ 2²⁰ entries from the PyTorch Philox, then torch.mm. Output float32 (float64 for
+float64 M).
 """
 import torch
 
@@ -42,17 +43,6 @@ def _reference(M, k, seed, dist, transpose, row_offset):
     return reference_sketch_matmul(M, k, seed, dist == "rademacher", transpose, row_offset)
 
 
-def _cpu(M, k, seed, dist, transpose, row_offset):
-    """The reference's row blocks with Ω from the sketch_omega op (the C++ Philox on CPU)."""
-    return reference_sketch_matmul(M, k, seed, dist == "rademacher", transpose, row_offset,
-                                   omega=_omega)
-
-
-def _omega(rows, k, seed, rademacher, col_offset):
-    return torch.ops.lowrank_kernels.sketch_omega.default(
-        rows, k, seed, "rademacher" if rademacher else "gaussian", col_offset)
-
-
 def _triton(M, k, seed, dist, transpose, row_offset):
     from ..triton.sketch_matmul import sketch_matmul as triton_sketch_matmul
 
@@ -71,9 +61,9 @@ SPEC = register(OpSpec(
         "reference": Backend(_reference, {"cpu": _ALL, "cuda": _ALL}),
         # The interpreter computes bf16 wrongly (see DESIGN §4): bf16 Triton is GPU-only.
         "triton": Backend(_triton, {"cpu": (torch.float32, torch.float16), "cuda": _LOW}),
-        "cpu": Backend(_cpu, {"cpu": _LOW}),
+        "native": Backend(None, {"cpu": _ALL}),  # csrc/sketch_matmul.cpp: the op itself
     },
-    auto={"cpu": ("cpu",), "cuda": ("triton",)},
+    auto={"cpu": ("native",), "cuda": ("triton",)},
     finite_inputs=("M",),
 ))
 _OP = torch.ops.lowrank_kernels.sketch_matmul.default
@@ -85,7 +75,7 @@ def sketch_matmul(M: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussian"
     """Y = M Ω (m × k) or, transpose=True, Y = Ωᵀ M (k × n), Ω_ij = f(seed, row_offset + i, j)
     the counter-based sketch matrix (see sketch_omega; 'gaussian' N(0,1) or 'rademacher' ±1
     entries, unscaled: E[Ω Ωᵀ] = k·I). Ω is generated, never stored (Triton: in registers;
-    native/reference: in row blocks of ≤ 2²⁰ entries). M: 2-D, any strides.
-    backend: None (the device's kernel), or force 'reference' / 'cpu' / 'triton'.
+    native/reference: in row blocks). M: 2-D, any strides.
+    backend: None (the device's kernel), or force 'reference' / 'native' / 'triton'.
     Returns float32 (float64 for float64 M)."""
     return call(_OP, backend, M, k, seed, dist, transpose, row_offset)

@@ -12,6 +12,9 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <vector>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define LK_X86 1
@@ -39,10 +42,14 @@ constexpr int kLanes = 16;  // pairs per batch: 4 SSE / 2 AVX vectors
 // The instruction set a batch is compiled for.
 enum class Isa { kBase, kAvx2 };
 
-// True when this CPU runs the AVX2 paths.
+// True when this CPU runs the AVX2 paths (LOWRANK_NO_AVX2=1 set before the first call: the
+// baseline-ISA paths on any CPU; the tests compare their bits).
 inline bool cpu_has_avx2() {
 #if LK_X86
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = [] {
+    const char* off = std::getenv("LOWRANK_NO_AVX2");
+    return __builtin_cpu_supports("avx2") && !(off && std::string_view(off) == "1");
+  }();
   return has;
 #else
   return false;
@@ -58,6 +65,36 @@ inline void sqrt_lanes(float (&v)[kLanes]) {
   for (float& x : v) x = std::sqrt(x);
 #endif
 }
+
+// Philox's first two rounds on counter (g, lo, hi, 0), key (k0, k1): round 0 gives
+// (s0, s1, s2, s3) = (hi(M1 hi) ^ lo ^ k0, lo(M1 hi), hi(M0 g) ^ k1, lo(M0 g)), round 1
+// (hi(M1 s2) ^ s1 ^ (k0 + W0), lo(M1 s2), hi(M0 s0) ^ s3 ^ (k1 + W1), lo(M0 s0)): words of
+// the group alone (a, b, c below) combined with words of the row alone (s1, hi/lo(M0 s0)).
+struct GroupWords {
+  std::uint32_t a, b, c;  // hi(M1 s2) ^ (k0 + W0), lo(M1 s2), s3 ^ (k1 + W1)
+};
+
+inline GroupWords group_words(std::uint64_t seed, std::uint64_t g) {
+  const auto k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
+  const std::uint64_t p0 = static_cast<std::uint64_t>(kMul0) * static_cast<std::uint32_t>(g);
+  const std::uint32_t s2 = static_cast<std::uint32_t>(p0 >> 32) ^ k1;
+  const std::uint64_t p1 = static_cast<std::uint64_t>(kMul1) * s2;
+  return {static_cast<std::uint32_t>(p1 >> 32) ^ (k0 + kWeyl0), static_cast<std::uint32_t>(p1),
+          static_cast<std::uint32_t>(p0) ^ (k1 + kWeyl1)};
+}
+
+// group_words of the column groups g0 .. g0 + n - 1.
+inline std::vector<GroupWords> group_table(std::uint64_t seed, std::uint64_t g0, std::int64_t n) {
+  std::vector<GroupWords> t(static_cast<std::size_t>(n));
+  for (std::int64_t g = 0; g < n; ++g)
+    t[static_cast<std::size_t>(g)] = group_words(seed, g0 + static_cast<std::uint64_t>(g));
+  return t;
+}
+
+// omega_lanes on 8 rows × 2 column groups: z[q][8 v + t] = Ω[i0 + t, 4 (g + v) + q].
+template <Isa isa>
+LK_INLINE void omega_rows_lanes(std::uint64_t seed, std::uint64_t i0, std::uint64_t g,
+                                bool rademacher, float (&z)[4][kLanes]);
 
 #if LK_X86
 // (hi, lo) of the 64-bit products m * v lane by lane (8 uint32 lanes): vpmuludq takes the
@@ -222,23 +259,6 @@ LK_TARGET_AVX2 LK_INLINE void omega_avx2(const __m256i (&x)[V][4], bool rademach
   }
 }
 
-// Philox's first two rounds on counter (g, lo, hi, 0), key (k0, k1): round 0 gives
-// (s0, s1, s2, s3) = (hi(M1 hi) ^ lo ^ k0, lo(M1 hi), hi(M0 g) ^ k1, lo(M0 g)), round 1
-// (hi(M1 s2) ^ s1 ^ (k0 + W0), lo(M1 s2), hi(M0 s0) ^ s3 ^ (k1 + W1), lo(M0 s0)): words of
-// the group alone (a, b, c below) combined with words of the row alone (s1, hi/lo(M0 s0)).
-struct GroupWords {
-  std::uint32_t a, b, c;  // hi(M1 s2) ^ (k0 + W0), lo(M1 s2), s3 ^ (k1 + W1)
-};
-
-inline GroupWords group_words(std::uint64_t seed, std::uint64_t g) {
-  const auto k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
-  const std::uint64_t p0 = static_cast<std::uint64_t>(kMul0) * static_cast<std::uint32_t>(g);
-  const std::uint32_t s2 = static_cast<std::uint32_t>(p0 >> 32) ^ k1;
-  const std::uint64_t p1 = static_cast<std::uint64_t>(kMul1) * s2;
-  return {static_cast<std::uint32_t>(p1 >> 32) ^ (k0 + kWeyl0), static_cast<std::uint32_t>(p1),
-          static_cast<std::uint32_t>(p0) ^ (k1 + kWeyl1)};
-}
-
 struct RowWords8 {
   __m256i s1, m_hi, m_lo;  // lo(M1 hi), hi(M0 s0), lo(M0 s0) of rows i0 + t, t = 0..7
 };
@@ -336,6 +356,19 @@ LK_INLINE void omega_lanes(std::uint64_t seed, const std::uint32_t (&g)[kLanes],
       z[2 * p][t] = r[p][t] * c[p][t];
       z[2 * p + 1][t] = r[p][t] * s[p][t];
     }
+}
+
+template <Isa isa>
+LK_INLINE void omega_rows_lanes(std::uint64_t seed, std::uint64_t i0, std::uint64_t g,
+                                bool rademacher, float (&z)[4][kLanes]) {
+  std::uint32_t gs[kLanes], lo[kLanes], hi[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    const std::uint64_t i = i0 + static_cast<std::uint64_t>(l % 8);
+    gs[l] = static_cast<std::uint32_t>(g + static_cast<std::uint64_t>(l / 8));
+    lo[l] = static_cast<std::uint32_t>(i);
+    hi[l] = static_cast<std::uint32_t>(i >> 32);
+  }
+  omega_lanes<isa>(seed, gs, lo, hi, rademacher, z);
 }
 
 }  // namespace philox
