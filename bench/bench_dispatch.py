@@ -3,7 +3,7 @@ torch thread: what is measured is Python and dispatch.
 
 - "dispatch <op>": lowrank_kernels.<op>(...) against the kernel the dispatcher runs on this
   device called directly (the backend function of a Python kernel; for a C++ kernel the op
-  itself, the floor). Its difference is the layer's overhead, but for a Python kernel of
+  itself, the floor; below the autograd layer for an op with an autograd formula). Its difference is the layer's overhead, but for a Python kernel of
   tens of µs it drowns in the kernel's own spread on a shared machine, so also:
 - "layer <op>", for each op whose CUDA kernel is launched from Python (Triton): that
   path's layer alone, measured on CPU — the same schema, checks and dispatcher path as <op>
@@ -58,8 +58,15 @@ def _case(op):
         run = spec.backends[backend].run
         kernel = (lambda: run(*full)) if backend != "native" else (lambda: overload(*full))
         name = f"{backend} kernel direct" if backend != "native" else "C++ kernel via the op"
+        loop = _loop(kernel)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"{_registry.NAMESPACE}::{op}",
+                                                          "Autograd"):
+            def loop(inner=loop):  # the kernel without the op's autograd layer (its floor)
+                with torch._C._AutoDispatchBelowAutograd():
+                    return inner()
+            name += " below autograd"
         return Setup([ours(f"lk.{op}", _loop(_public_call(op, args, kwargs))),
-                      baseline(name, _loop(kernel))],
+                      baseline(name, loop)],
                      calls=CALLS, tol=1e-5, dtype="float32",
                      notes={"kernel": backend})
     return build
