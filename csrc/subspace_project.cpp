@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -396,11 +397,192 @@ at::Tensor subspace_expand_cpu(const at::Tensor& P, const at::Tensor& alpha,
   return w;
 }
 
+// ---- TWA's step on a CPU, fused (lowrank_kernels/optim/twa.py: the formulas and the skip rule)
+//
+//   c = Pᵀ g,  b' = μ b + (c + λ α),  α' = α − η (c + λ α + μ b'  if nesterov else  b'),
+//   w = P α';  the step is taken (α, b, the trainable parameters ← α', b', w) when ‖c‖², Σ α'
+//   and Σ w are finite (float32 sums: NaN/Inf propagate; ‖c‖² overflows for a loss × 1e30),
+//   else skipped (nothing written); returns skipped + (1 if skipped).
+//
+// float32 P, α, b, parameters and gradients (contiguous), P's D rows = the parameters' values
+// in order. One pass over P for c (each parameter's gradient read where it is, no flat copy),
+// one for w into a scratch vector whose sum is taken while it is in cache, then one copy per
+// trainable parameter: the flag is read on the host, which on a CPU is the device.
+#if LK_SUBSPACE_AVX2
+LK_TARGET_AVX2_FMA float sum_floats(const float* x, index_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+  index_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(x + i));
+    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(x + i + 8));
+  }
+  a0 = _mm256_add_ps(a0, a1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  float x0 = _mm_cvtss_f32(s);
+  for (; i < n; ++i) x0 += x[i];
+  return x0;
+}
+#else
+float sum_floats(const float* x, index_t n) {
+  float s = 0.0f;
+  for (index_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+#endif
+
+// c += P[r0 : r0 + n]ᵀ g (g: n values), in row chunks summed in order.
+void project_segment(const at::Tensor& P, index_t r0, index_t n, const float* g, float* c) {
+  const index_t k = P.size(1);
+  const at::Tensor block = P.narrow(0, r0, n);
+#if LK_SUBSPACE_AVX2
+  if (const Layout layout = register_layout(block); layout != Layout::kNone) {
+    const index_t chunks = (n + kChunkRows - 1) / kChunkRows;
+    std::vector<float> partial(chunks * k);
+    const float* p = block.const_data_ptr<float>();
+    at::parallel_for(0, chunks, 1, [&](index_t begin, index_t end) {
+      for (index_t ch = begin; ch < end; ++ch) {
+        const index_t a = ch * kChunkRows, b = std::min(n, a + kChunkRows);
+        float* out = partial.data() + ch * k;
+        if (layout == Layout::kRows)
+          by_vectors<ProjectRows>(k, p, block.stride(0), g, a, b, k, out);
+        else
+          by_column_groups<ProjectColumns>(k, p, block.stride(1), g, a, b, out);
+      }
+    });
+    for (index_t ch = 0; ch < chunks; ++ch)
+      for (index_t j = 0; j < k; ++j) c[j] += partial[ch * k + j];
+    return;
+  }
+#endif
+  const at::Tensor gv = at::from_blob(const_cast<float*>(g), {n}, block.options());
+  const at::Tensor part = at::mv(block.t(), gv);
+  const float* pp = part.const_data_ptr<float>();
+  for (index_t j = 0; j < k; ++j) c[j] += pp[j];
+}
+
+// w = P a (D values) and Σ w (float32, summed a block at a time while it is in cache).
+float expand_with_sum(const at::Tensor& P, const float* a, float* w) {
+  const index_t D = P.size(0), k = P.size(1);
+  constexpr index_t kBlock = 8192;
+  const index_t blocks = (D + kBlock - 1) / kBlock;
+  std::vector<float> sums(blocks);
+#if LK_SUBSPACE_AVX2
+  const Layout layout = register_layout(P);
+#else
+  const Layout layout = Layout::kNone;
+#endif
+  const at::Tensor av = at::from_blob(const_cast<float*>(a), {k}, P.options());
+  at::parallel_for(0, blocks, 1, [&](index_t begin, index_t end) {
+    for (index_t bl = begin; bl < end; ++bl) {
+      const index_t r0 = bl * kBlock, r1 = std::min(D, r0 + kBlock);
+#if LK_SUBSPACE_AVX2
+      if (layout == Layout::kRows)
+        by_vectors<ExpandRows>(k, P.const_data_ptr<float>(), P.stride(0), a,
+                               static_cast<const float*>(nullptr), r0, r1, k, w);
+      else if (layout == Layout::kColumns)
+        expand_columns(P.const_data_ptr<float>(), P.stride(1), a, nullptr, r0, r1, k, w);
+      else
+#endif
+      {
+        at::Tensor out = at::from_blob(w + r0, {r1 - r0}, P.options());
+        at::mv_out(out, P.narrow(0, r0, r1 - r0), av);
+      }
+      sums[bl] = sum_floats(w + r0, r1 - r0);
+    }
+  });
+  float total = 0.0f;
+  for (const float s : sums) total += s;  // in order
+  return total;
+}
+
+at::Tensor twa_step_cpu(const at::Tensor& P, at::TensorList params,
+                        const c10::List<std::optional<at::Tensor>>& grad_list, at::Tensor& alpha,
+                        at::Tensor& buf, const at::Tensor& skipped, double lr, double momentum,
+                        double weight_decay, bool nesterov) {
+  constexpr const char* op = "twa_step";
+  const index_t D = P.size(0), k = P.size(1);
+  TORCH_CHECK_VALUE(P.dim() == 2 && P.scalar_type() == at::kFloat, op, ": P must be a 2-D "
+                    "float32 tensor, got ", P.scalar_type(), " of shape ", P.sizes());
+  TORCH_CHECK_VALUE(params.size() == grad_list.size(), op, ": params and grads must have the "
+                    "same length, got ", params.size(), " and ", grad_list.size());
+  std::vector<at::Tensor> grads;
+  for (const std::optional<at::Tensor> g : grad_list) grads.push_back(g ? *g : at::Tensor());
+  for (const at::Tensor* t : {&alpha, &buf})  // buf: read and written only with momentum
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->dim() == 1 && t->is_contiguous() &&
+                      (t->size(0) == k || (t == &buf && momentum == 0.0)), op, ": alpha and "
+                      "buf must be contiguous float32 k-vectors (k = ", k, "), got ",
+                      t->scalar_type(), " ", t->sizes());
+  index_t total_rows = 0;
+  for (size_t q = 0; q < params.size(); ++q) {
+    const at::Tensor& p = params[q];
+    TORCH_CHECK_VALUE(p.scalar_type() == at::kFloat && p.is_contiguous(), op, ": params[", q,
+                      "] must be a contiguous float32 tensor");
+    TORCH_CHECK_VALUE(!grads[q].defined() || (grads[q].scalar_type() == at::kFloat &&
+                      grads[q].is_contiguous() && grads[q].numel() == p.numel()), op,
+                      ": grads[", q, "] must be None or a contiguous float32 tensor of params[",
+                      q, "]'s size");
+    total_rows += p.numel();
+  }
+  TORCH_CHECK_VALUE(total_rows == D, op, ": the parameters hold ", total_rows,
+                    " values, P has D = ", D, " rows");
+  // c = Pᵀ g: the parameters' gradients where they are (None: zero rows, left out).
+  std::vector<float> c(k, 0.0f);
+  index_t offset = 0;
+  for (size_t q = 0; q < params.size(); ++q) {
+    const index_t n = params[q].numel();
+    if (grads[q].defined() && n > 0)
+      project_segment(P, offset, n, grads[q].const_data_ptr<float>(), c.data());
+    offset += n;
+  }
+  // The coordinates, as TWA.step computes them (float32 arithmetic, float32 scalars).
+  const float eta = static_cast<float>(lr), mu = static_cast<float>(momentum);
+  const float wd = static_cast<float>(weight_decay);
+  const float* a = alpha.const_data_ptr<float>();
+  const float* b = buf.const_data_ptr<float>();
+  std::vector<float> new_alpha(k), new_buf(k);
+  float norm2 = 0.0f, alpha_sum = 0.0f;
+  for (index_t j = 0; j < k; ++j) {
+    norm2 += c[j] * c[j];
+    float d = weight_decay != 0.0 ? c[j] + wd * a[j] : c[j];
+    if (momentum != 0.0) {
+      new_buf[j] = b[j] * mu + d;
+      d = nesterov ? d + mu * new_buf[j] : new_buf[j];
+    }
+    new_alpha[j] = a[j] - eta * d;
+    alpha_sum += new_alpha[j];
+  }
+  at::Tensor w = at::empty({D}, P.options());
+  float* wp = w.data_ptr<float>();
+  const float w_sum = expand_with_sum(P, new_alpha.data(), wp);
+  const bool ok = std::isfinite(norm2) && std::isfinite(alpha_sum) && std::isfinite(w_sum);
+  if (ok) {
+    std::copy(new_alpha.begin(), new_alpha.end(), alpha.data_ptr<float>());
+    if (momentum != 0.0) std::copy(new_buf.begin(), new_buf.end(), buf.data_ptr<float>());
+    offset = 0;
+    for (const at::Tensor& p : params) {
+      const index_t n = p.numel();
+      if (p.requires_grad()) std::copy(wp + offset, wp + offset + n, p.data_ptr<float>());
+      offset += n;
+    }
+  }
+  return ok ? skipped.clone() : skipped.add(1);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
   m.impl("subspace_project", &subspace_project_cpu);
   m.impl("subspace_expand", &subspace_expand_cpu);
 }
+
+// TWA's fused CPU step (lowrank_kernels/optim/twa.py calls it; not a public op).
+TORCH_LIBRARY_FRAGMENT(lowrank_kernels_twa, m) {
+  m.def("twa_step(Tensor P, Tensor[] params, Tensor?[] grads, Tensor(a!) alpha, "
+        "Tensor(b!) buf, Tensor skipped, float lr, float momentum, float weight_decay, "
+        "bool nesterov) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lowrank_kernels_twa, CPU, m) { m.impl("twa_step", &twa_step_cpu); }
 
 }  // namespace lowrank

@@ -32,7 +32,11 @@ overflows the gradients' dtype (float32 for float32/float16/bfloat16 models: ‖
 e.g. a loss scaled by 1e30; float64 models: ‖c‖ ≳ 1.3e154), or when the new α or the new
 weights P α are not finite (the weights' dtype overflows). The test runs on the device
 (torch.where), without a host sync; in strict mode (lowrank_kernels.strict()) an op that
-raises NonFiniteError makes the step a skip too.
+raises NonFiniteError makes the step a skip too. On a CPU with a float32 P, parameters
+and gradients (the default backend, not sharded) the whole step is one fused kernel
+(lowrank_kernels_twa::twa_step: c from each gradient where it is, w into a scratch vector and
+its sum in the same pass, one copy per parameter when the step is taken; the flag is read in
+host memory, which on a CPU is the device): the same formulas and skip rule in float32.
 Every rank decides alike (c is all-reduced and w all-gathered before the test).
 Frozen parameters (requires_grad=False) never move: their gradients are left out of c and
 their rows of P α are not written (w_trainable = P_trainable α, the frozen values fixed).
@@ -150,9 +154,24 @@ class TWA(torch.optim.Optimizer):
             raise ValueError(f"TWA: the initial coordinates α₀ (init={source!r}) contain "
                              f"non-finite values (NaN or Inf)")
         self.state[self.params[0]]["alpha"] = alpha
+        self._fused = self._fused_step()
         self.state["step"] = 0
         self.state["skipped"] = torch.zeros((), dtype=torch.int64, device=self.device)
         self._write_back(self._expand(alpha))
+
+    def _fused_step(self):
+        """lowrank_kernels_twa::twa_step (csrc/subspace_project.cpp), the whole step as one CPU
+        kernel, where it takes this setup: a float32 P whole on the CPU and not sharded, the
+        default backend, the extension built (step() checks the parameters and gradients:
+        contiguous float32); else None."""
+        s, P = self.subspace, self.subspace.P
+        if (self.device.type != "cpu" or P.device.type != "cpu" or P.dtype != torch.float32
+                or s.world != 1 or P.shape[0] != s.D or self.backend is not None):
+            return None
+        try:
+            return torch.ops.lowrank_kernels_twa.twa_step.default
+        except (AttributeError, RuntimeError):  # no native extension
+            return None
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -264,10 +283,22 @@ class TWA(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-        grads = [p.grad if p.grad is not None and p.requires_grad else torch.zeros_like(p)
-                 for p in self.params]
         state = self.state[self.params[0]]
         alpha = state["alpha"]
+        if self._fused is not None:
+            grads = [p.grad if p.requires_grad else None for p in self.params]
+            if all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
+                   for t in (*self.params, *grads)):
+                if mu and "momentum_buffer" not in state:  # a zero buffer, as below
+                    state["momentum_buffer"] = torch.zeros_like(alpha)
+                buf = state["momentum_buffer"] if mu else alpha.new_empty(0)
+                self.state["skipped"] = self._fused(self.subspace.P, self.params, grads, alpha,
+                                                    buf, self.state["skipped"], lr, mu, wd,
+                                                    group["nesterov"])
+                self.state["step"] += 1
+                return loss
+        grads = [p.grad if p.grad is not None and p.requires_grad else torch.zeros_like(p)
+                 for p in self.params]
         # One parameter: its gradient as it is (only read), not a copy.
         flat = grads[0].detach().reshape(-1) if len(grads) == 1 else flatten_parameters(grads)
         c = self._project(flat).to(alpha.dtype)
