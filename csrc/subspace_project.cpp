@@ -253,6 +253,30 @@ Layout register_layout(const at::Tensor& P) {
   return Layout::kNone;
 }
 
+#if LK_SUBSPACE_AVX2
+// c[0:k] += Pᵀ g for a P that a register kernel takes (g: P's D rows): chunks of kChunkRows
+// rows in parallel, their partial sums added in order (the bits do not depend on the thread
+// count).
+void project_register(const at::Tensor& P, Layout layout, const float* g, float* c) {
+  const index_t D = P.size(0), k = P.size(1);
+  const index_t chunks = (D + kChunkRows - 1) / kChunkRows;
+  std::vector<float> partial(chunks * k);
+  const float* p = P.const_data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](index_t begin, index_t end) {
+    for (index_t ch = begin; ch < end; ++ch) {
+      const index_t r0 = ch * kChunkRows, r1 = std::min(D, r0 + kChunkRows);
+      float* out = partial.data() + ch * k;
+      if (layout == Layout::kRows)
+        by_vectors<ProjectRows>(k, p, P.stride(0), g, r0, r1, k, out);
+      else
+        by_column_groups<ProjectColumns>(k, p, P.stride(1), g, r0, r1, out);
+    }
+  });
+  for (index_t ch = 0; ch < chunks; ++ch)  // in order
+    for (index_t j = 0; j < k; ++j) c[j] += partial[ch * k + j];
+}
+#endif
+
 // Python's _checks messages, in the same words.
 void check_float(const char* op, const char* name, const at::Tensor& t) {
   const auto dt = t.scalar_type();
@@ -313,25 +337,8 @@ at::Tensor subspace_project_cpu(const at::Tensor& P, const at::Tensor& g) {
   const index_t D = P.size(0), k = P.size(1);
 #if LK_SUBSPACE_AVX2
   if (const Layout layout = register_layout(P); layout != Layout::kNone) {
-    const index_t chunks = (D + kChunkRows - 1) / kChunkRows;
-    std::vector<float> partial(chunks * k);
-    const float* p = P.const_data_ptr<float>();
-    const float* gp = v.const_data_ptr<float>();
-    at::parallel_for(0, chunks, 1, [&](index_t begin, index_t end) {
-      for (index_t ch = begin; ch < end; ++ch) {
-        const index_t r0 = ch * kChunkRows, r1 = std::min(D, r0 + kChunkRows);
-        float* out = partial.data() + ch * k;
-        if (layout == Layout::kRows)
-          by_vectors<ProjectRows>(k, p, P.stride(0), gp, r0, r1, k, out);
-        else
-          by_column_groups<ProjectColumns>(k, p, P.stride(1), gp, r0, r1, out);
-      }
-    });
-    at::Tensor c = at::empty({k}, v.options());
-    float* cp = c.data_ptr<float>();
-    std::copy(partial.begin(), partial.begin() + k, cp);
-    for (index_t ch = 1; ch < chunks; ++ch)  // in order
-      for (index_t j = 0; j < k; ++j) cp[j] += partial[ch * k + j];
+    at::Tensor c = at::zeros({k}, v.options());
+    project_register(P, layout, v.const_data_ptr<float>(), c.data_ptr<float>());
     return c;
   }
 #endif
@@ -438,21 +445,7 @@ void project_segment(const at::Tensor& P, index_t r0, index_t n, const float* g,
   const at::Tensor block = P.narrow(0, r0, n);
 #if LK_SUBSPACE_AVX2
   if (const Layout layout = register_layout(block); layout != Layout::kNone) {
-    const index_t chunks = (n + kChunkRows - 1) / kChunkRows;
-    std::vector<float> partial(chunks * k);
-    const float* p = block.const_data_ptr<float>();
-    at::parallel_for(0, chunks, 1, [&](index_t begin, index_t end) {
-      for (index_t ch = begin; ch < end; ++ch) {
-        const index_t a = ch * kChunkRows, b = std::min(n, a + kChunkRows);
-        float* out = partial.data() + ch * k;
-        if (layout == Layout::kRows)
-          by_vectors<ProjectRows>(k, p, block.stride(0), g, a, b, k, out);
-        else
-          by_column_groups<ProjectColumns>(k, p, block.stride(1), g, a, b, out);
-      }
-    });
-    for (index_t ch = 0; ch < chunks; ++ch)
-      for (index_t j = 0; j < k; ++j) c[j] += partial[ch * k + j];
+    project_register(block, layout, g, c);
     return;
   }
 #endif
