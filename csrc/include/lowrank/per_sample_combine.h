@@ -72,6 +72,12 @@ inline int64_t grad_block_rows(int64_t B, int64_t k, int64_t d) {
   return std::min(d, std::max<int64_t>(1, kGradBlock / std::max<int64_t>(1, B * k)));
 }
 
+// X.narrow(dim, start, length), X itself when that is all of it (a narrow is a dispatcher call,
+// 1-3 us: several per call showed in the small rows).
+inline at::Tensor part(const at::Tensor& X, int64_t dim, int64_t start, int64_t length) {
+  return start == 0 && length == X.size(dim) ? X : X.narrow(dim, start, length);
+}
+
 // out = src, writing straight into out where it is a view of the right shape.
 inline void assign(at::Tensor out, const at::Tensor& src) {
   if (!out.is_same(src)) out.copy_(src);
@@ -205,14 +211,13 @@ inline void weighted_sum_group(const at::Tensor& A, const at::Tensor& E, const a
   if (route == Route::kPerSample) {
     const int64_t step = grad_block_rows(B, k, d);
     at::Tensor G = at::empty({B, step, k}, A.options());
-    const at::Tensor Ct = C.t();
     const at::Tensor Cc = C.contiguous();
     const bool fast = simd_float(A) && W.stride(2) == 1 && W.stride(1) == k;
     for (int64_t lo = 0; lo < d; lo += step) {
       const int64_t h = std::min(step, d - lo);
       at::Tensor Gb = h == step ? G : G.narrow(1, 0, h);
       per_sample_grads(E, A, lo, h, Gb);
-      at::Tensor Wb = W.narrow(1, lo, h);  // (m, h, k): rows of k contiguous
+      at::Tensor Wb = part(W, 1, lo, h);  // (m, h, k): rows of k contiguous
 #ifdef LK_COMBINE_AVX2
       if (fast) {
         combine_rows(Gb.const_data_ptr<float>(), Gb.stride(0), B, h * k,
@@ -222,27 +227,41 @@ inline void weighted_sum_group(const at::Tensor& A, const at::Tensor& E, const a
 #endif
       if (Wb.stride(2) == 1 && Wb.stride(1) == k) {
         at::Tensor W2 = Wb.view({m, h * k});
-        at::mm_out(W2, Ct, Gb.view({B, h * k}));
+        at::mm_out(W2, C.t(), Gb.view({B, h * k}));
       } else {
-        Wb.copy_(at::mm(Ct, Gb.view({B, h * k})).view({m, h, k}));
+        Wb.copy_(at::mm(C.t(), Gb.view({B, h * k})).view({m, h, k}));
       }
     }
     return;
   }
   const int64_t rows = B * T;
-  const at::Tensor Cb = C.view({B, 1, m, 1});
+#ifdef LK_TILES_AVX2
+  if (simd_float(A) && W.is_contiguous() && rows * k <= kSmallRank && d <= k) {
+    const at::Tensor A2 = A.reshape({rows, k}), E2 = E.reshape({rows, d});
+    if (A2.stride(1) == 1 && E2.stride(1) == 1) {  // Es = C ⊙ E by one loop, then Esᵀ A
+      at::Tensor Es = at::empty({rows, m * d}, E.options());
+      const at::Tensor Cc = C.contiguous();
+      const float *e = E2.const_data_ptr<float>(), *c = Cc.const_data_ptr<float>();
+      float* es = Es.data_ptr<float>();
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < m; ++j) {
+          const float cij = c[r / T * m + j];
+          float* dst = es + (r * m + j) * d;
+          const float* src = e + r * E2.stride(0);
+          for (int64_t q = 0; q < d; ++q) dst[q] = cij * src[q];
+        }
+      tiles::xt_y(es, m * d, A2.const_data_ptr<float>(), A2.stride(0), rows, m * d, k,
+                  W.data_ptr<float>(), k, false);
+      return;
+    }
+  }
+#endif
+  const at::Tensor Cb = C.view({B, 1, m, 1});  // c_ij over (i, t, j, ·)
   if (d <= k) {  // scale E: (B T) × (m d), then (C ⊙ E)ᵀ A
     at::Tensor Es = at::empty({B, T, m, d}, E.options());
     at::mul_out(Es, E.unsqueeze(2), Cb);
     Es = Es.view({rows, m * d});
     const at::Tensor A2 = A.reshape({rows, k});
-#ifdef LK_TILES_AVX2
-    if (simd_float(A) && W.is_contiguous() && A2.stride(1) == 1 && rows * k <= kSmallRank) {
-      tiles::xt_y(Es.const_data_ptr<float>(), m * d, A2.const_data_ptr<float>(), A2.stride(0),
-                  rows, m * d, k, W.data_ptr<float>(), k, false);
-      return;
-    }
-#endif
     if (W.is_contiguous()) {
       at::Tensor W2 = W.view({m * d, k});
       at::mm_out(W2, Es.t(), A2);
@@ -313,7 +332,7 @@ inline void project_group(const at::Tensor& A, const at::Tensor& E, const at::Te
       const int64_t h = std::min(step, d - lo);
       at::Tensor Gb = h == step ? G : G.narrow(1, 0, h);
       per_sample_grads(E, A, lo, h, Gb);
-      const at::Tensor Vb = V.narrow(1, lo, h).reshape({m, h * k});
+      const at::Tensor Vb = part(V, 1, lo, h).reshape({m, h * k});
 #ifdef LK_COMBINE_AVX2
       if (fast && Vb.stride(1) == 1) {
         add_row_dots(Gb.const_data_ptr<float>(), Gb.stride(0), B, Vb.const_data_ptr<float>(),
@@ -335,7 +354,7 @@ inline void project_group(const at::Tensor& A, const at::Tensor& E, const at::Te
   const int64_t samples = std::max<int64_t>(1, kRowBlock / std::max<int64_t>(1, T * m * w));
   for (int64_t i0 = 0; i0 < B; i0 += samples) {
     const int64_t n = std::min(samples, B - i0);
-    const at::Tensor Y = at::mm(X.narrow(0, i0 * T, n * T), Vop);  // (n T, m w)
+    const at::Tensor Y = at::mm(part(X, 0, i0 * T, n * T), Vop);  // (n T, m w)
     AT_DISPATCH_FLOATING_TYPES(Y.scalar_type(), "project_group", [&] {
       add_token_dots<scalar_t>(Y.view({n * T, m, w}), D, out, i0 * T);
     });
@@ -355,8 +374,8 @@ inline std::tuple<at::Tensor, std::optional<at::Tensor>> weighted_sum_tokens(
   } else if (W.numel() > 0) {
     if (route == Route::kAuto) route = choose_route(B, T, k, d, m);
     for (int64_t g = 0; g < groups; ++g)
-      weighted_sum_group(A.narrow(2, g * k, k), E.narrow(2, g * d, d), C,
-                         W.narrow(1, g * d, d), route);
+      weighted_sum_group(part(A, 2, g * k, k), part(E, 2, g * d, d), C, part(W, 1, g * d, d),
+                         route);
   }
   std::optional<at::Tensor> b;
   if (bias) b = at::mm(C.t(), E.sum(1));  // (m, G d)
@@ -374,7 +393,7 @@ inline at::Tensor project_tokens(const at::Tensor& A, const at::Tensor& E, const
   if (B * T > 0 && k * d > 0 && m > 0) {
     if (route == Route::kAuto) route = choose_route(B, T, k, d, m);
     for (int64_t g = 0; g < groups; ++g)
-      project_group(A.narrow(2, g * k, k), E.narrow(2, g * d, d), V.narrow(1, g * d, d), out,
+      project_group(part(A, 2, g * k, k), part(E, 2, g * d, d), part(V, 1, g * d, d), out,
                     route);
   }
   if (V_bias.has_value()) out.addmm_(E.sum(1), V_bias->t());
