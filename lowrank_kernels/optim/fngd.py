@@ -168,7 +168,7 @@ class FNGD(GuardedOptimizer):
         if exact:
             C = C[:, rows] * dp.world
         self._fused = (B, ok, C)
-        W = (C / self.capture.loss_scale(B)).unbind()  # one w per block: a module's weight
+        W = (C / self.capture.loss_scale(B)).unbind()  # one w per block, shared by its params
         return {id(p): W[l] for l, (_, params) in enumerate(self.blocks) for p in params}
 
     def _mean_grad(self, p, B):
