@@ -572,7 +572,7 @@ TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
 
 // TWA's fused CPU step (lowrank_kernels/optim/twa.py calls it; not a public op).
 TORCH_LIBRARY_FRAGMENT(lowrank_kernels_twa, m) {
-  m.def("twa_step(Tensor P, Tensor[] params, Tensor?[] grads, Tensor(a!) alpha, "
+  m.def("twa_step(Tensor P, Tensor(c!)[] params, Tensor?[] grads, Tensor(a!) alpha, "
         "Tensor(b!) buf, Tensor skipped, float lr, float momentum, float weight_decay, "
         "bool nesterov) -> Tensor");
 }
