@@ -620,12 +620,20 @@ EXAMPLES = {"gram_linear": 30, "gram_conv2d": 20, "gram_embedding": 30,
 TRITON_EXAMPLES = 8
 
 
+def _dtypes(op):
+    """The input dtypes op's backends are declared for on CPU (the float dtypes of the layer
+    tensors; sketch_omega's int64 rows)."""
+    return [d for d in (*DTYPES, torch.int64)
+            if any(d in b.dtypes.get("cpu", ()) for b in lk.REGISTRY[op].backends.values())]
+
+
 def _params():
     out = []
     for op in sorted(CASES):
-        for dtype in DTYPES:
+        for dtype in _dtypes(op):
+            name = NAMES.get(dtype, str(dtype).replace("torch.", ""))
             for backend in backends_for(op, "cpu", dtype):
-                out.append(pytest.param(op, backend, dtype, id=f"{op}-{backend}-{NAMES[dtype]}"))
+                out.append(pytest.param(op, backend, dtype, id=f"{op}-{backend}-{name}"))
     return out
 
 
@@ -635,6 +643,11 @@ PARAMS = _params()
 def test_every_op_is_fuzzed():
     assert set(CASES) == set(lk.REGISTRY), set(lk.REGISTRY) ^ set(CASES)
     assert set(EXAMPLES) == set(CASES)
+    fuzzed = {(p.values[0], p.values[1]) for p in PARAMS}
+    for op in CASES:  # every backend that runs here, on some dtype
+        runnable = {b for d in _dtypes(op) for b in backends_for(op, "cpu", d)}
+        assert "reference" in runnable, f"{op}: the reference is not fuzzed"
+        assert {(op, b) for b in runnable} <= fuzzed, op
 
 
 class _Summary:
