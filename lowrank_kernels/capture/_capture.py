@@ -31,11 +31,19 @@ SUPPORTED = (", ".join(f"nn.{t.__name__}" for t in HANDLERS) + ", transformers C
 
 def _disable_dynamo(fn):
     """Hooks run eagerly under torch.compile (their bookkeeping is not traced: no guard on
-    the number of captured calls, so a compiled model compiles once per shape)."""
+    the number of captured calls, so a compiled model compiles once per shape). Outside a
+    compile fn is called as it is: the disabled wrapper's frame-callback swap (a few µs)
+    is paid only where dynamo traces."""
     try:
-        return torch._dynamo.disable(fn, recursive=True)
+        disabled = torch._dynamo.disable(fn, recursive=True)
     except Exception:  # pragma: no cover - torch without dynamo
         return fn
+
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
 
 
 class _EagerCall:
@@ -50,8 +58,13 @@ class _EagerCall:
     def __init__(self, module):
         self.module = module
 
-    @torch._dynamo.disable(recursive=True)
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self._eager(*args, **kwargs)
+        return type(self.module)._call_impl(self.module, *args, **kwargs)
+
+    @torch._dynamo.disable(recursive=True)
+    def _eager(self, *args, **kwargs):
         return type(self.module)._call_impl(self.module, *args, **kwargs)
 
 

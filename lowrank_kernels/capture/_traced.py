@@ -115,7 +115,8 @@ class TracedCall:
     def __call__(self, *args, **kwargs):
         capture = self.capture
         if capture is not None and capture._weighting is not None:
-            return self._eager(*args, **kwargs)  # the weighted backward's own Function
+            if torch.compiler.is_compiling():  # the weighted backward's own Function
+                return self._eager(*args, **kwargs)
         return self._run(capture, args, kwargs)
 
     @torch._dynamo.disable(recursive=True)
