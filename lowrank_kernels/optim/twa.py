@@ -285,7 +285,7 @@ class TWA(torch.optim.Optimizer):
         lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         state = self.state[self.params[0]]
         alpha = state["alpha"]
-        if self._fused is not None:
+        if self._fused is not None and not torch.compiler.is_compiling():  # (no fake kernel)
             grads = [p.grad if p.requires_grad else None for p in self.params]
             if all(t is None or (t.dtype == torch.float32 and t.is_contiguous())
                    for t in (*self.params, *grads)):
