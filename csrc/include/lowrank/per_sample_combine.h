@@ -61,12 +61,6 @@ constexpr int64_t kGradBlock = int64_t{1} << 22;
 // Entries of a block of the GEMM + dot route's Y (rows × m·width) held at once.
 constexpr int64_t kRowBlock = int64_t{1} << 22;
 
-// Entries of A (rows × d_in) up to which the scaled route's product (C ⊙ E)ᵀ A is tiles::xt_y
-// (A in L1, W written row after row) instead of a BLAS GEMM with inner dimension B·T. Measured
-// at B = 16, T = 1, 256 -> 256, m = 4 (1 thread, interleaved medians): 0.93x the time of MKL's
-// sgemm for the product.
-constexpr int64_t kSmallRank = int64_t{1} << 13;
-
 // Rows of d_out per block of per-sample gradients G (B, rows, k).
 inline int64_t grad_block_rows(int64_t B, int64_t k, int64_t d) {
   return std::min(d, std::max<int64_t>(1, kGradBlock / std::max<int64_t>(1, B * k)));
@@ -235,27 +229,6 @@ inline void weighted_sum_group(const at::Tensor& A, const at::Tensor& E, const a
     return;
   }
   const int64_t rows = B * T;
-#ifdef LK_TILES_AVX2
-  if (simd_float(A) && W.is_contiguous() && rows * k <= kSmallRank && d <= k) {
-    const at::Tensor A2 = A.reshape({rows, k}), E2 = E.reshape({rows, d});
-    if (A2.stride(1) == 1 && E2.stride(1) == 1) {  // Es = C ⊙ E by one loop, then Esᵀ A
-      at::Tensor Es = at::empty({rows, m * d}, E.options());
-      const at::Tensor Cc = C.contiguous();
-      const float *e = E2.const_data_ptr<float>(), *c = Cc.const_data_ptr<float>();
-      float* es = Es.data_ptr<float>();
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t j = 0; j < m; ++j) {
-          const float cij = c[r / T * m + j];
-          float* dst = es + (r * m + j) * d;
-          const float* src = e + r * E2.stride(0);
-          for (int64_t q = 0; q < d; ++q) dst[q] = cij * src[q];
-        }
-      tiles::xt_y(es, m * d, A2.const_data_ptr<float>(), A2.stride(0), rows, m * d, k,
-                  W.data_ptr<float>(), k, false);
-      return;
-    }
-  }
-#endif
   const at::Tensor Cb = C.view({B, 1, m, 1});  // c_ij over (i, t, j, ·)
   if (d <= k) {  // scale E: (B T) × (m d), then (C ⊙ E)ᵀ A
     at::Tensor Es = at::empty({B, T, m, d}, E.options());
