@@ -52,28 +52,18 @@ int64_t triangle_block(int64_t B) { return B < kTriangleMinRows ? B : B < 256 ? 
 constexpr int64_t kPairElementCost = 12;
 constexpr int64_t kGradElementCost = 6;
 
-// Σ_k a_k b_k with 32 partial sums (4 AVX2 vectors: the adds' latency hidden; the compiler
-// vectorizes it without reassociating), compiled for AVX2 too where GCC clones by CPU feature
-// (the clone is picked at load time), else for the baseline ISA only.
-template <typename S>
-inline __attribute__((always_inline)) S dot32(const S* a, const S* b, int64_t n) {
-  S part[32] = {};
-  int64_t k = 0;
-  for (; k + 32 <= n; k += 32)
-    for (int j = 0; j < 32; ++j) part[j] += a[k + j] * b[k + j];
-  S s = 0;
-  for (; k < n; ++k) s += a[k] * b[k];
-  for (int j = 0; j < 32; ++j) s += part[j];
-  return s;
-}
+// Row dots (embedding::dot with 32 partial sums), compiled for AVX2 too where GCC clones by CPU
+// feature (the clone is picked at load time), else for the baseline ISA only.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define LOWRANK_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define LOWRANK_CLONES
 #endif
-LOWRANK_CLONES float fast_dot(const float* a, const float* b, int64_t n) { return dot32(a, b, n); }
+LOWRANK_CLONES float fast_dot(const float* a, const float* b, int64_t n) {
+  return embedding::dot<32>(a, b, n);
+}
 LOWRANK_CLONES double fast_dot(const double* a, const double* b, int64_t n) {
-  return dot32(a, b, n);
+  return embedding::dot<32>(a, b, n);
 }
 
 at::ScalarType acc_type(const at::Tensor& A) {
