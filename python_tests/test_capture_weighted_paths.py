@@ -6,7 +6,9 @@ gradient is the plain backward's. Paths: Conv2d with bias (one convolution_backw
 x's rows scaled), a Conv2d whose weight is frozen (bias only, input gradient still
 needed), the first layer (no input gradient), BatchNorm in train and eval mode and GroupNorm
 (per-sample sums of the batch viewed as one sample), LayerNorm with and without a bias
-(1/σ scaled per row), Linear on tokens."""
+(1/σ scaled per row), Linear on tokens (strided: the Function's path; contiguous: the
+plain node's, with x swapped for x ⊙ w). A second call of the same model takes the norms'
+node hooks (learned on the first call): `later-call` checks those.""" 
 import copy
 
 import pytest
@@ -22,8 +24,9 @@ TOL = 1e-11
 
 
 class Net(nn.Module):
-    def __init__(self, ln_bias):
+    def __init__(self, ln_bias, contiguous=False):
         super().__init__()
+        self.contiguous = contiguous
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
@@ -35,12 +38,14 @@ class Net(nn.Module):
     def forward(self, x):
         h = F.relu(self.gn(self.conv2(F.relu(self.bn(self.conv1(x))))))
         tokens = h.flatten(2).transpose(1, 2)  # (B, T, 4)
+        if self.contiguous:
+            tokens = tokens.contiguous()
         return self.fc(self.ln(tokens)).mean(1)
 
 
-def _net(ln_bias, train_bn):
+def _net(ln_bias, train_bn, contiguous=False):
     torch.manual_seed(0)
-    model = Net(ln_bias).to(F64)
+    model = Net(ln_bias, contiguous).to(F64)
     with torch.no_grad():  # affine parameters and running statistics away from (1, 0)
         for m in (model.bn, model.gn, model.ln):
             m.weight.uniform_(0.5, 1.5)
@@ -95,21 +100,34 @@ def _shares(model, x, y):
     return dict(zip(phi, torch.autograd.grad(loss, list(phi.values()))))
 
 
+@pytest.mark.parametrize("call", ["first-call", "later-call"])
+@pytest.mark.parametrize("contiguous", [False, True], ids=["strided-tokens", "contiguous-tokens"])
 @pytest.mark.parametrize("ln_bias", [True, False], ids=["ln-bias", "ln-no-bias"])
 @pytest.mark.parametrize("train_bn", [True, False], ids=["bn-train", "bn-eval"])
-def test_weighted_backward_matches_per_sample_reference(train_bn, ln_bias):
+def test_weighted_backward_matches_per_sample_reference(train_bn, ln_bias, contiguous, call):
     B = 5
-    model = _net(ln_bias, train_bn)
-    plain, reference = copy.deepcopy(model), copy.deepcopy(model)
+    model = _net(ln_bias, train_bn, contiguous)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, 3, 4, 4, generator=g, dtype=F64)
     y = torch.randint(0, 3, (B,), generator=g)
     names = {id(p): n for n, p in model.named_parameters()}
     w = {n: torch.rand(B, generator=g, dtype=F64) + 0.5 for n in names.values()}
+    weights = lambda b: {i: w[n] for i, n in names.items()}  # noqa: E731
 
-    xw = x.clone().requires_grad_()
+    plain, reference = copy.deepcopy(model), copy.deepcopy(model)
     with Capture(model) as cap:
-        with cap.weighted(lambda b: {i: w[n] for i, n in names.items()}):
+        if call == "later-call":  # a first weighted step (the running statistics move)
+            first = torch.randn(B, 3, 4, 4, generator=g, dtype=F64)
+            with cap.weighted(weights):
+                out = model(first)
+            F.cross_entropy(out, y).backward()
+            cap.release()
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                plain(first), reference(first)
+            assert {id(m) for m in (model.bn, model.gn, model.ln)} <= cap._native_norms
+        xw = x.clone().requires_grad_()
+        with cap.weighted(weights):
             out = model(xw)
         F.cross_entropy(out, y).backward()
         assert not cap.recorded  # every call went through the weighting

@@ -200,6 +200,7 @@ class Capture:
         self._weighting = None  # the Weighting of a running `weighted` block
         self._weighted_batch = False  # this batch's forward ran (partly) weighted
         self._skip_record = None  # the module whose call just went through the weighting
+        self._native_norms = set()  # id(module): a norm whose weighted calls hook its node
         self._active = False
         self._cache = None
         self._factors = None  # (the _contributions() dict it was built from, {param: Factors})

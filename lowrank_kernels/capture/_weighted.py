@@ -28,6 +28,7 @@ import typing
 
 import torch
 
+from . import _weighted_hooks as _hooks
 from ._generic import AffineHandler, Conv1DHandler
 from ._layers import Conv2dHandler, EmbeddingHandler, LinearHandler
 from ._norms import _AffineNormHandler
@@ -81,22 +82,40 @@ class Weighting:
 
     def _forward(self, module, handler, original):
         capture = self.capture
-        params = tuple(handler.params.values())
+        plan = _Plan(handler, original)
+        params = plan.params
 
         def forward(*args, **kwargs):
             x = args[0] if args else None
             if (self._bypass or not isinstance(x, torch.Tensor) or not torch.is_grad_enabled()
-                    or capture._kind_of(module) != "native" or _other_grads(args, kwargs)
+                    or capture._kind_of(module) != "native"
+                    or ((len(args) > 1 or kwargs) and _other_grads(args, kwargs))
                     or torch._C._functorch.peek_interpreter_stack() is not None):
                 return original(*args, **kwargs)  # recorded by the capture's hook, if at all
             B = capture._forward_batch
             if B is not None and B > 1 and x.dim() > 0 and x.shape[0] == 1:
                 x = x.expand(B, *x.shape[1:])  # a call broadcast over the batch: B rows
-            y = _Layer.apply(_Call(self, handler, original, args[1:], kwargs), x, *params)
+            elif plan.swap and _hooks.swappable(x):
+                return self._hooked(module, *_hooks.swapped_call(plan, self, args, kwargs))
+            elif plan.norm and id(module) in capture._native_norms:
+                y, hooked = _hooks.hooked_norm(plan, self, _NativeNorm.of, args, kwargs)
+                if not hooked:
+                    capture._native_norms.discard(id(module))
+                return self._hooked(module, y, hooked)
+            call = _Call(self, plan, args[1:], kwargs)
+            y = _Layer.apply(call, x, *params)
+            if call.norm is not None:  # its graph is the one native node: hooked from now
+                capture._native_norms.add(id(module))
             capture._skip_record = module
             return y
 
         return forward
+
+    def _hooked(self, module, y, hooked):
+        """y of a call on the plain node; recorded by the capture where not hooked."""
+        if hooked:
+            self.capture._skip_record = module
+        return y
 
     def save(self, handler, x, rest, kwargs, y):
         """What the handler keeps of a call (an affine module's x̂: the capture paused)."""
@@ -132,14 +151,30 @@ def _other_grads(args, kwargs):
                for a in (*args[1:], *kwargs.values()))
 
 
+class _Plan:
+    """A captured module's static part of its weighted calls (made once per block): its
+    parameters in order, how its input gradient is formed and which backward it takes."""
+    __slots__ = ("bias", "conv", "direct", "handler", "linear", "names", "norm", "original",
+                 "params", "swap", "transposed", "weight")
+
+    def __init__(self, handler, original):
+        self.handler, self.original = handler, original
+        self.names, self.params = tuple(handler.params), tuple(handler.params.values())
+        self.weight, self.bias = handler.params.get("weight"), handler.params.get("bias")
+        self.direct = _direct_input_grad(handler)
+        self.linear = isinstance(handler, (LinearHandler, Conv1DHandler))
+        self.transposed = isinstance(handler, Conv1DHandler)
+        self.conv = isinstance(handler, Conv2dHandler)
+        self.norm = isinstance(handler, _AffineNormHandler)
+        self.swap = self.linear or (self.conv and self.direct)  # see _weighted_hooks
+
+
 class _Call:
     """One layer call's non-tensor state (what the Function's forward and backward share)."""
-    __slots__ = ("handler", "inner", "kwargs", "norm", "original", "rest", "saved", "weighting",
-                 "y")
+    __slots__ = ("inner", "kwargs", "norm", "plan", "rest", "saved", "weighting", "y")
 
-    def __init__(self, weighting, handler, original, rest, kwargs):
-        self.weighting, self.handler, self.original = weighting, handler, original
-        self.rest, self.kwargs = rest, kwargs
+    def __init__(self, weighting, plan, rest, kwargs):
+        self.weighting, self.plan, self.rest, self.kwargs = weighting, plan, rest, kwargs
         self.saved = self.inner = self.y = self.norm = None
 
 
@@ -150,20 +185,21 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call, x, *params):
-        handler = call.handler
-        graph = x.requires_grad and not _direct_input_grad(handler)
+        plan = call.plan
+        handler = plan.handler
+        graph = x.requires_grad and not plan.direct
         inner = x.detach()
         if graph:
             inner.requires_grad_()
             with torch.enable_grad():
-                y = call.original(inner, *call.rest, **call.kwargs)
+                y = plan.original(inner, *call.rest, **call.kwargs)
         else:
-            y = call.original(inner, *call.rest, **call.kwargs)
+            y = plan.original(inner, *call.rest, **call.kwargs)
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"capture: module '{handler.name}' returned {type(y).__name__}, "
                             "expected a tensor")
-        native = graph and isinstance(handler, _AffineNormHandler)
-        call.norm = _NativeNorm.of(y) if native else None
+        if graph and isinstance(handler, _AffineNormHandler):
+            call.norm = _NativeNorm.of(y)
         if call.norm is None:
             call.saved = call.weighting.save(handler, inner.detach() if graph else inner,
                                              call.rest, call.kwargs, y.detach() if graph else y)
@@ -175,31 +211,31 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         call = ctx.call
+        plan = call.plan
+        need_input = ctx.needs_input_grad[1]
+        if plan.linear:
+            return (None, *_linear(plan, call.saved, g, call.weighting, ctx.needs_input_grad))
         gx = None
         if call.norm is not None:
-            gx, grads = call.norm.backward(g, call, ctx.needs_input_grad[1])
+            gx, grads = call.norm.backward(g, call, need_input)
             call.norm = None
-            return (None, gx, *(grads.get(id(p)) if need else None for p, need in
-                                zip(call.handler.params.values(), ctx.needs_input_grad[2:])))
-        if isinstance(call.handler, Conv2dHandler) and call.inner is None:
-            gx, grads = _conv2d(call.handler, call.saved, g, call.weighting,
-                                ctx.needs_input_grad[1])
-            return (None, gx, *(grads.get(id(p)) if need else None for p, need in
-                                zip(call.handler.params.values(), ctx.needs_input_grad[2:])))
-        if call.inner is not None:
-            gx, = torch.autograd.grad(call.y, call.inner, g, allow_unused=True)
-            call.inner = call.y = None
-        elif ctx.needs_input_grad[1]:
-            gx = _input_grad(call.handler, call.saved, g)
-        grads = _parameter_grads(call.handler, call.saved, g, call.weighting)
-        return (None, gx, *(grads.get(id(p)) if need else None for p, need in
-                            zip(call.handler.params.values(), ctx.needs_input_grad[2:])))
+        elif plan.conv and call.inner is None:
+            gx, grads = _conv2d(plan.handler, call.saved, g, call.weighting, need_input)
+        else:
+            if call.inner is not None:
+                gx, = torch.autograd.grad(call.y, call.inner, g, allow_unused=True)
+                call.inner = call.y = None
+            grads = _parameter_grads(plan.handler, call.saved, g, call.weighting)
+        return (None, gx, *(grads.get(id(p)) if need else None
+                            for p, need in zip(plan.params, ctx.needs_input_grad[2:])))
 
 
 class _NativeNorm:
     """A BatchNorm / GroupNorm / LayerNorm call whose graph is the one native node: its
-    saved tensors (the batch statistics) taken, the node's own backward called twice — for
-    the input with e, for the affine parameters with e's rows scaled (one fused pass each)."""
+    saved tensors (the batch statistics) taken, the node's own backward called for the input
+    with e; the affine parameters' gradients Σ_i w_i (Σ g_i x̂_i, Σ g_i) from the per-sample,
+    per-channel sums of one more read of e and x (batch and group norm), or from the node's
+    backward on e's rows scaled (layer norm: its parameters span the last dims)."""
 
     NODES: typing.ClassVar = {"NativeBatchNormBackward0": ("running_mean", "running_var", "result1", "result2",
                                           "training", "eps"),
@@ -229,18 +265,55 @@ class _NativeNorm:
 
     def backward(self, g, call, need_input):
         gx = self._call(g, [True, False, False])[0] if need_input else None
-        params = call.handler.params
-        w = {n: call.weighting.rows(p, g.shape[0]) for n, p in params.items()}
+        return gx, self.affine(g, call.plan.handler.params, call.weighting)
+
+    def affine(self, g, params, weighting):
+        """{id(p): Σ_i w_i ∂p_i} of the affine parameters, from the output gradient g."""
+        B = g.shape[0]
+        w = {n: weighting.rows(p, B) for n, p in params.items()}
+        stats = self._channel_statistics()
+        if stats is not None:
+            sums = _channel_sums(g, self.input, *stats, "weight" in params, "bias" in params)
+            return {id(p): _as(w[n].to(sums[n].dtype) @ sums[n], p.dtype)
+                    for n, p in params.items()}
         out = {}
         names = list(params)
         groups = [names] if len({id(w[n]) for n in names}) == 1 else [[n] for n in names]
         for group in groups:
-            gs = g * call.weighting.shaped(w[group[0]], g)
+            gs = g * weighting.shaped(w[group[0]], g)
             _, gw, gb = self._call(gs, [False, "weight" in group, "bias" in group])
             for n, t in (("weight", gw), ("bias", gb)):
                 if n in group:
                     out[id(params[n])] = _as(t, params[n].dtype)
-        return gx, out
+        return out
+
+    def _channel_statistics(self):
+        """(mean, 1/σ) per sample and channel, (B·C,) each, for a batch or group norm: the
+        statistics its forward normalized with (the batch's, the running ones in eval mode,
+        or each sample's groups'); None for a layer norm."""
+        x, a = self.input, self.args
+        B, C = x.shape[:2]
+        if self.kind == "NativeBatchNormBackward0":
+            running_mean, running_var, mean, invstd, training, eps = a
+            if not training:
+                mean, invstd = running_mean, (running_var + eps).rsqrt()
+            return mean.repeat(B), invstd.repeat(B)
+        if self.kind == "NativeGroupNormBackward0":
+            mean, rstd, group = a[0], a[1], a[5]
+            return (mean.repeat_interleave(C // group, 1).reshape(-1),
+                    rstd.repeat_interleave(C // group, 1).reshape(-1))
+        return None
+
+
+def _channel_sums(g, x, mean, invstd, weight, bias):
+    """{"weight": Σ_hw g x̂, "bias": Σ_hw g} per sample and channel, (B, C) each, in one
+    read of g and x: the batch-norm backward of the batch viewed as one sample of B·C
+    channels, with each (sample, channel)'s own statistics (x̂ = (x − mean) / σ)."""
+    B, C = x.shape[:2]
+    _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        g.reshape(1, B * C, -1), x.reshape(1, B * C, -1), None, None, None, mean, invstd,
+        True, 0.0, [False, weight, bias])
+    return {n: t.view(B, C) for n, t in (("weight", gw), ("bias", gb)) if t is not None}
 
 
 def _direct_input_grad(handler):
@@ -252,21 +325,12 @@ def _direct_input_grad(handler):
             and not isinstance(m.padding, str))
 
 
-def _input_grad(handler, saved, g):
-    """The plain input gradient of a Linear (g W) / Conv1D (g Wᵀ)."""
-    W = handler.params.get("weight", getattr(handler.module, "weight", None)).detach()
-    if isinstance(handler, LinearHandler):
-        return g @ _as(W, g.dtype)
-    return g @ _as(W.T, g.dtype)
-
-
 def _parameter_grads(handler, saved, g, weighting):
-    """{id(p): Σ_i w_i · (row i's part of the plain weight gradient)} for one call."""
+    """{id(p): Σ_i w_i · (row i's part of the plain weight gradient)} for one call of an
+    embedding or a norm (whose graph is not the one native node)."""
     B = g.shape[0]
     params = handler.params
     w = {n: weighting.rows(p, B) for n, p in params.items()}
-    if isinstance(handler, (LinearHandler, Conv1DHandler)):
-        return _linear(params, w, saved, g, isinstance(handler, Conv1DHandler), weighting)
     if isinstance(handler, EmbeddingHandler):
         return _embedding(handler.module, params, w, saved, g, weighting)
     out = {}  # norms: the per-sample affine gradients (B × channels) weighted
@@ -276,25 +340,40 @@ def _parameter_grads(handler, saved, g, weighting):
     return out
 
 
-def _linear(params, w, x, g, transposed, weighting):
-    """W: (g ⊙ w)ᵀ x over all rows and tokens (the scaling on the narrower side); b: Σ."""
-    out = {}
+def _linear(plan, x, g, weighting, needs):
+    """(gx, *parameter gradients) of a Linear (y = x Wᵀ + b) or Conv1D (y = x W + b) call:
+
+        gx = g W (Linear) or g Wᵀ (Conv1D), the plain input gradient;
+        W: (g ⊙ w)ᵀ x over all rows and tokens (the scaling on the narrower side; Conv1D's
+           as xᵀ (g ⊙ w), in W's own layout);
+        b: Σ_i w_i Σ_t g_it.
+    needs: the Function's needs_input_grad (call, x, *parameters)."""
+    W = plan.handler.module.weight
     d_in, d_out = x.shape[-1], g.shape[-1]
     if x.dtype != g.dtype:
         dtype = torch.promote_types(x.dtype, g.dtype)
         x, g = x.to(dtype), g.to(dtype)
-    if "weight" in params:
-        p = params["weight"]
-        rows = weighting.shaped(w["weight"], g)
-        if d_out <= d_in:
-            W = _flat(g * rows).T @ _flat(x)
+    gx = None
+    if needs[1]:
+        Wg = _as(W.detach(), g.dtype)
+        gx = g @ (Wg.T if plan.transposed else Wg)
+    out = [gx]
+    B = g.shape[0]
+    for name, p, need in zip(plan.names, plan.params, needs[2:]):
+        if not need:
+            out.append(None)
+            continue
+        w = weighting.rows(p, B)
+        if name == "weight":
+            rows = weighting.shaped(w, g)
+            if d_out <= d_in:
+                gs, xs = _flat(g * rows), _flat(x)
+            else:
+                gs, xs = _flat(g), _flat(x * rows)
+            out.append(_as(xs.T @ gs if plan.transposed else gs.T @ xs, p.dtype))
         else:
-            W = _flat(g).T @ _flat(x * rows)
-        out[id(p)] = _as(W.T if transposed else W, p.dtype)
-    if "bias" in params:
-        p = params["bias"]
-        G = g if g.dim() == 2 else g.reshape(g.shape[0], -1, d_out).sum(1)
-        out[id(p)] = _as(w["bias"].to(G.dtype) @ G, p.dtype)
+            G = g if g.dim() == 2 else g.reshape(B, -1, d_out).sum(1)
+            out.append(_as(w.to(G.dtype) @ G, p.dtype))
     return out
 
 

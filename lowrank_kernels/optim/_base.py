@@ -187,8 +187,10 @@ class GuardedOptimizer(torch.optim.Optimizer):
     def _update_without_fallback(self, directions):
         """The update of `_update` for a step without ḡ, where every parameter with a .grad
         has its d in directions ({id(p): d}): a parameter whose d is not usable is skipped
-        (counted in fallbacks and skipped). Per group: one batched norm, one where per
-        parameter and the foreach (momentum-)SGD update, as torch.optim.SGD's."""
+        (counted in fallbacks and skipped). Per group: one batched norm and the foreach
+        (momentum-)SGD update, as torch.optim.SGD's; a d that is not usable is masked (one
+        where per parameter) unless all are usable, which a CPU step reads (a GPU step never
+        reads it: it masks every d, without a sync)."""
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -203,11 +205,18 @@ class GuardedOptimizer(torch.optim.Optimizer):
             self.state["skipped"] = self.state["skipped"] + bad
             if wd != 0:
                 ds = torch._foreach_add(ds, params, alpha=wd)
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    for p in params] if mu != 0 else None
+            if ok.device.type == "cpu" and bool(ok.all()):  # no stream to block: SGD's update
+                if mu != 0:
+                    torch._foreach_mul_(bufs, mu)
+                    torch._foreach_add_(bufs, ds)
+                    ds = bufs
+                torch._foreach_add_(params, ds, alpha=-lr)
+                continue
             zero = torch.zeros((), dtype=ds[0].dtype)  # one 0-d CPU scalar, not one per d
             ds = [torch.where(k, d, zero) for k, d in zip(ok.unbind(), ds)]
             if mu != 0:
-                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                        for p in params]
                 torch._foreach_mul_(bufs, torch.where(ok, mu, 1.0).unbind())
                 torch._foreach_add_(bufs, ds)
                 ds = torch._foreach_mul(bufs, ok.to(params[0].dtype).unbind())

@@ -1,0 +1,147 @@
+"""Weighted layer calls on the layer's own forward and its own backward node (the contract
+is `_weighted`'s), for the calls whose node is known: nothing of ours runs in the forward
+but two hooks, and the backward is the plain backward's but for
+
+    Linear / Conv1D / Conv2d: the input x that the node saves for its weight gradient
+        (and for nothing else: the input gradient reads W) is handed back to the node as
+        x ⊙ w, rows scaled (saved-tensor hooks around the call), so that the node's own
+        GEMM / convolution gives Σ_i w_i ∂W_i; a trainable bias's gradient is replaced by
+        Σ_i w_i Σ_t e_it (a post-hook on the node that sums the bias);
+    BatchNorm / GroupNorm / LayerNorm whose forward is the one native node: the node's
+        affine-parameter gradients are replaced by their weighted sums (a post-hook).
+
+A call whose node is not as expected is undone to the plain backward (`None` is returned
+with the layer's output; the caller lets the capture record it), so the result is exact
+either way."""
+import torch
+
+_VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+
+class _Scaled:
+    """What the pack hook keeps of the saved x: x, its version then, and w (B,) — or None
+    once the call is undone (the plain x is handed back)."""
+    __slots__ = ("name", "t", "version", "w")
+
+    def __init__(self, t, w, name):
+        self.t, self.version, self.w, self.name = t, t._version, w, name
+
+
+def _unpack(saved):
+    if type(saved) is not _Scaled:
+        return saved
+    t, w = saved.t, saved.w
+    if t._version != saved.version:
+        raise RuntimeError(f"capture.weighted: the input of module '{saved.name}' was "
+                           "modified in place after the layer used it (its weight gradient "
+                           "reads it)")
+    if w is None:
+        return t
+    B = w.shape[0]
+    w = w.to(t.dtype)
+    if t.shape[0] == B:
+        return t * w.view(B, *([1] * (t.dim() - 1)))
+    return (t.view(B, -1) * w[:, None]).view(t.shape)  # (B·T, d) rows, sample-major
+
+
+def swappable(x):
+    """Whether a call on x can take the saved-tensor path: x sample-major in memory, no
+    autocast (which would save a cast copy), no saved-tensor hooks of the user's."""
+    return ((x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and not torch.is_autocast_enabled(x.device.type)
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
+
+
+def swapped_call(plan, weighting, args, kwargs):
+    """(y, True) for a Linear / Conv1D / Conv2d call whose backward gives the weighted
+    gradients, or (y, False) when its node did not look as expected (then it is plain)."""
+    x = args[0]
+    B = x.shape[0]
+    name = plan.handler.name
+    scaled = None
+    if plan.weight is not None:
+        w = weighting.rows(plan.weight, B)
+        ptr, offset, numel = x.untyped_storage().data_ptr(), x.storage_offset(), x.numel()
+
+        def pack(t):
+            nonlocal scaled
+            if (scaled is None and t.numel() == numel and t.dtype == x.dtype
+                    and t.storage_offset() == offset
+                    and t.untyped_storage().data_ptr() == ptr
+                    and (t.shape[0] == B or t.is_contiguous())):
+                scaled = _Scaled(t, w, name)
+                return scaled
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            y = plan.original(*args, **kwargs)
+        if scaled is None:
+            return y, False
+    else:
+        y = plan.original(*args, **kwargs)
+    if plan.bias is not None and not _hook_bias(y, plan, weighting, B):
+        if scaled is not None:
+            scaled.w = None
+        return y, False
+    return y, True
+
+
+def _hook_bias(y, plan, weighting, B):
+    """Puts the weighted-bias post-hook on the node of y's graph that sums the bias."""
+    bias = plan.bias
+    target = torch.autograd.graph.get_gradient_edge(bias).node
+    node = y.grad_fn
+    for _ in range(3):
+        if node is None:
+            return False
+        edges = node.next_functions
+        for k, (n, _) in enumerate(edges):
+            if n is target:
+                w = weighting.rows(bias, B)
+
+                def post(grad_inputs, grad_outputs, k=k):
+                    g = grad_outputs[0]
+                    out = list(grad_inputs)
+                    out[k] = _weighted_bias(g, w, B).to(bias.dtype)
+                    return tuple(out)
+
+                node.register_hook(post)
+                return True
+        if type(node).__name__ not in _VIEWS:
+            return False
+        node = edges[0][0]
+    return False
+
+
+def _weighted_bias(g, w, B):
+    """Σ_i w_i Σ_t e_it of a node's output gradient e: (B, C, …) channels on dim 1 (a
+    convolution's), else (B·T, d) rows (a GEMM's)."""
+    w = w.to(g.dtype)
+    if g.dim() > 2 and g.shape[0] == B:
+        return g.sum(tuple(range(2, g.dim()))).T @ w
+    if g.shape[0] == B:
+        return w @ g
+    return (w @ g.reshape(B, -1)).view(-1, g.shape[-1]).sum(0)
+
+
+def hooked_norm(plan, weighting, norm_of, args, kwargs):
+    """(y, True) for a norm call whose one native node gets the weighted-affine post-hook,
+    or (y, False) when its graph is not that node on x (then it is plain)."""
+    x = args[0]
+    y = plan.original(*args, **kwargs)
+    norm = norm_of(y) if isinstance(y, torch.Tensor) else None
+    if norm is None or norm.input is not x:
+        return y, False
+    params = plan.handler.params
+    slots = [(k, params[n]) for k, n in enumerate(("weight", "bias"), 1) if n in params]
+
+    def post(grad_inputs, grad_outputs):
+        grads = norm.affine(grad_outputs[0], params, weighting)
+        out = list(grad_inputs)
+        for k, p in slots:
+            if out[k] is not None:
+                out[k] = grads[id(p)]
+        return tuple(out)
+
+    y.grad_fn.register_hook(post)
+    return y, True
