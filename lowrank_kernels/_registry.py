@@ -334,14 +334,12 @@ def on_backend(op, backend, *tracked):
 
 
 def _records_grad(tensors):
-    if torch.compiler.is_compiling():
-        return True  # the traced graph calls the op itself: the autograd layer is AOT's
-    if not torch.is_grad_enabled():
-        return False
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    # while compiling the traced graph calls the op itself: the autograd layer is AOT's
+    return torch.compiler.is_compiling()
 
 
 _BELOW_AUTOGRAD: dict = {}  # op -> op called below the autograd layer
@@ -366,11 +364,6 @@ def _below_autograd(op):
                 _set_excluded(_AUTOGRAD_KEYS, False)
         _BELOW_AUTOGRAD[op] = run
     return run
-
-
-def call(op, backend, *args):
-    """op(*args) on `backend` (None: the default kernels)."""
-    return on_backend(op, backend)(*args)
 
 
 def _environment_mode():

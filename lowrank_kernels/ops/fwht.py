@@ -16,6 +16,10 @@ OP = "fwht"
 
 
 def check(x):
+    if type(x) is torch.Tensor and x.dtype in _ALL and x.dim():
+        n = x.shape[-1]
+        if n >= 1 and not n & (n - 1):
+            return x  # the common case; errors come from the checks below
     _checks.check_tensor(OP, "x", x, None)
     _checks.check_float(OP, "x", x)
     if x.dim() == 0:

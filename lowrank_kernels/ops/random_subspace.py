@@ -17,7 +17,7 @@ from .. import _checks
 from .._registry import Backend, OpSpec, on_backend, register
 from ..reference.random_subspace import random_subspace_expand as reference_expand
 from ..reference.random_subspace import random_subspace_project as reference_project
-from ._common import check_dist, check_seed
+from ._common import ALL_FLOAT, check_dist, check_seed
 
 _ALL = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON = {"cpu": (torch.float32, torch.float16),
@@ -25,6 +25,13 @@ _TRITON = {"cpu": (torch.float32, torch.float16),
 
 
 def check_expand(alpha, seed, D, scale, dist, base):
+    if type(alpha) is torch.Tensor and alpha.dtype in ALL_FLOAT and alpha.dim() == 1 and \
+            type(seed) is int and 0 <= seed < 2 ** 63 and type(D) is int and D >= 0 and \
+            (dist == "gaussian" or dist == "rademacher") and (base is None or (
+                type(base) is torch.Tensor and base.dtype in ALL_FLOAT and base.dim() == 1 and
+                base.shape[0] == D and base.device == alpha.device and
+                (alpha.dtype is torch.float64) == (base.dtype is torch.float64))):
+        return alpha  # the common case in one expression; errors come from the checks below
     op = "random_subspace_expand"
     _checks.check_tensor(op, "alpha", alpha, 1, "d: the coordinates")
     _checks.check_float(op, "alpha", alpha)
@@ -44,6 +51,10 @@ def check_expand(alpha, seed, D, scale, dist, base):
 
 
 def check_project(g, seed, d, scale, dist):
+    if type(g) is torch.Tensor and g.dtype in ALL_FLOAT and g.dim() == 1 and \
+            type(seed) is int and 0 <= seed < 2 ** 63 and type(d) is int and d >= 0 and \
+            (dist == "gaussian" or dist == "rademacher"):
+        return g  # the common case in one expression; errors come from the checks below
     op = "random_subspace_project"
     _checks.check_tensor(op, "g", g, 1, "D: the vector to project")
     _checks.check_float(op, "g", g)
@@ -76,11 +87,18 @@ def _triton_project(g, seed, d, scale, dist):
     return random_subspace_project(g, seed, d, scale, dist == "rademacher")
 
 
-def _no_cpu_bf16(*args):  # on every call of the CUDA kernel: a plain loop, dtype first
-    for t in args:
-        if isinstance(t, torch.Tensor) and t.dtype is torch.bfloat16 and t.is_cpu:
-            return "bf16 Triton runs on GPU only (the interpreter computes bf16 wrongly)"
+_CPU_BF16 = "bf16 Triton runs on GPU only (the interpreter computes bf16 wrongly)"
+
+
+def _no_cpu_bf16_expand(alpha, seed, D, scale, dist, base):  # on every call of the CUDA kernel
+    if alpha.dtype is torch.bfloat16 and alpha.is_cpu or \
+            base is not None and base.dtype is torch.bfloat16 and base.is_cpu:
+        return _CPU_BF16
     return None
+
+
+def _no_cpu_bf16_project(g, seed, d, scale, dist):
+    return _CPU_BF16 if g.dtype is torch.bfloat16 and g.is_cpu else None
 
 
 SPEC_EXPAND = register(OpSpec(
@@ -92,7 +110,7 @@ SPEC_EXPAND = register(OpSpec(
     backends={
         "reference": Backend(lambda a, s, D, sc, dist, b: reference_expand(
             a, s, D, sc, dist == "rademacher", b), {"cpu": _ALL, "cuda": _ALL}),
-        "triton": Backend(_triton_expand, _TRITON, supports=_no_cpu_bf16),
+        "triton": Backend(_triton_expand, _TRITON, supports=_no_cpu_bf16_expand),
         "native": Backend(None, {"cpu": _ALL}),  # csrc/random_subspace.cpp: the op itself
     },
     auto={"cpu": ("native",), "cuda": ("triton",)},
@@ -108,7 +126,7 @@ SPEC_PROJECT = register(OpSpec(
     backends={
         "reference": Backend(lambda g, s, d, sc, dist: reference_project(
             g, s, d, sc, dist == "rademacher"), {"cpu": _ALL, "cuda": _ALL}),
-        "triton": Backend(_triton_project, _TRITON, supports=_no_cpu_bf16),
+        "triton": Backend(_triton_project, _TRITON, supports=_no_cpu_bf16_project),
         "native": Backend(None, {"cpu": _ALL}),  # csrc/random_subspace.cpp: the op itself
     },
     auto={"cpu": ("native",), "cuda": ("triton",)},

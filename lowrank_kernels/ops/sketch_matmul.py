@@ -14,14 +14,19 @@ float64 M).
 import torch
 
 from .. import _checks
-from .._registry import Backend, OpSpec, call, register
+from .._registry import Backend, OpSpec, on_backend, register
 from ..reference.sketch_matmul import sketch_matmul as reference_sketch_matmul
-from ._common import check_dist, check_seed
+from ._common import ALL_FLOAT, check_dist, check_seed
 
 OP = "sketch_matmul"
 
 
 def check(M, k, seed, dist, transpose, row_offset):
+    if type(M) is torch.Tensor and M.dtype in ALL_FLOAT and M.dim() == 2 and type(k) is int and \
+            k >= 1 and type(seed) is int and 0 <= seed < 2 ** 63 and \
+            (dist == "gaussian" or dist == "rademacher") and type(row_offset) is int and \
+            row_offset >= 0:
+        return M  # the common case in one expression; errors come from the checks below
     _checks.check_tensor(OP, "M", M, 2, "m x n matrix")
     _checks.check_float(OP, "M", M)
     if k < 1:
@@ -78,4 +83,4 @@ def sketch_matmul(M: torch.Tensor, k: int, seed: int = 0, dist: str = "gaussian"
     native/reference: in row blocks). M: 2-D, any strides.
     backend: None (the device's kernel), or force 'reference' / 'native' / 'triton'.
     Returns float32 (float64 for float64 M)."""
-    return call(_OP, backend, M, k, seed, dist, transpose, row_offset)
+    return on_backend(_OP, backend)(M, k, seed, dist, transpose, row_offset)

@@ -19,6 +19,14 @@ OP = "weighted_sum_embedding"
 
 
 def check(idx, E, c, num_embeddings, padding_idx):
+    if type(idx) is torch.Tensor and type(E) is torch.Tensor and type(c) is torch.Tensor and \
+            idx.dtype is torch.int64 and E.dtype in ALL_FLOAT and c.dtype in ALL_FLOAT:
+        device, i, e = E.device, idx.shape, E.shape
+        if idx.device == device and c.device == device and len(i) == 2 and len(e) == 3 and \
+                i[0] == e[0] and i[1] == e[1] and 1 <= c.dim() <= 2 and c.shape[0] == i[0] and \
+                num_embeddings >= 1 and (padding_idx is None or
+                                         -num_embeddings <= padding_idx < num_embeddings):
+            return E  # the common case in one expression; errors come from the checks below
     check_idx_E(OP, "idx", idx, "E", E)
     if not (type(c) is torch.Tensor and c.dtype in ALL_FLOAT and c.device == E.device and
             1 <= c.dim() <= 2 and c.shape[0] == idx.shape[0]):  # else the error
