@@ -7,7 +7,8 @@
 //
 // each by the cheaper of two exact routes, per group of the layer:
 // - scaled / GEMM + dot: one GEMM over all (i, t) rows for all m columns — W = (C ⊙ E)ᵀ A,
-//   resp. Y = A Vᵀ (or E V) then row dots with E (or A): 2·B·T·m·d_in·d_out flops;
+//   resp. Y = A Vᵀ (or E V) then row dots with E (or A): 2·B·T·m·d_in·d_out flops (the
+//   weighted sum's for B·T ≤ 64 float32 rows: lowrank/scaled_rows_gemm.h, scaling fused);
 // - per sample: G_i = E_iᵀ A_i by one bmm (blocks of d_out rows), then W = Cᵀ G resp. P = G Vᵀ:
 //   2·B·T·d_in·d_out + 2·B·m·d_in·d_out flops — cheaper when T > 1 and m > 1.
 // Tokens come as (B, T, groups·width) views of any strides; the results are float32 (float64
@@ -24,6 +25,7 @@
 #include <type_traits>
 
 #include "lowrank/f32_tiles.h"
+#include "lowrank/scaled_rows_gemm.h"
 
 namespace lowrank::combine {
 
@@ -229,6 +231,17 @@ inline void weighted_sum_group(const at::Tensor& A, const at::Tensor& E, const a
     return;
   }
   const int64_t rows = B * T;
+#ifdef LK_TILES_AVX2
+  if (simd_float(A) && rows <= tiles::kScaledRowsMax && W.is_contiguous()) {  // scaling fused
+    const at::Tensor A2 = A.reshape({rows, k}), E2 = E.reshape({rows, d}), Cc = C.contiguous();
+    if (A2.stride(1) == 1 && E2.stride(1) == 1) {
+      tiles::scaled_rows_gemm(A2.const_data_ptr<float>(), A2.stride(0),
+                              E2.const_data_ptr<float>(), E2.stride(0),
+                              Cc.const_data_ptr<float>(), m, T, rows, d, k, W.data_ptr<float>());
+      return;
+    }
+  }
+#endif
   const at::Tensor Cb = C.view({B, 1, m, 1});  // c_ij over (i, t, j, ·)
   if (d <= k) {  // scale E: (B T) × (m d), then (C ⊙ E)ᵀ A
     at::Tensor Es = at::empty({B, T, m, d}, E.options());
