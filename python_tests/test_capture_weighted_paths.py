@@ -144,3 +144,41 @@ def test_weighted_backward_matches_per_sample_reference(train_bn, ln_bias, conti
         assert float((p.grad - expect).norm() / expect.norm()) < TOL, n
     for a, b in zip(model.buffers(), plain.buffers()):  # running statistics as the plain's
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("shape, stats", [((6, 8, 5, 3), (1, 8)), ((6, 8, 5, 3), (6, 2)),
+                                          ((6, 8), (1, 8)), ((3, 4, 17), (3, 4))],
+                         ids=["batch-norm", "group-norm", "batch-norm-1d", "rows-of-17"])
+def test_norm_channel_sums_against_float64(dtype, shape, stats):
+    """The C++ per-sample channel sums of the weighted BatchNorm / GroupNorm backward:
+    Σ_k g (x − μ_s) σ_s⁻¹ and Σ_k g per (sample, channel), s its statistics' (sample, group),
+    against float64 sums of x̂ formed explicitly; a strided g is read as its values."""
+    g_ = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g_, dtype=F64) * 3 + 5
+    g = torch.randn(shape, generator=g_, dtype=F64)
+    mean = torch.randn(stats, generator=g_, dtype=F64) + 5
+    invstd = torch.rand(stats, generator=g_, dtype=F64) + 0.5
+    B, C = shape[:2]
+    per = C // stats[1]
+    m = mean.repeat_interleave(per, 1).expand(B, C).reshape(B, C, *([1] * (len(shape) - 2)))
+    s = invstd.repeat_interleave(per, 1).expand(B, C).reshape(m.shape)
+    expect_w = (g * (x - m) * s).reshape(B, C, -1).sum(2)
+    expect_b = g.reshape(B, C, -1).sum(2)
+    strided = g.to(dtype).transpose(0, 1).contiguous().transpose(0, 1)
+    got_w, got_b = torch.ops.lowrank_kernels_capture.norm_channel_sums(
+        strided, x.to(dtype), mean.to(dtype), invstd.to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    for got, expect in ((got_w, expect_w), (got_b, expect_b)):
+        assert got.dtype == dtype and got.shape == (B, C)
+        assert float((got.double() - expect).norm() / expect.norm()) < tol
+
+
+def test_norm_channel_sums_rejects_mismatched_statistics():
+    x = torch.randn(4, 6, 3)
+    with pytest.raises(RuntimeError, match="mean and invstd must be"):
+        torch.ops.lowrank_kernels_capture.norm_channel_sums(x, x, torch.zeros(1, 4),
+                                                            torch.ones(1, 4))
+    with pytest.raises(RuntimeError, match="one shape"):
+        torch.ops.lowrank_kernels_capture.norm_channel_sums(x, x[:2], torch.zeros(1, 6),
+                                                            torch.ones(1, 6))

@@ -288,32 +288,36 @@ class _NativeNorm:
         return out
 
     def _channel_statistics(self):
-        """(mean, 1/σ) per sample and channel, (B·C,) each, for a batch or group norm: the
-        statistics its forward normalized with (the batch's, the running ones in eval mode,
-        or each sample's groups'); None for a layer norm."""
-        x, a = self.input, self.args
-        B, C = x.shape[:2]
+        """(mean, 1/σ) that a batch or group norm's forward normalized with, (1, C) (the
+        batch's, or the running ones in eval mode) or (B, groups); None for a layer norm."""
+        a = self.args
         if self.kind == "NativeBatchNormBackward0":
             running_mean, running_var, mean, invstd, training, eps = a
             if not training:
                 mean, invstd = running_mean, (running_var + eps).rsqrt()
-            return mean.repeat(B), invstd.repeat(B)
+            return mean.view(1, -1), invstd.view(1, -1)
         if self.kind == "NativeGroupNormBackward0":
-            mean, rstd, group = a[0], a[1], a[5]
-            return (mean.repeat_interleave(C // group, 1).reshape(-1),
-                    rstd.repeat_interleave(C // group, 1).reshape(-1))
+            return a[0], a[1]
         return None
 
 
 def _channel_sums(g, x, mean, invstd, weight, bias):
-    """{"weight": Σ_hw g x̂, "bias": Σ_hw g} per sample and channel, (B, C) each, in one
-    read of g and x: the batch-norm backward of the batch viewed as one sample of B·C
-    channels, with each (sample, channel)'s own statistics (x̂ = (x − mean) / σ)."""
+    """{"weight": Σ_hw g x̂, "bias": Σ_hw g} per sample and channel, (B, C) each, in one read
+    of g and x (x̂ = (x − mean) / σ, with the statistics given as (1 or B, G), G | C): the
+    capture's C++ kernel on CPU, else the batch-norm backward of the batch viewed as one
+    sample of B·C channels with each (sample, channel)'s statistics."""
     B, C = x.shape[:2]
-    _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-        g.reshape(1, B * C, -1), x.reshape(1, B * C, -1), None, None, None, mean, invstd,
-        True, 0.0, [False, weight, bias])
-    return {n: t.view(B, C) for n, t in (("weight", gw), ("bias", gb)) if t is not None}
+    mean, invstd, g = mean.to(x.dtype), invstd.to(x.dtype), g.to(x.dtype)
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        gw, gb = torch.ops.lowrank_kernels_capture.norm_channel_sums(g, x, mean, invstd)
+    else:
+        mean, invstd = (s.repeat_interleave(C // s.shape[1], 1).expand(B, C).reshape(-1)
+                        for s in (mean, invstd))
+        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g.reshape(1, B * C, -1), x.reshape(1, B * C, -1), None, None, None, mean, invstd,
+            True, 0.0, [False, weight, bias])
+    return {n: t.view(B, C) for n, t, need in (("weight", gw, weight), ("bias", gb, bias))
+            if need}
 
 
 def _direct_input_grad(handler):
