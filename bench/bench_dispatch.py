@@ -36,10 +36,16 @@ def _loop(fn):
 
 
 def _public_call(op, args, kwargs):
-    """lowrank_kernels.<op> called as a user would: the sample's arguments by name, the
-    ones it leaves out at the entry point's defaults."""
+    """lowrank_kernels.<op> called as a user would: the sample's arguments by name (a Conv2d
+    op's schema `geometry` as the pairs and groups it packs), the ones it leaves out at the
+    entry point's defaults."""
     _, arguments = _registry._BY_OVERLOAD[getattr(torch.ops.lowrank_kernels, op).default]
     named = {a.name: v for a, v in zip(arguments, args)} | kwargs
+    geometry = named.pop("geometry", None)
+    if geometry is not None:
+        pairs = ("kernel_size",) * (len(geometry) == 9) + ("stride", "padding", "dilation")
+        named |= {name: geometry[2 * i:2 * i + 2] for i, name in enumerate(pairs)}
+        named["groups"] = geometry[-1]
     fn = getattr(lk, op)
     return lambda: fn(**named)
 

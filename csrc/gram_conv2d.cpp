@@ -19,23 +19,13 @@ namespace {
 
 constexpr const char* kOp = "gram_conv2d";
 
-// The checks of ops/_common.py check_conv2d and check_cross (same error types and messages).
-layer::Conv2dGeometry check_args(const at::Tensor& X, const at::Tensor& E, at::IntArrayRef k,
-                                 at::IntArrayRef s, at::IntArrayRef p, at::IntArrayRef d,
-                                 int64_t groups, const std::optional<at::Tensor>& X2,
-                                 const std::optional<at::Tensor>& E2, bool diagonal) {
-  const layer::Conv2dGeometry g = layer::check_conv2d(kOp, X, E, k, s, p, d, groups);
-  check_cross(kOp, "X2", "E2", X, E, X2, E2, diagonal);
-  return g;
-}
-
-at::Tensor gram_conv2d_cpu(const at::Tensor& X, const at::Tensor& E, at::IntArrayRef kernel_size,
-                           at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups, bool bias,
-                           const std::optional<at::Tensor>& X2,
+// geometry: [kh, kw, stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w, groups]
+at::Tensor gram_conv2d_cpu(const at::Tensor& X, const at::Tensor& E, at::IntArrayRef geometry,
+                           bool bias, const std::optional<at::Tensor>& X2,
                            const std::optional<at::Tensor>& E2, bool diagonal) {
-  const layer::Conv2dGeometry g =
-      check_args(X, E, kernel_size, stride, padding, dilation, groups, X2, E2, diagonal);
+  const layer::Conv2dGeometry g = layer::check_conv2d(kOp, X, E, geometry);
+  check_cross(kOp, "X2", "E2", X, E, X2, E2, diagonal);
+  const int64_t groups = geometry[8];
   const at::ScalarType acc = X.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t T = g.H_out * g.W_out;
   // (B, T, C_in·kh·kw) and (B, T, C_out): transposed views of U and of E's (B, C_out, T)

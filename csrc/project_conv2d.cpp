@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "lowrank/layer_checks.h"
 #include "lowrank/per_sample_combine.h"
@@ -15,16 +16,17 @@
 namespace lowrank {
 namespace {
 
+// geometry: [stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w, groups] (the
+// kernel size is V's)
 at::Tensor project_conv2d(const at::Tensor& X, const at::Tensor& E, const at::Tensor& V,
-                          const std::optional<at::Tensor>& V_bias, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          const std::optional<at::Tensor>& V_bias, at::IntArrayRef geometry,
                           combine::Route route) {
   constexpr const char* op = "project_conv2d";
   layer::check_ndim(op, "V", V, 4, 5,
                     "C_out x C_in/groups x kh x kw or m x that: weight-shaped directions");
   const int64_t kernel[2] = {V.size(-2), V.size(-1)};
-  const layer::Conv2dGeometry g =
-      layer::check_conv2d(op, X, E, kernel, stride, padding, dilation, groups);
+  const layer::Conv2dGeometry g = layer::check_conv2d(op, X, E, geometry, kernel);
+  const int64_t groups = geometry[6];
   const int64_t C_in = X.size(1), C_out = E.size(1), B = X.size(0);
   const int64_t shape[4] = {C_out, C_in / groups, kernel[0], kernel[1]};
   layer::check_directions(op, V, V_bias, shape, E,
@@ -44,18 +46,20 @@ at::Tensor project_conv2d(const at::Tensor& X, const at::Tensor& E, const at::Te
 }
 
 at::Tensor project_conv2d_cpu(const at::Tensor& X, const at::Tensor& E, const at::Tensor& V,
-                              const std::optional<at::Tensor>& V_bias, at::IntArrayRef stride,
-                              at::IntArrayRef padding, at::IntArrayRef dilation,
-                              int64_t groups) {
-  return project_conv2d(X, E, V, V_bias, stride, padding, dilation, groups,
-                        combine::Route::kAuto);
+                              const std::optional<at::Tensor>& V_bias,
+                              at::IntArrayRef geometry) {
+  return project_conv2d(X, E, V, V_bias, geometry, combine::Route::kAuto);
 }
 
 at::Tensor project_conv2d_route(const at::Tensor& X, const at::Tensor& E, const at::Tensor& V,
                                 const std::optional<at::Tensor>& V_bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups, c10::string_view route) {
-  return project_conv2d(X, E, V, V_bias, stride, padding, dilation, groups,
+  std::vector<int64_t> geometry;
+  for (at::IntArrayRef pair : {stride, padding, dilation})
+    geometry.insert(geometry.end(), pair.begin(), pair.end());
+  geometry.push_back(groups);
+  return project_conv2d(X, E, V, V_bias, geometry,
                         combine::parse_route("project_conv2d_route", route));
 }
 

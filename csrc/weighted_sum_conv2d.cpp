@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "lowrank/layer_checks.h"
 #include "lowrank/per_sample_combine.h"
@@ -17,13 +18,12 @@ namespace {
 
 using WeightAndBias = std::tuple<at::Tensor, std::optional<at::Tensor>>;
 
+// geometry: [kh, kw, stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w, groups]
 WeightAndBias weighted_sum_conv2d(const at::Tensor& X, const at::Tensor& E, const at::Tensor& c,
-                                  at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation,
-                                  int64_t groups, bool bias, combine::Route route) {
+                                  at::IntArrayRef geometry, bool bias, combine::Route route) {
   constexpr const char* op = "weighted_sum_conv2d";
-  const layer::Conv2dGeometry g =
-      layer::check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups);
+  const layer::Conv2dGeometry g = layer::check_conv2d(op, X, E, geometry);
+  const int64_t groups = geometry[8];
   layer::check_coefficients(op, c, E);
   const auto dtype = combine::acc_dtype(X.scalar_type());
   const int64_t B = X.size(0), C_in = X.size(1), C_out = E.size(1);
@@ -41,11 +41,8 @@ WeightAndBias weighted_sum_conv2d(const at::Tensor& X, const at::Tensor& E, cons
 }
 
 WeightAndBias weighted_sum_conv2d_cpu(const at::Tensor& X, const at::Tensor& E,
-                                      const at::Tensor& c, at::IntArrayRef kernel_size,
-                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups, bool bias) {
-  return weighted_sum_conv2d(X, E, c, kernel_size, stride, padding, dilation, groups, bias,
-                             combine::Route::kAuto);
+                                      const at::Tensor& c, at::IntArrayRef geometry, bool bias) {
+  return weighted_sum_conv2d(X, E, c, geometry, bias, combine::Route::kAuto);
 }
 
 WeightAndBias weighted_sum_conv2d_route(const at::Tensor& X, const at::Tensor& E,
@@ -53,7 +50,11 @@ WeightAndBias weighted_sum_conv2d_route(const at::Tensor& X, const at::Tensor& E
                                         at::IntArrayRef stride, at::IntArrayRef padding,
                                         at::IntArrayRef dilation, int64_t groups, bool bias,
                                         c10::string_view route) {
-  return weighted_sum_conv2d(X, E, c, kernel_size, stride, padding, dilation, groups, bias,
+  std::vector<int64_t> geometry(kernel_size.begin(), kernel_size.end());
+  for (at::IntArrayRef pair : {stride, padding, dilation})
+    geometry.insert(geometry.end(), pair.begin(), pair.end());
+  geometry.push_back(groups);
+  return weighted_sum_conv2d(X, E, c, geometry, bias,
                              combine::parse_route("weighted_sum_conv2d_route", route));
 }
 

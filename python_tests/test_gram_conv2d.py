@@ -125,7 +125,7 @@ def test_opcheck_and_compile():
     case = CONV_CASES[1]
     X, E = conv_inputs(case, torch.float32, "cpu")
     op = torch.ops.lowrank_kernels.gram_conv2d.default
-    args = (X, E, [3, 2], [2, 1], [1, 0], [1, 2], 2, True)
+    args = (X, E, [3, 2, 2, 1, 1, 0, 1, 2, 2], True)  # kernel, stride, padding, dilation, groups
     torch.library.opcheck(op, args)
     torch.library.opcheck(op, args, {"diagonal": True})
     torch.library.opcheck(op, args, {"X2": X[:2], "E2": E[:2]})

@@ -27,20 +27,20 @@ def _cases():
     X, Ec = r(2, 4, 5, 5), r(2, 6, 5, 5)  # conv 3x3, padding 1, groups 2
     idx = torch.randint(0, 5, (3, 4), generator=g)
     Ee = r(3, 4, 6)
-    conv = ([1, 1], [1, 1], [1, 1], 2)
+    conv = [1, 1, 1, 1, 1, 1, 2]  # geometry: stride, padding, dilation (pairs), groups
     return {
         "gram_linear": [((A, E, True), {}), ((At, Et, False), {"route": "per_sample"}),
                         ((At, Et, True, At[:2], Et[:2]), {}), ((A, E, True), {"diagonal": True})],
-        "gram_conv2d": [((X, Ec, [3, 3], *conv, True), {}),
-                        ((X, Ec, [3, 3], *conv, False), {"diagonal": True})],
+        "gram_conv2d": [((X, Ec, [3, 3] + conv, True), {}),
+                        ((X, Ec, [3, 3] + conv, False), {"diagonal": True})],
         "gram_embedding": [((idx, Ee, 5, 1), {}), ((idx, Ee, 5, None, idx[:2], Ee[:2]), {}),
                            ((idx, Ee, 5, None), {"diagonal": True})],
         "weighted_sum_linear": [((A, E, c, True), {}), ((At, Et, torch.stack([c[:4], -c[:4]], 1)), {})],
-        "weighted_sum_conv2d": [((X, Ec, c[:2], [3, 3], *conv, True), {})],
+        "weighted_sum_conv2d": [((X, Ec, c[:2], [3, 3] + conv, True), {})],
         "weighted_sum_embedding": [((idx, Ee, c[:3], 5, 0), {}), ((idx, Ee, r(3, 2), 5), {})],
         "project_linear": [((A, E, r(4, 3), r(4)), {}), ((At, Et, r(2, 2, 5)), {})],
-        "project_conv2d": [((X, Ec, r(6, 2, 3, 3), r(6), *conv), {}),
-                           ((X, Ec, r(2, 6, 2, 3, 3), None, *conv), {})],
+        "project_conv2d": [((X, Ec, r(6, 2, 3, 3), r(6), conv), {}),
+                           ((X, Ec, r(2, 6, 2, 3, 3), None, conv), {})],
         "project_embedding": [((idx, Ee, r(5, 6), -1), {}), ((idx, Ee, r(2, 5, 6)), {})],
         "woodbury_solve": [((_spd(2, 6), torch.tensor([0.1, 0.2]), r(2, 6, 3), None, 4), {}),
                            ((_spd(1, 6)[0], torch.tensor(0.5), r(6), 1e-5, 2), {})],

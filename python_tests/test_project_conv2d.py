@@ -90,8 +90,9 @@ def test_opcheck_and_compile():
     X, E = conv_inputs(case, torch.float32, "cpu")
     V, V_bias = _directions(case, 2, "cpu")
     op = torch.ops.lowrank_kernels.project_conv2d.default
-    torch.library.opcheck(op, (X, E, V, V_bias, [2, 1], [1, 0], [1, 2], 2))
-    torch.library.opcheck(op, (X, E, V[0], None, [2, 1], [1, 0], [1, 2], 2))
+    geometry = [2, 1, 1, 0, 1, 2, 2]  # stride, padding, dilation, groups (the kernel is V's)
+    torch.library.opcheck(op, (X, E, V, V_bias, geometry))
+    torch.library.opcheck(op, (X, E, V[0], None, geometry))
 
     def f(x, e, v, vb):
         return lk.project_conv2d(x, e, v, vb, stride=(2, 1), padding=(1, 0), dilation=(1, 2),

@@ -85,8 +85,9 @@ def test_opcheck_and_compile():
     X, E = conv_inputs(case, torch.float32, "cpu")
     c = _coefficients(case[0], None, "cpu")
     op = torch.ops.lowrank_kernels.weighted_sum_conv2d.default
-    torch.library.opcheck(op, (X, E, c, [3, 2], [2, 1], [1, 0], [1, 2], 2, True))
-    torch.library.opcheck(op, (X, E, c[:, None], [3, 2], [2, 1], [1, 0], [1, 2], 2))
+    geometry = [3, 2, 2, 1, 1, 0, 1, 2, 2]  # kernel, stride, padding, dilation, groups
+    torch.library.opcheck(op, (X, E, c, geometry, True))
+    torch.library.opcheck(op, (X, E, c[:, None], geometry))
 
     def f(x, e, w):
         W, b = lk.weighted_sum_conv2d(x, e, w, (3, 2), (2, 1), (1, 0), (1, 2), 2, True)

@@ -14,8 +14,10 @@ def pair(op, name, value, minimum):
             value[1] >= minimum:
         return list(value)  # what the dispatcher passes: checked in one expression
     integer = (int, torch.SymInt)  # SymInt: a kernel size read from V's shape while tracing
-    values = [value, value] if isinstance(value, integer) else list(value)
-    if len(values) != 2 or not all(isinstance(v, integer) and v >= minimum for v in values):
+    values = [value, value] if isinstance(value, integer) else \
+        list(value) if isinstance(value, (list, tuple)) else None
+    if values is None or len(values) != 2 or \
+            not all(isinstance(v, integer) and v >= minimum for v in values):
         raise ValueError(f"{op}: {name} must be an int or a pair of ints ≥ {minimum}, "
                          f"got {value!r}")
     return values
@@ -25,15 +27,66 @@ def output_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_name="X"):
+# The schema's `int[] geometry` of the Conv2d ops: one list argument (the dispatcher's argument
+# parse costs ~0.5 µs per int[2] and per int, not per element), laid out as
+# [kh, kw,] stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w, groups
+# (project_conv2d without the kernel size: its kernel is V's).
+GEOMETRY = ("kernel_size", "stride", "padding", "dilation")
+_MINIMUM = {"kernel_size": 1, "stride": 1, "padding": 0, "dilation": 1}
+
+
+def conv_geometry(op, kernel_size, stride, padding, dilation, groups):
+    """The `geometry` list of the public arguments (ints or pairs; kernel_size None: without
+    it), each named in the error when it is not an int or a pair of ints ≥ its minimum."""
+    s = (stride, stride) if type(stride) is int else stride
+    p = (padding, padding) if type(padding) is int else padding
+    d = (dilation, dilation) if type(dilation) is int else dilation
+    k = (1, 1) if kernel_size is None else \
+        (kernel_size, kernel_size) if type(kernel_size) is int else kernel_size
+    try:  # the common case in one expression; the errors from pair()
+        (k0, k1), (s0, s1), (p0, p1), (d0, d1) = k, s, p, d
+        ok = type(k0) is int and type(k1) is int and type(s0) is int and type(s1) is int and \
+            type(p0) is int and type(p1) is int and type(d0) is int and type(d1) is int and \
+            k0 >= 1 and k1 >= 1 and s0 >= 1 and s1 >= 1 and p0 >= 0 and p1 >= 0 and \
+            d0 >= 1 and d1 >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        if kernel_size is not None:
+            k0, k1 = pair(op, "kernel_size", kernel_size, 1)
+        (s0, s1), (p0, p1), (d0, d1) = (pair(op, "stride", stride, 1),
+                                        pair(op, "padding", padding, 0),
+                                        pair(op, "dilation", dilation, 1))
+    if kernel_size is None:
+        return [s0, s1, p0, p1, d0, d1, groups]
+    return [k0, k1, s0, s1, p0, p1, d0, d1, groups]
+
+
+def _check_geometry(op, geometry, with_kernel):
+    """The slow path of check_conv2d: the geometry list itself, each pair named in the error.
+    Returns (kernel_size or None, stride, padding, dilation, groups)."""
+    names = GEOMETRY if with_kernel else GEOMETRY[1:]
+    n = 2 * len(names) + 1
+    if not isinstance(geometry, (list, tuple)) or len(geometry) != n or \
+            not all(isinstance(v, (int, torch.SymInt)) for v in geometry):
+        layout = ", ".join(f"{name}[{i}]" for name in names for i in range(2))
+        raise ValueError(f"{op}: geometry must be {n} ints [{layout}, groups], got {geometry!r}")
+    pairs = [pair(op, name, list(geometry[2 * i:2 * i + 2]), _MINIMUM[name])
+             for i, name in enumerate(names)]
+    return (None,) * (not with_kernel) + tuple(pairs) + (geometry[-1],)
+
+
+def check_conv2d(op, X, E, geometry, kernel=None, x_name="X"):
     """X (B, C_in, H, W) and E (B, C_out, H_out, W_out) of one Conv2d call: ranks, dtypes,
-    devices, the batch, channels divisible by groups, and H_out, W_out as the geometry gives.
-    Returns (C_in, C_out)."""
-    # The common case in one expression; errors come from the checks below. The geometry
-    # comes from the schema's int[2] (lists of ints, the length not enforced there), the
-    # completer's defaults (tuples) or V's shape: an unpacking that fails is the slow path.
+    devices, the batch, channels divisible by groups, and H_out, W_out as the geometry gives
+    (kernel: (kh, kw) when geometry has no kernel size, project_conv2d's V). Returns
+    (C_in, C_out)."""
+    # The common case in one expression; errors come from the checks below.
     try:
-        (k0, k1), (s0, s1), (p0, p1), (d0, d1) = kernel_size, stride, padding, dilation
+        if kernel is None:
+            k0, k1, s0, s1, p0, p1, d0, d1, groups = geometry
+        else:
+            (k0, k1), (s0, s1, p0, p1, d0, d1, groups) = kernel, geometry
         B, C, H, W = X.shape
         B_e, C_e, H_e, W_e = E.shape
     except (AttributeError, TypeError, ValueError):
@@ -54,10 +107,9 @@ def check_conv2d(op, X, E, kernel_size, stride, padding, dilation, groups, x_nam
     _checks.check_same(op, (x_name, "E"), (X, E), "device")
     _checks.check_same(op, (x_name, "E"), (X, E), "dtype")
     _checks.check_dim_match(op, x_name, X.shape[0], "E", E.shape[0], "batch size B (dim 0)")
-    kernel_size = pair(op, "kernel_size", kernel_size, 1)
-    stride = pair(op, "stride", stride, 1)
-    padding = pair(op, "padding", padding, 0)
-    dilation = pair(op, "dilation", dilation, 1)
+    kernel_size, stride, padding, dilation, groups = _check_geometry(op, geometry,
+                                                                     kernel is None)
+    kernel_size = list(kernel) if kernel is not None else kernel_size
     if not isinstance(groups, int) or groups < 1 or X.shape[1] % groups or E.shape[1] % groups:
         raise ValueError(f"{op}: groups must be a positive int dividing C_in ({X.shape[1]}) "
                          f"and C_out ({E.shape[1]}), got {groups!r}")

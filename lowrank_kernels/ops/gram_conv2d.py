@@ -15,50 +15,52 @@ import torch
 
 from .._registry import OpSpec, on_backend, register
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
-from ._common import check_conv2d, check_cross, choose_route, layer_backends
+from ._common import check_conv2d, check_cross, choose_route, conv_geometry, layer_backends
 
 OP = "gram_conv2d"
 
 
-def check(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
-    check_conv2d(OP, X, E, kernel_size, stride, padding, dilation, groups)
+def check(X, E, geometry, bias, X2, E2, diagonal):
+    check_conv2d(OP, X, E, geometry)
     if X2 is not None or E2 is not None:
         check_cross(OP, ("X2", "E2"), (X, E), (X2, E2), diagonal)
     return X
 
 
-def fake(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
+def fake(X, E, geometry, bias, X2, E2, diagonal):
     dtype = torch.float64 if X.dtype == torch.float64 else torch.float32
     B2 = (X2 if X2 is not None else X).shape[0]
     return X.new_empty((X.shape[0],) if diagonal else (X.shape[0], B2), dtype=dtype)
 
 
-def _route(X, E, kernel_size, groups, bias, X2, diagonal):
-    kh, kw = kernel_size
+def _route(X, E, kh, kw, groups, bias, X2, diagonal):
     B2 = (X2 if X2 is not None else X).shape[0]
     return choose_route(X.shape[0], B2, E.shape[2] * E.shape[3],
                         X.shape[1] // groups * kh * kw, E.shape[1] // groups, groups, bias,
                         X2 is not None, diagonal)
 
 
-def _reference(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
-    return reference_gram_conv2d(X, E, kernel_size, stride, padding, dilation, groups, bias,
+def _reference(X, E, geometry, bias, X2, E2, diagonal):
+    kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry
+    return reference_gram_conv2d(X, E, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, bias,
                                  X2, E2, diagonal,
-                                 _route(X, E, kernel_size, groups, bias, X2, diagonal))
+                                 _route(X, E, kh, kw, groups, bias, X2, diagonal))
 
 
-def _triton(X, E, kernel_size, stride, padding, dilation, groups, bias, X2, E2, diagonal):
+def _triton(X, E, geometry, bias, X2, E2, diagonal):
     from ..triton.gram_conv2d import gram_conv2d as triton_gram_conv2d
 
-    return triton_gram_conv2d(X, E, kernel_size, stride, padding, dilation, groups, bias,
+    kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry
+    return triton_gram_conv2d(X, E, (kh, kw), (sh, sw), (ph, pw), (dh, dw), groups, bias,
                               X2, E2, diagonal,
-                              _route(X, E, kernel_size, groups, bias, X2, diagonal))
+                              _route(X, E, kh, kw, groups, bias, X2, diagonal))
 
 
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor X, Tensor E, int[2] kernel_size, int[2] stride=1, int[2] padding=0, "
-           "int[2] dilation=1, int groups=1, bool bias=False, Tensor? X2=None, "
+    # geometry: [kh, kw, stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w,
+    # groups] (ops._common.conv_geometry)
+    schema="(Tensor X, Tensor E, int[] geometry, bool bias=False, Tensor? X2=None, "
            "Tensor? E2=None, bool diagonal=False) -> Tensor",
     check=check,
     fake=fake,
@@ -79,5 +81,5 @@ def gram_conv2d(X: torch.Tensor, E: torch.Tensor, kernel_size, stride=1, padding
     X2/E2: a second batch, for the cross-Gram (B × B2). diagonal: return diag(K) (B).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns float32 (float64 for float64 inputs)."""
-    return on_backend(_OP, backend)(X, E, kernel_size, stride, padding, dilation, groups, bias,
-                                    X2, E2, diagonal)
+    geometry = conv_geometry(OP, kernel_size, stride, padding, dilation, groups)
+    return on_backend(_OP, backend)(X, E, geometry, bias, X2, E2, diagonal)

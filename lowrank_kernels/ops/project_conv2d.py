@@ -10,40 +10,47 @@ import torch
 from .. import _checks
 from .._registry import OpSpec, on_backend, register
 from ..reference.project_conv2d import project_conv2d as reference_project
-from ._common import (check_conv2d, check_directions, fake_projection,
+from ._common import (check_conv2d, check_directions, conv_geometry, fake_projection,
                       layer_backends, pair)
 
 OP = "project_conv2d"
 
 
-def check(X, E, V, V_bias, stride, padding, dilation, groups):
+def check(X, E, V, V_bias, geometry):
     if type(V) is not torch.Tensor or not 4 <= V.dim() <= 5:
         _checks.check_tensor(OP, "V", V, (4, 5), "C_out x C_in/groups x kh x kw or m x that: "
                                                  "weight-shaped directions")
     v = V.shape
     kh, kw = v[-2], v[-1]
-    C_in, C_out = check_conv2d(OP, X, E, (kh, kw), stride, padding, dilation, groups)
-    check_directions(OP, V, V_bias, (C_out, C_in // groups, kh, kw), E)
+    C_in, C_out = check_conv2d(OP, X, E, geometry, (kh, kw))
+    check_directions(OP, V, V_bias, (C_out, C_in // geometry[6], kh, kw), E)
     return X
 
 
-def fake(X, E, V, V_bias, stride, padding, dilation, groups):
+def fake(X, E, V, V_bias, geometry):
     return fake_projection(X, V, 4)
 
 
-def _triton(X, E, V, V_bias, stride, padding, dilation, groups):
+def _reference(X, E, V, V_bias, geometry):
+    sh, sw, ph, pw, dh, dw, groups = geometry
+    return reference_project(X, E, V, V_bias, (sh, sw), (ph, pw), (dh, dw), groups)
+
+
+def _triton(X, E, V, V_bias, geometry):
     from ..triton.project_conv2d import project_conv2d as triton_project
 
-    return triton_project(X, E, V, V_bias, stride, padding, dilation, groups)
+    sh, sw, ph, pw, dh, dw, groups = geometry
+    return triton_project(X, E, V, V_bias, (sh, sw), (ph, pw), (dh, dw), groups)
 
 
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor X, Tensor E, Tensor V, Tensor? V_bias=None, int[2] stride=1, "
-           "int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
+    # geometry: [stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w, groups]
+    # (ops._common.conv_geometry; the kernel size is V's)
+    schema="(Tensor X, Tensor E, Tensor V, Tensor? V_bias, int[] geometry) -> Tensor",
     check=check,
     fake=fake,
-    **layer_backends(reference_project, _triton, native_cpu=True),
+    **layer_backends(_reference, _triton, native_cpu=True),
     finite_inputs=("X", "E", "V", "V_bias"),
 ))
 _OP = torch.ops.lowrank_kernels.project_conv2d.default
@@ -64,4 +71,5 @@ def project_conv2d(X: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=Non
         if V.dim() < 2 or list(V.shape[-2:]) != kernel_size:
             raise ValueError(f"{OP}: kernel_size {kernel_size} must equal V's last two dims "
                              f"(kh, kw), got V of shape {tuple(V.shape)}")
-    return on_backend(_OP, backend)(X, E, V, V_bias, stride, padding, dilation, groups)
+    geometry = conv_geometry(OP, None, stride, padding, dilation, groups)
+    return on_backend(_OP, backend)(X, E, V, V_bias, geometry)

@@ -8,39 +8,42 @@ import torch
 
 from .._registry import OpSpec, on_backend, register
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
-from ._common import (check_coefficients, check_conv2d, fake_outputs,
+from ._common import (check_coefficients, check_conv2d, conv_geometry, fake_outputs,
                       layer_backends)
 
 OP = "weighted_sum_conv2d"
 
 
-def check(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
-    check_conv2d(OP, X, E, kernel_size, stride, padding, dilation, groups)
+def check(X, E, c, geometry, bias):
+    check_conv2d(OP, X, E, geometry)
     check_coefficients(OP, c, E)
     return X
 
 
-def fake(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
-    weight_shape = (E.shape[1], X.shape[1] // groups, *kernel_size)
+def fake(X, E, c, geometry, bias):
+    weight_shape = (E.shape[1], X.shape[1] // geometry[8], geometry[0], geometry[1])
     return fake_outputs(X, c, weight_shape, E.shape[1], bias)
 
 
-def _reference(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
-    return tuple(reference_weighted_sum(X, E, c, kernel_size, stride, padding, dilation,
-                                              groups, bias))
+def _reference(X, E, c, geometry, bias):
+    kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry
+    return tuple(reference_weighted_sum(X, E, c, (kh, kw), (sh, sw), (ph, pw), (dh, dw),
+                                        groups, bias))
 
 
-def _triton(X, E, c, kernel_size, stride, padding, dilation, groups, bias):
+def _triton(X, E, c, geometry, bias):
     from ..triton.weighted_sum_conv2d import weighted_sum_conv2d as triton_weighted_sum
 
-    return tuple(triton_weighted_sum(X, E, c, kernel_size, stride, padding, dilation,
-                                           groups, bias))
+    kh, kw, sh, sw, ph, pw, dh, dw, groups = geometry
+    return tuple(triton_weighted_sum(X, E, c, (kh, kw), (sh, sw), (ph, pw), (dh, dw),
+                                     groups, bias))
 
 
 SPEC = register(OpSpec(
     name=OP,
-    schema="(Tensor X, Tensor E, Tensor c, int[2] kernel_size, int[2] stride=1, "
-           "int[2] padding=0, int[2] dilation=1, int groups=1, bool bias=False"
+    # geometry: [kh, kw, stride_h, stride_w, padding_h, padding_w, dilation_h, dilation_w,
+    # groups] (ops._common.conv_geometry)
+    schema="(Tensor X, Tensor E, Tensor c, int[] geometry, bool bias=False"
            ") -> (Tensor, Tensor?)",
     check=check,
     fake=fake,
@@ -60,5 +63,5 @@ def weighted_sum_conv2d(X: torch.Tensor, E: torch.Tensor, c: torch.Tensor, kerne
     c: (B,) -> ((C_out, C_in/groups, kh, kw), (C_out,)); c: (B, m) -> ((m, …), (m, C_out)).
     backend: None (the device's kernel), or force 'reference' / 'triton' (see use_backend).
     Returns (grad_weight, grad_bias or None), float32 (float64 for float64 inputs)."""
-    return on_backend(_OP, backend)(X, E, c, kernel_size, stride, padding, dilation, groups,
-                                    bias)
+    geometry = conv_geometry(OP, kernel_size, stride, padding, dilation, groups)
+    return on_backend(_OP, backend)(X, E, c, geometry, bias)

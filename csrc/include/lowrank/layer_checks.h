@@ -88,10 +88,7 @@ inline std::array<int64_t, 2> conv_pair(const char* op, const char* name, at::In
   return {v[0], v[1]};
 }
 
-inline Conv2dGeometry check_conv2d(const char* op, const at::Tensor& X, const at::Tensor& E,
-                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                                   at::IntArrayRef padding, at::IntArrayRef dilation,
-                                   int64_t groups) {
+inline void check_conv2d_tensors(const char* op, const at::Tensor& X, const at::Tensor& E) {
   check_ndim(op, "X", X, 4, 4, "B x C_in x H x W: the layer input");
   check_ndim(op, "E", E, 4, 4, "B x C_out x H_out x W_out: the output gradient");
   check_float(op, "X", X);
@@ -99,6 +96,13 @@ inline Conv2dGeometry check_conv2d(const char* op, const at::Tensor& X, const at
   check_same_device(op, "X", X, "E", E);
   check_same_dtype(op, "X", X, "E", E);
   check_dim_match(op, "X", X.size(0), "E", E.size(0), "batch size B (dim 0)");
+}
+
+inline Conv2dGeometry check_conv2d(const char* op, const at::Tensor& X, const at::Tensor& E,
+                                   at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation,
+                                   int64_t groups) {
+  check_conv2d_tensors(op, X, E);
   const auto k = conv_pair(op, "kernel_size", kernel_size, 1);
   const auto st = conv_pair(op, "stride", stride, 1);
   const auto p = conv_pair(op, "padding", padding, 0);
@@ -117,6 +121,25 @@ inline Conv2dGeometry check_conv2d(const char* op, const at::Tensor& X, const at
                     py_list(k), ", stride ", py_list(st), ", padding ", py_list(p),
                     ", dilation ", py_list(dl), "; got ", py_shape(E.sizes().slice(2)));
   return Conv2dGeometry{k[0], k[1], st[0], st[1], p[0], p[1], dl[0], dl[1], out[0], out[1]};
+}
+
+// The public ops' `int[] geometry` (ops/_common.py conv_geometry): [kh, kw,] stride_h,
+// stride_w, padding_h, padding_w, dilation_h, dilation_w, groups — without the kernel size
+// (project_conv2d) when `kernel` is given, (kh, kw) of V. The same error as check_geometry
+// there for a list of the wrong length, then the checks above.
+inline Conv2dGeometry check_conv2d(const char* op, const at::Tensor& X, const at::Tensor& E,
+                                   at::IntArrayRef geometry,
+                                   std::optional<at::IntArrayRef> kernel = std::nullopt) {
+  const bool with_kernel = !kernel.has_value();
+  const size_t n = with_kernel ? 9 : 7;
+  if (geometry.size() != n) check_conv2d_tensors(op, X, E);  // their errors first, as in Python
+  TORCH_CHECK_VALUE(geometry.size() == n, op, ": geometry must be ", n, " ints [",
+                    with_kernel ? "kernel_size[0], kernel_size[1], " : "",
+                    "stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], "
+                    "groups], got ", py_list(geometry));
+  const at::IntArrayRef rest = with_kernel ? geometry.slice(2) : geometry;
+  return check_conv2d(op, X, E, with_kernel ? geometry.slice(0, 2) : *kernel, rest.slice(0, 2),
+                      rest.slice(2, 2), rest.slice(4, 2), rest[6]);
 }
 
 }  // namespace lowrank::layer
