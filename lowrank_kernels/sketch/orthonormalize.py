@@ -77,37 +77,51 @@ def _nonfinite(op, name):
         f"{op}: {name} contains non-finite values (NaN or Inf)", op, name)
 
 
+def _householder(Y, op, name):
+    """(Q, R) by torch.linalg.qr: geqrf + orgqr in one call (faster than torch.geqrf +
+    householder_product without R: measured, MKL, 1 thread, m = 384-512, l = 26-74,
+    column-major Y: 2-9%); a non-finite Y raises naming `name` (one sync: sum(Y); NaN/Inf
+    propagate, and a finite Y whose sum overflows is checked exactly)."""
+    if not math.isfinite(Y.sum()) and not bool(torch.isfinite(Y).all()):
+        raise _nonfinite(op, name)
+    return torch.linalg.qr(Y)
+
+
 def _orthonormalize(Y, method, return_r, return_info, max_loss, op, name):
     """orthonormalize without the argument checks; a non-finite Y raises naming `name`
-    (the finiteness flag rides on the sync the Cholesky-QR2 decision makes anyway)."""
-    info = OrthoInfo(method=method)
-    Q = R = None
-    total = Y.sum()  # NaN/Inf propagate; a finite Y whose sum overflows is checked exactly
-    if method == "cholqr2":
-        Q1, R1, _, info1 = _cholqr_pass(Y)
-        Q, R2, G2, info2 = _cholqr_pass(Q1)  # G2 = Q₁ᵀQ₁
-        eye = torch.eye(Y.shape[1], dtype=Y.dtype, device=Y.device)
-        loss = torch.linalg.matrix_norm(G2 - eye)
-        flags = torch.stack([info1.to(loss.dtype), info2.to(loss.dtype), loss,
-                             total.to(loss.dtype)]).tolist()
-        if not math.isfinite(flags[3]) and not bool(torch.isfinite(Y).all()):
-            raise _nonfinite(op, name)
-        info.orthogonality_loss = flags[2] if flags[0] == 0 else float("nan")
-        if flags[0] != 0 or flags[1] != 0:
-            info.fallback, info.reason = True, "Cholesky of the Gram matrix broke down"
-        elif not flags[2] <= max_loss:
-            info.fallback = True
-            info.reason = (f"first pass lost orthogonality: ‖Q₁ᵀQ₁ − I‖_F = {flags[2]:.3g} "
-                           f"> {max_loss}")
-        else:
-            R = R2 @ R1
-    elif not math.isfinite(total) and not bool(torch.isfinite(Y).all()):
-        raise _nonfinite(op, name)
-    if method == "householder" or info.fallback:
-        info.method = "householder"
-        # geqrf + orgqr in one call (faster than torch.geqrf + householder_product without R:
-        # measured, MKL, 1 thread, m = 384-512, l = 26-74, column-major Y: 2-9%)
-        Q, R = torch.linalg.qr(Y, mode="reduced")
+    (for Cholesky-QR2 the finiteness flag rides on the sync its decision makes anyway)."""
+    if method == "householder":
+        Q, R = _householder(Y, op, name)
+        info = OrthoInfo("householder")
+    else:
+        Q, R, info = _cholqr2(Y, max_loss, op, name)
     if return_r:
         return (Q, R, info) if return_info else (Q, R)
     return (Q, info) if return_info else Q
+
+
+def _cholqr2(Y, max_loss, op, name):
+    """(Q, R, OrthoInfo) by Cholesky-QR2, or by Householder QR when it breaks down (see
+    orthonormalize)."""
+    info = OrthoInfo(method="cholqr2")
+    Q1, R1, _, info1 = _cholqr_pass(Y)
+    Q, R2, G2, info2 = _cholqr_pass(Q1)  # G2 = Q₁ᵀQ₁
+    eye = torch.eye(Y.shape[1], dtype=Y.dtype, device=Y.device)
+    loss = torch.linalg.matrix_norm(G2 - eye)
+    # sum(Y): NaN/Inf propagate; a finite Y whose sum overflows is checked exactly
+    flags = torch.stack([info1.to(loss.dtype), info2.to(loss.dtype), loss,
+                         Y.sum().to(loss.dtype)]).tolist()
+    if not math.isfinite(flags[3]) and not bool(torch.isfinite(Y).all()):
+        raise _nonfinite(op, name)
+    info.orthogonality_loss = flags[2] if flags[0] == 0 else float("nan")
+    if flags[0] != 0 or flags[1] != 0:
+        info.fallback, info.reason = True, "Cholesky of the Gram matrix broke down"
+    elif not flags[2] <= max_loss:
+        info.fallback = True
+        info.reason = (f"first pass lost orthogonality: ‖Q₁ᵀQ₁ − I‖_F = {flags[2]:.3g} "
+                       f"> {max_loss}")
+    else:
+        return Q, R2 @ R1, info
+    info.method = "householder"
+    Q, R = torch.linalg.qr(Y)  # Y is finite (checked above)
+    return Q, R, info
