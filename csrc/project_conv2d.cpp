@@ -21,16 +21,11 @@ namespace {
 at::Tensor project_conv2d(const at::Tensor& X, const at::Tensor& E, const at::Tensor& V,
                           const std::optional<at::Tensor>& V_bias, at::IntArrayRef geometry,
                           combine::Route route) {
-  constexpr const char* op = "project_conv2d";
-  layer::check_ndim(op, "V", V, 4, 5,
-                    "C_out x C_in/groups x kh x kw or m x that: weight-shaped directions");
-  const int64_t kernel[2] = {V.size(-2), V.size(-1)};
-  const layer::Conv2dGeometry g = layer::check_conv2d(op, X, E, geometry, kernel);
+  const layer::Conv2dGeometry g = layer::check_project_conv2d(X, E, V, V_bias, geometry);
   const int64_t groups = geometry[6];
   const int64_t C_in = X.size(1), C_out = E.size(1), B = X.size(0);
+  const int64_t kernel[2] = {g.kh, g.kw};
   const int64_t shape[4] = {C_out, C_in / groups, kernel[0], kernel[1]};
-  layer::check_directions(op, V, V_bias, shape, E,
-                          "C_out x C_in/groups x kh x kw or m x that: weight-shaped directions");
   const auto dtype = combine::acc_dtype(X.scalar_type());
   const bool stacked = V.dim() == 5;
   const int64_t m = stacked ? V.size(0) : 1, k = shape[1] * kernel[0] * kernel[1];

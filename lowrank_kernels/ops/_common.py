@@ -2,8 +2,17 @@
 module, so that each op file reads on its own and imports no other op."""
 import torch
 
+from .. import _capabilities as caps
 from .. import _checks
 from .._registry import Backend
+
+
+def native_check(name):
+    """lowrank_kernels._C.<name>: an op's C++ argument checks for plain tensors (csrc/
+    layer_py_checks.cpp; False where it cannot read the arguments, a FakeTensor say, and the
+    Python check runs), or None without the extension."""
+    module = caps._native_import()[0]
+    return getattr(module, name, None)
 
 # ---- Conv2d geometry -----------------------------------------------------------------------
 

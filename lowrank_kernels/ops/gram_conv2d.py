@@ -15,15 +15,17 @@ import torch
 
 from .._registry import OpSpec, on_backend, register
 from ..reference.gram_conv2d import gram_conv2d as reference_gram_conv2d
-from ._common import check_conv2d, check_cross, choose_route, conv_geometry, layer_backends
+from ._common import (check_conv2d, check_cross, choose_route, conv_geometry, layer_backends,
+                      native_check)
 
 OP = "gram_conv2d"
 
 
 def check(X, E, geometry, bias, X2, E2, diagonal):
-    check_conv2d(OP, X, E, geometry)
-    if X2 is not None or E2 is not None:
-        check_cross(OP, ("X2", "E2"), (X, E), (X2, E2), diagonal)
+    if _NATIVE_CHECK is None or not _NATIVE_CHECK(X, E, geometry, X2, E2, diagonal):
+        check_conv2d(OP, X, E, geometry)
+        if X2 is not None or E2 is not None:
+            check_cross(OP, ("X2", "E2"), (X, E), (X2, E2), diagonal)
     return X
 
 
@@ -68,6 +70,7 @@ SPEC = register(OpSpec(
     finite_inputs=("X", "E", "X2", "E2"),
 ))
 _OP = torch.ops.lowrank_kernels.gram_conv2d.default
+_NATIVE_CHECK = native_check("check_gram_conv2d")
 
 
 def gram_conv2d(X: torch.Tensor, E: torch.Tensor, kernel_size, stride=1, padding=0,

@@ -11,12 +11,14 @@ from .. import _checks
 from .._registry import OpSpec, on_backend, register
 from ..reference.project_conv2d import project_conv2d as reference_project
 from ._common import (check_conv2d, check_directions, conv_geometry, fake_projection,
-                      layer_backends, pair)
+                      layer_backends, native_check, pair)
 
 OP = "project_conv2d"
 
 
 def check(X, E, V, V_bias, geometry):
+    if _NATIVE_CHECK is not None and _NATIVE_CHECK(X, E, V, V_bias, geometry):
+        return X
     if type(V) is not torch.Tensor or not 4 <= V.dim() <= 5:
         _checks.check_tensor(OP, "V", V, (4, 5), "C_out x C_in/groups x kh x kw or m x that: "
                                                  "weight-shaped directions")
@@ -54,6 +56,7 @@ SPEC = register(OpSpec(
     finite_inputs=("X", "E", "V", "V_bias"),
 ))
 _OP = torch.ops.lowrank_kernels.project_conv2d.default
+_NATIVE_CHECK = native_check("check_project_conv2d")
 
 
 def project_conv2d(X: torch.Tensor, E: torch.Tensor, V: torch.Tensor, V_bias=None,

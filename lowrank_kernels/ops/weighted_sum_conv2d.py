@@ -9,14 +9,15 @@ import torch
 from .._registry import OpSpec, on_backend, register
 from ..reference.weighted_sum_conv2d import weighted_sum_conv2d as reference_weighted_sum
 from ._common import (check_coefficients, check_conv2d, conv_geometry, fake_outputs,
-                      layer_backends)
+                      layer_backends, native_check)
 
 OP = "weighted_sum_conv2d"
 
 
 def check(X, E, c, geometry, bias):
-    check_conv2d(OP, X, E, geometry)
-    check_coefficients(OP, c, E)
+    if _NATIVE_CHECK is None or not _NATIVE_CHECK(X, E, c, geometry):
+        check_conv2d(OP, X, E, geometry)
+        check_coefficients(OP, c, E)
     return X
 
 
@@ -51,6 +52,7 @@ SPEC = register(OpSpec(
     finite_inputs=("X", "E", "c"),
 ))
 _OP = torch.ops.lowrank_kernels.weighted_sum_conv2d.default
+_NATIVE_CHECK = native_check("check_weighted_sum_conv2d")
 
 
 def weighted_sum_conv2d(X: torch.Tensor, E: torch.Tensor, c: torch.Tensor, kernel_size,

@@ -142,4 +142,21 @@ inline Conv2dGeometry check_conv2d(const char* op, const at::Tensor& X, const at
                       rest.slice(2, 2), rest.slice(4, 2), rest[6]);
 }
 
+// project_conv2d's checks (ops/project_conv2d.py check): V ([m,] C_out, C_in/groups, kh, kw)
+// gives the kernel size; geometry without it.
+inline Conv2dGeometry check_project_conv2d(const at::Tensor& X, const at::Tensor& E,
+                                           const at::Tensor& V,
+                                           const std::optional<at::Tensor>& V_bias,
+                                           at::IntArrayRef geometry) {
+  constexpr const char* op = "project_conv2d";
+  constexpr const char* doc =
+      "C_out x C_in/groups x kh x kw or m x that: weight-shaped directions";
+  check_ndim(op, "V", V, 4, 5, doc);
+  const int64_t kernel[2] = {V.size(-2), V.size(-1)};
+  const Conv2dGeometry g = check_conv2d(op, X, E, geometry, kernel);
+  const int64_t shape[4] = {E.size(1), X.size(1) / geometry[6], kernel[0], kernel[1]};
+  check_directions(op, V, V_bias, shape, E, doc);
+  return g;
+}
+
 }  // namespace lowrank::layer
