@@ -32,7 +32,7 @@ def test_check_messages():
 @pytest.mark.parametrize("name,value,minimum", [("stride", (1,), 1), ("padding", (1, 1, 1), 0),
                                                 ("dilation", 0, 1), ("padding", -1, 0)])
 def test_conv_geometry_errors_name_the_argument(op, name, value, minimum):
-    """The schema's int[2] takes any list length; the op's check names a wrong one."""
+    """The entry point names a wrong geometry argument (the schema packs it into one int[])."""
     import lowrank_kernels as lk
 
     X, E = torch.ones(2, 4, 5, 5), torch.ones(2, 6, 5, 5)
