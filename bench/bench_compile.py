@@ -17,7 +17,7 @@ given in the notes, with the number of graphs dynamo compiled (after timing: non
 recompile). The captured torch layers trace into the graph with their recording as custom
 ops (capture._traced): each model compiles as one graph (graphs = 1), the capture's batch
 hook on the model running before it. FNGD's rows time its first epoch (its reuse steps run
-the captured layers through Capture.weighted's autograd Function, as eager calls).
+the captured layers through Capture.weighted, as eager calls).
 LOWRANK_BENCH_COMPILE_BACKEND picks the torch.compile backend (inductor by default).
 
     python bench/run.py -k compile
