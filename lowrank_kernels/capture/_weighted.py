@@ -200,7 +200,7 @@ class _Layer(torch.autograd.Function):
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"capture: module '{handler.name}' returned {type(y).__name__}, "
                             "expected a tensor")
-        if graph and isinstance(handler, _AffineNormHandler):
+        if graph and plan.norm:
             call.norm = _NativeNorm.of(y)
         if call.norm is None:
             call.saved = call.weighting.save(handler, inner.detach() if graph else inner,
@@ -378,8 +378,7 @@ def _linear(plan, x, g, weighting, needs):
                 gs, xs = _flat(g), _flat(x * rows)
             out.append(_as(xs.T @ gs if plan.transposed else gs.T @ xs, p.dtype))
         else:
-            G = g if g.dim() == 2 else g.reshape(B, -1, d_out).sum(1)
-            out.append(_as(w.to(G.dtype) @ G, p.dtype))
+            out.append(_as(_hooks.weighted_bias(g, w, B, False), p.dtype))
     return out
 
 
@@ -419,7 +418,7 @@ def _conv2d(handler, saved, g, weighting, need_input):
         gx = None
     if b is not None:
         w = weighting.rows(b, g.shape[0])
-        out[id(b)] = _as(w.to(g.dtype) @ g.sum((2, 3)), b.dtype)
+        out[id(b)] = _as(_hooks.weighted_bias(g, w, g.shape[0], True), b.dtype)
     return gx, out
 
 

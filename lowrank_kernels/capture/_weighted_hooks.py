@@ -10,9 +10,8 @@ but two hooks, and the backward is the plain backward's but for
     BatchNorm / GroupNorm / LayerNorm whose forward is the one native node: the node's
         affine-parameter gradients are replaced by their weighted sums (a post-hook).
 
-A call whose node is not as expected is undone to the plain backward (`None` is returned
-with the layer's output; the caller lets the capture record it), so the result is exact
-either way."""
+A call whose node is not as expected is undone to the plain backward (its output comes
+back with False; the caller lets the capture record it), so the result is exact either way."""
 import torch
 
 _VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
@@ -102,7 +101,7 @@ def _hook_bias(y, plan, weighting, B):
                 def post(grad_inputs, grad_outputs, k=k):
                     g = grad_outputs[0]
                     out = list(grad_inputs)
-                    out[k] = _weighted_bias(g, w, B).to(bias.dtype)
+                    out[k] = weighted_bias(g, w, B, plan.conv).to(bias.dtype)
                     return tuple(out)
 
                 node.register_hook(post)
@@ -113,13 +112,13 @@ def _hook_bias(y, plan, weighting, B):
     return False
 
 
-def _weighted_bias(g, w, B):
-    """Σ_i w_i Σ_t e_it of a node's output gradient e: (B, C, …) channels on dim 1 (a
-    convolution's), else (B·T, d) rows (a GEMM's)."""
+def weighted_bias(g, w, B, channels):
+    """Σ_i w_i Σ_t e_it of a layer's output gradient e: channels on dim 1 and (B, C, …)
+    (a convolution's), else features last, in B or B·T sample-major rows (a GEMM's)."""
     w = w.to(g.dtype)
-    if g.dim() > 2 and g.shape[0] == B:
+    if channels:
         return g.sum(tuple(range(2, g.dim()))).T @ w
-    if g.shape[0] == B:
+    if g.dim() == 2 and g.shape[0] == B:
         return w @ g
     return (w @ g.reshape(B, -1)).view(-1, g.shape[-1]).sum(0)
 
