@@ -1,9 +1,9 @@
 """The float32 register tiles of the CPU layer kernels (csrc/include/lowrank/f32_tiles.h) through
 the ops that take them, against the float64 reference with the a priori bounds of
 test_cpu_kernels (γ_n times the same computation on |inputs|):
-- the symmetric T = 1 Gram (tiles::syrk_lower on A and E, the fused (SA + b) ⊙ SE pass and
-  mirror): B across the 6-row tiles and 16-row panels (partial ones included), d across the
-  8-column transposes and the 256-column packed blocks, strided rows, groups, two threads;
+- the symmetric T = 1 Gram (tiles::syrk_lower on A and E, the (SA + b) ⊙ SE pass and the
+  mirror): B across the 3 × 4 dot tiles (partial ones included), d across their 8-column steps
+  and masked tails and the 1024-column blocks, strided rows, groups, two threads;
 - the per-sample route's G_i = E_iᵀ A_i in place (tiles::xt_y) and its G Gᵀ by syrk_lower
   (B ≥ 32), with several gradient blocks accumulated, T across the 256-row blocks;
 - the cross-Gram and the diagonal at the same shapes (their paths unchanged) for comparison."""
@@ -42,10 +42,10 @@ def _check_gram(A, E, bias, second, diagonal, route, groups, what):
     return K
 
 
-# (B, d_in, d_out): tiles of 6 rows and panels of 16 (full, partial, one), 8-column transposes
-# and their tails, 256-column blocks (one, several, a partial last one).
+# (B, d_in, d_out): row groups of 3 and column groups of 4 (full, partial, one), 8-column steps
+# and their masked tails, 1024-column blocks (one, several, a partial last one).
 SYMMETRIC = [(1, 3, 2), (5, 8, 9), (6, 1, 7), (7, 16, 15), (16, 255, 17), (17, 256, 257),
-             (33, 600, 40), (97, 9, 520), (130, 300, 64)]
+             (33, 600, 40), (97, 9, 520), (130, 300, 64), (11, 1024, 1031), (14, 2053, 5)]
 
 
 @pytest.mark.parametrize("shape", SYMMETRIC, ids=lambda s: "x".join(map(str, s)))
@@ -72,7 +72,7 @@ def test_symmetric_gram_t1_groups(groups):
 
 
 def test_symmetric_gram_two_threads():
-    """The threaded paths: panels shared in long/short order, the fused pass by tile rows, the
+    """The threaded paths: column groups shared in long/short order, the pass by rows, the
     per-sample gradients by sample; the same values as with one thread."""
     A, E = rand(150, 300, dtype=torch.float32, seed=8), rand(150, 70, dtype=torch.float32, seed=9)
     At, Et = rand(40, 5, 24, dtype=torch.float32, seed=10), rand(40, 5, 12, dtype=torch.float32, seed=11)

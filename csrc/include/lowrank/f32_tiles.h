@@ -4,14 +4,15 @@
 //   xt_y:        C (m × n) (+)= Xᵀ Y = Σ_k x_kᵀ y_k   over the K rows of X (K × m), Y (K × n)
 //   syrk_lower:  W (n × n) = X Xᵀ on and below the diagonal (tiles crossing it also above)
 //
-// Both are sums of rank-1 updates into a 6 × 16 tile of C held in 12 ymm registers: per k, six
-// broadcasts of the row side and two 8-float loads of the column side. xt_y reads X and Y in
-// place (the per-sample gradient G_i = E_iᵀ A_i of T token rows needs no transpose); syrk_lower
-// packs 16-row panels of X transposed (8 × 8 AVX transposes, kc = 256 columns at a time: a
-// 16 KiB panel stays in L1) and computes only the tiles that meet the lower triangle: about
-// half of a GEMM's flops (measured 1 thread, d = 512..1024: 1.9-2.0x faster than MKL's
-// sgemm for the full A Aᵀ at B = 64..256; MKL's own ssyrk is not exported by torch, and its
-// internal one takes sgemmt on AMD, 1.3x). Sums run in index order of k with FMA, as a GEMM's.
+// xt_y sums rank-1 updates into a 6 × 16 tile of C held in 12 ymm registers: per k, six
+// broadcasts of the row side and two 8-float loads of the column side; it reads X and Y in
+// place (the per-sample gradient G_i = E_iᵀ A_i of T token rows needs no transpose), its sums
+// in index order of k with FMA, as a GEMM's. syrk_lower takes dot products instead: a 3 × 4
+// tile of W in 12 ymm registers of 8 partial sums each (per 8 columns of X seven loads, twelve
+// FMAs), rows of X read in place (no transposed packing) and the tiles crossing the diagonal
+// only 3 × 4: about half of a GEMM's flops (measured 1 thread, n × K = 64 × 512 .. 256 × 1024:
+// 1.8-2.0x faster than MKL's sgemm for the full X Xᵀ; MKL's own ssyrk is not exported by torch,
+// and its internal one takes sgemmt on AMD, 1.3x).
 #pragma once
 #include <ATen/Parallel.h>
 
@@ -40,9 +41,7 @@ inline bool has_avx2_fma() {
 
 #ifdef LK_TILES_AVX2
 constexpr int kRows = 6, kCols = 16;
-// Columns of X per packed panel of syrk_lower (16 rows × kKc floats: 16 KiB).
-constexpr int64_t kKc = 256;
-// Rows of X (k) per block of xt_y (a 16-column panel of Y, kKc × 16 floats, stays in L1).
+// Rows of X (k) per block of xt_y (a 16-column panel of Y, kKBlock × 16 floats, stays in L1).
 constexpr int64_t kKBlock = 256;
 // Floats of Y's block up to which xt_y writes C row after row (Y in L1; at 4 × 1024 × 1024,
 // 1.75x faster than by column panels, whose rows of C are 4 KiB apart).
@@ -187,69 +186,94 @@ LK_TILES_TARGET inline float row_dot(const float* a, const float* b, int64_t n) 
   return sum;
 }
 
-// dst[k·ldd + r] = src[r·lds + k] for r, k < 8 (0 for the rows r >= rows).
-LK_TILES_TARGET inline void transpose8(const float* src, int64_t lds, int64_t rows, float* dst,
-                                       int64_t ldd) {
-  __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = i < rows ? _mm256_loadu_ps(src + i * lds) : _mm256_setzero_ps();
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+// The lanes k < K - k0 of an 8-float step (K - k0 < 8).
+LK_TILES_TARGET inline __m256i tail_mask(int64_t left) { return col_mask(left).lo; }
+
+// out[r·ldo + c] (+)= x_r·y_c = Σ_k x[r·ldx + k] y[c·ldy + k] for r < 3, c < 4 (r < mr,
+// c < nc stored; the rows and columns past them repeat the last one and are not stored), K
+// floats each: 12 dot products in 8-float FMA chains, their lanes summed by a horizontal add
+// tree at the end. Reads the rows in place (no packing).
+LK_TILES_TARGET inline void dot_tile(const float* x, int64_t ldx, int64_t mr, const float* y,
+                                     int64_t ldy, int64_t nc, int64_t K, float* out,
+                                     int64_t ldo, bool accumulate) {
+  const float* xr[3];
+  const float* yc[4];
+  for (int r = 0; r < 3; ++r) xr[r] = x + std::min<int64_t>(r, mr - 1) * ldx;
+  for (int c = 0; c < 4; ++c) yc[c] = y + std::min<int64_t>(c, nc - 1) * ldy;
+  __m256 acc[3][4];
+#pragma GCC unroll 3
+  for (int r = 0; r < 3; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_ps();
+  auto step = [&](auto load) LK_TILES_TARGET {
+    __m256 xv[3];
+#pragma GCC unroll 3
+    for (int r = 0; r < 3; ++r) xv[r] = load(xr[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m256 yv = load(yc[c]);
+#pragma GCC unroll 3
+      for (int r = 0; r < 3; ++r) acc[r][c] = _mm256_fmadd_ps(xv[r], yv, acc[r][c]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    step([k](const float* p) LK_TILES_TARGET { return _mm256_loadu_ps(p + k); });
+  if (k < K) {
+    const __m256i m = tail_mask(K - k);
+    step([k, m](const float* p) LK_TILES_TARGET { return _mm256_maskload_ps(p + k, m); });
   }
-  for (int i = 0; i < 8; i += 4) {
-    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+#pragma GCC unroll 3
+  for (int r = 0; r < 3; ++r) {
+    if (r >= mr) break;
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]),
+                                    _mm256_hadd_ps(acc[r][2], acc[r][3]));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    float* o = out + r * ldo;
+    if (nc == 4) {
+      if (accumulate) s = _mm_add_ps(s, _mm_loadu_ps(o));
+      _mm_storeu_ps(o, s);
+    } else {
+      alignas(16) float v[4];
+      _mm_store_ps(v, s);
+      for (int64_t c = 0; c < nc; ++c) o[c] = accumulate ? o[c] + v[c] : v[c];
+    }
   }
 }
 
-// panel[k·16 + r] = X[r0 + r, k0 + k] for r < 16, k < kc (0 for rows r0 + r >= n).
-LK_TILES_TARGET inline void pack_panel(const float* X, int64_t ldx, int64_t n, int64_t r0,
-                                       int64_t k0, int64_t kc, float* panel) {
-  for (int64_t h = 0; h < kCols; h += 8) {
-    const int64_t i = r0 + h, rows = std::clamp<int64_t>(n - i, 0, 8);
-    const float* src = rows > 0 ? X + i * ldx + k0 : X;  // (no rows: nothing read)
-    float* dst = panel + h;
-    int64_t k = 0;
-    for (; k + 8 <= kc; k += 8) transpose8(src + k, ldx, rows, dst + k * kCols, kCols);
-    for (; k < kc; ++k)
-      for (int r = 0; r < 8; ++r) dst[k * kCols + r] = i + r < n ? X[(i + r) * ldx + k0 + k] : 0.f;
-  }
-}
+// Columns of X per block of syrk_lower (a 3 × 4 tile's epilogue, its horizontal sums, once per
+// kSyrkKc; the 4 rows of its column side, 16 KiB, stay in L1 while the row groups below stream
+// past). Measured 1 thread, against MKL's sgemm for the full X Xᵀ (n × K = 64 × 512 ..
+// 256 × 1024): 1.7-1.9x with 1024, 1.5-1.6x with 256.
+constexpr int64_t kSyrkKc = 1024;
 
-// W[i, j] (+)= x_i·x_j for j <= i (and for the j > i of the tiles crossing the diagonal):
-// X (n × K) of row stride ldx, unit column stride; W (n × n) of row stride ldw. Threads share
-// the column panels, in an order that pairs long and short ones. accumulate: W is added to (the
-// same tiles as a first call wrote).
+// W[i, j] (+)= x_i·x_j for j <= i (and for the j > i of the 3 × 4 tiles crossing the diagonal):
+// X (n × K) of row stride ldx, unit column stride; W (n × n) of row stride ldw. Dot-product
+// tiles (dot_tile) over blocks of kSyrkKc columns: rows read in place, the tiles crossing the
+// diagonal only 3 × 4. Per group of 4 rows j (copied contiguous: rows 4 KiB apart would share
+// L1 sets), the row groups i >= j stream past. Threads share the groups, in an order that pairs
+// long and short ones. accumulate: W is added to (the same tiles as a first call wrote).
 LK_TILES_TARGET inline void syrk_lower(const float* X, int64_t ldx, int64_t n, int64_t K,
                                        float* W, int64_t ldw, bool accumulate) {
-  const int64_t panels = (n + kCols - 1) / kCols, kc_max = std::min(kKc, K);
-  std::unique_ptr<float[]> storage(new float[panels * kCols * kc_max]);
-  float* packed = storage.get();
   if (K == 0) {  // no columns: W (+)= 0
     if (!accumulate)
       for (int64_t i = 0; i < n; ++i) std::fill(W + i * ldw, W + i * ldw + i + 1, 0.f);
     return;
   }
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = std::min(kKc, K - k0);
-    at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p)
-        pack_panel(X, ldx, n, p * kCols, k0, kc, packed + p * kCols * kc);
-    });
-    at::parallel_for(0, panels, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t groups = (n + 3) / 4;
+  for (int64_t k0 = 0; k0 < K; k0 += kSyrkKc) {
+    const int64_t kc = std::min(kSyrkKc, K - k0);
+    const bool add = accumulate || k0 > 0;
+    at::parallel_for(0, groups, 1, [&](int64_t lo, int64_t hi) {
+      alignas(64) float cols[4 * kSyrkKc];
       for (int64_t q = lo; q < hi; ++q) {
-        const int64_t p = q % 2 == 0 ? q / 2 : panels - 1 - q / 2;  // long, short, long, ...
-        const int64_t j0 = p * kCols, nr = std::min<int64_t>(kCols, n - j0);
-        for (int64_t i0 = j0 / kRows * kRows; i0 < n; i0 += kRows)
-          any_tile(std::min<int64_t>(kRows, n - i0), nr, X + i0 * ldx + k0, ldx, 1,
-                   packed + p * kCols * kc, kCols, kc, W + i0 * ldw + j0, ldw,
-                   accumulate || k0 > 0);
+        const int64_t p = q % 2 == 0 ? q / 2 : groups - 1 - q / 2;  // long, short, long, ...
+        const int64_t j0 = 4 * p, nc = std::min<int64_t>(4, n - j0);
+        for (int64_t j = 0; j < nc; ++j)
+          std::copy(X + (j0 + j) * ldx + k0, X + (j0 + j) * ldx + k0 + kc, cols + j * kc);
+        for (int64_t i0 = j0; i0 < n; i0 += 3)
+          dot_tile(X + i0 * ldx + k0, ldx, std::min<int64_t>(3, n - i0), cols, kc, nc, kc,
+                   W + i0 * ldw + j0, ldw, add);
       }
     });
   }
