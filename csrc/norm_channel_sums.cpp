@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <tuple>
 
+#include "lowrank/target_clones.h"
+
 namespace {
 
 // Σ_k g_k and Σ_k g_k (x_k − mu) over one (sample, channel) row, each in 8 partial sums (one
@@ -59,11 +61,6 @@ inline __attribute__((always_inline)) void channel_sums_body(
   }
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LOWRANK_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LOWRANK_CLONES
-#endif
 LOWRANK_CLONES void channel_sums_rows(const float* g, const float* x, const float* mean,
                                       const float* invstd, float* gamma, float* beta,
                                       int64_t lo, int64_t hi, int64_t C, int64_t K, int64_t Bm,

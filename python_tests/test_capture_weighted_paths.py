@@ -182,3 +182,43 @@ def test_norm_channel_sums_rejects_mismatched_statistics():
     with pytest.raises(RuntimeError, match="one shape"):
         torch.ops.lowrank_kernels_capture.norm_channel_sums(x, x[:2], torch.zeros(1, 6),
                                                             torch.ones(1, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("B, T, D", [(4, 64, 128), (3, 5, 17), (1, 1, 3), (6, 2, 700)],
+                         ids=["tokens", "odd", "one-row", "wide"])
+def test_layer_norm_affine_sums_against_float64(dtype, B, T, D):
+    """The C++ weighted sums of the weighted LayerNorm backward, rows r of sample r / T:
+    Σ_r a_i rstd_r g_r (x_r − mean_r) and Σ_r b_i g_r, against float64 sums of x̂ formed
+    explicitly; a strided g is read as its values; the wide case spans several column
+    ranges of the threads."""
+    g_ = torch.Generator().manual_seed(3)
+    R = B * T
+    x = torch.randn(R, D, generator=g_, dtype=F64) * 3 + 5
+    g = torch.randn(R, D, generator=g_, dtype=F64)
+    mean = torch.randn(R, generator=g_, dtype=F64) + 5
+    rstd = torch.rand(R, generator=g_, dtype=F64) + 0.5
+    a, b = torch.randn(B, generator=g_, dtype=F64), torch.randn(B, generator=g_, dtype=F64)
+    rows = torch.arange(R) // T
+    expect_w = (a[rows, None] * rstd[:, None] * g * (x - mean[:, None])).sum(0)
+    expect_b = (b[rows, None] * g).sum(0)
+    strided = g.to(dtype).T.contiguous().T
+    got_w, got_b = torch.ops.lowrank_kernels_capture.layer_norm_affine_sums(
+        strided, *(t.to(dtype) for t in (x, mean, rstd, a, b)))
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    for got, expect in ((got_w, expect_w), (got_b, expect_b)):
+        assert got.dtype == dtype and got.shape == (D,)
+        assert float((got.double() - expect).norm() / expect.norm()) < tol
+
+
+def test_layer_norm_affine_sums_rejects_bad_shapes():
+    x = torch.randn(8, 5)
+    op = torch.ops.lowrank_kernels_capture.layer_norm_affine_sums
+    with pytest.raises(RuntimeError, match="one shape"):
+        op(x, x[:4], torch.zeros(8), torch.ones(8), torch.ones(2), torch.ones(2))
+    with pytest.raises(RuntimeError, match="mean and rstd must have R = 8"):
+        op(x, x, torch.zeros(4), torch.ones(8), torch.ones(2), torch.ones(2))
+    with pytest.raises(RuntimeError, match="B dividing R"):
+        op(x, x, torch.zeros(8), torch.ones(8), torch.ones(3), torch.ones(3))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        op(x, x.double(), torch.zeros(8), torch.ones(8), torch.ones(2), torch.ones(2))

@@ -53,7 +53,7 @@ def _capture_call(x, y, site):
     if call is not None:
         ticket = next(_NEXT_TICKET)
         _TICKETS[ticket] = (traced.capture, call)
-    return torch.tensor(ticket, dtype=torch.int64)
+    return torch.scalar_tensor(ticket, dtype=torch.int64)
 
 
 def _capture_grad(g, ticket):

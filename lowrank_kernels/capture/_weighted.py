@@ -278,6 +278,10 @@ class _NativeNorm:
             sums = _channel_sums(g, self.input, *stats, "weight" in params, "bias" in params)
             return {id(p): _as(w[n].to(sums[n].dtype) @ sums[n], p.dtype)
                     for n, p in params.items()}
+        if self.kind == "NativeLayerNormBackward0" and _layer_norm_kernel(g, self.input,
+                                                                            self.args[1]):
+            sums = _layer_norm_sums(g, self.input, self.args[1], self.args[2], w)
+            return {id(p): _as(sums[n].view(p.shape), p.dtype) for n, p in params.items()}
         out = {}
         names = list(params)
         groups = [names] if len({id(w[n]) for n in names}) == 1 else [[n] for n in names]
@@ -320,6 +324,24 @@ def _channel_sums(g, x, mean, invstd, weight, bias):
             True, 0.0, [False, weight, bias])
     return {n: t.view(B, C) for n, t, need in (("weight", gw, weight), ("bias", gb, bias))
             if need}
+
+
+def _layer_norm_kernel(g, x, mean):
+    """Whether the capture's C++ layer-norm sums take these tensors (CPU, one float dtype)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and g.dtype == x.dtype and mean.dtype == x.dtype)
+
+
+def _layer_norm_sums(g, x, mean, rstd, w):
+    """{"weight": Σ_i w_i Σ_t g_it ⊙ x̂_it, "bias": Σ_i w_i Σ_t g_it} of a layer norm over
+    its last D = x.numel() / mean.numel() values (x̂ = (x − mean) · rstd, rows sample-major),
+    in one read of g and x (lowrank_kernels_capture::layer_norm_affine_sums)."""
+    R = mean.numel()
+    a = w.get("weight", w.get("bias")).to(x.dtype)
+    b = w.get("bias", a).to(x.dtype)
+    gw, gb = torch.ops.lowrank_kernels_capture.layer_norm_affine_sums(
+        g.reshape(R, -1), x.reshape(R, -1), mean.reshape(R), rstd.reshape(R), a, b)
+    return {"weight": gw, "bias": gb}
 
 
 def _direct_input_grad(handler):

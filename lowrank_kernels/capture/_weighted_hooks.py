@@ -86,16 +86,17 @@ def swapped_call(plan, weighting, args, kwargs):
 
 
 def _hook_bias(y, plan, weighting, B):
-    """Puts the weighted-bias post-hook on the node of y's graph that sums the bias."""
+    """Puts the weighted-bias post-hook on the node of y's graph that sums the bias: the
+    node (y's, or below up to two views) with the bias's AccumulateGrad among its next
+    functions."""
     bias = plan.bias
-    target = torch.autograd.graph.get_gradient_edge(bias).node
     node = y.grad_fn
     for _ in range(3):
         if node is None:
             return False
         edges = node.next_functions
         for k, (n, _) in enumerate(edges):
-            if n is target:
+            if n is not None and getattr(n, "variable", None) is bias:
                 w = weighting.rows(bias, B)
 
                 def post(grad_inputs, grad_outputs, k=k):
@@ -120,7 +121,7 @@ def weighted_bias(g, w, B, channels):
         return g.sum(tuple(range(2, g.dim()))).T @ w
     if g.dim() == 2 and g.shape[0] == B:
         return w @ g
-    return (w @ g.reshape(B, -1)).view(-1, g.shape[-1]).sum(0)
+    return w @ g.reshape(B, -1, g.shape[-1]).sum(1)
 
 
 def hooked_norm(plan, weighting, norm_of, args, kwargs):
