@@ -3,8 +3,10 @@ torch thread: what is measured is Python and dispatch.
 
 - "dispatch <op>": lowrank_kernels.<op>(...) against the kernel the dispatcher runs on this
   device called directly (the backend function of a Python kernel; for a C++ kernel the op
-  itself, the floor; below the autograd layer for an op with an autograd formula). Its difference is the layer's overhead, but for a Python kernel of
-  tens of µs it drowns in the kernel's own spread on a shared machine, so also:
+  itself, the floor; below the autograd layer for an op with an autograd formula). The
+  layer's overhead is the median over rounds of the two back-to-back samples' difference
+  (run.paired_difference), but for a kernel of tens of µs it still drowns in the kernel's
+  own spread on a shared machine, so also:
 - "layer <op>", for each op whose CUDA kernel is launched from Python (Triton): that
   path's layer alone, measured on CPU — the same schema, checks and dispatcher path as <op>
   (registered as probe_<op> with a kernel that returns a preallocated result, behind the
