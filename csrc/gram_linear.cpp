@@ -15,7 +15,7 @@
 //   one pass over A and E (float32: FMA chains, one load per element of the Gram's own);
 // - per sample: G_i = E_iᵀ A_i (float32: register tiles reading E_i and A_i in place, else one
 //   bmm; in blocks of d_out bounded by kGradBlock entries), then K = G G2ᵀ (+ S S2ᵀ,
-//   S_i = Σ_t e_it, with a bias; the symmetric float32 K from 32 samples by syrk_lower) — the
+//   S_i = Σ_t e_it, with a bias; the symmetric float32 K by syrk_lower) — the
 //   diagonal as row dots of G.
 // route "auto" picks by choose_route, a flop model whose element costs were fitted on a 2-core
 // AVX2 EPYC (torch 2.13, MKL, 1 thread), see there.
@@ -43,9 +43,6 @@ constexpr int64_t kGradBlock = 1 << 22;
 // (measured, 1 thread, A A1ᵀ with d = 512..1024: full GEMM 52 / 287 / 1502 us at B = 64 / 128 /
 // 256 against rows of 32: 60 / 241 / 1209 us and rows of 64: 59 / 253 / 1104 us).
 constexpr int64_t kTriangleMinRows = 128;
-// Samples from which the per-sample route's float32 G Gᵀ takes tiles::syrk_lower (fewer: its
-// 16-row panels are mostly padding, and the packing costs more than the flops it saves).
-constexpr int64_t kSyrkMinRows = 32;
 int64_t triangle_block(int64_t B) { return B < kTriangleMinRows ? B : B < 256 ? 32 : 64; }
 // Flop-equivalents of one fused pass over an entry of X (+b, ⊙, the sum) and of writing and
 // reading one per-sample gradient entry.
@@ -184,8 +181,9 @@ bool f32_tiles(const at::Tensor& X) {
 
 // The symmetric T = 1 Gram in float32, K = Σ_g (A_g A_gᵀ + b) ⊙ (E_g E_gᵀ): per group the two
 // products on and below the diagonal by tiles::syrk_lower (about half a GEMM's flops each),
-// then one pass K (+)= (SA + b) ⊙ SE over the lower triangle (one group: in place of SA), then
-// the mirror. A (B, 1, G·ka), E (B, 1, G·ke) with unit last strides.
+// then one pass K (+)= (SA + b) ⊙ SE over the lower triangle (one group: in place of SA) that
+// also writes the upper one (tiles::hadamard_lower). A (B, 1, G·ka), E (B, 1, G·ke) with unit
+// last strides.
 at::Tensor symmetric_rows(const at::Tensor& A, const at::Tensor& E, float b, int64_t groups) {
   const int64_t n = A.size(0), ka = A.size(2) / groups, ke = E.size(2) / groups;
   at::Tensor K = at::empty({n, n}, A.options()), SE = at::empty({n, n}, A.options());
@@ -194,20 +192,8 @@ at::Tensor symmetric_rows(const at::Tensor& A, const at::Tensor& E, float b, int
   for (int64_t g = 0; g < groups; ++g) {
     tiles::syrk_lower(A.const_data_ptr<float>() + g * ka, A.stride(0), n, ka, sa, n, false);
     tiles::syrk_lower(E.const_data_ptr<float>() + g * ke, E.stride(0), n, ke, se, n, false);
-    const bool add = g > 0;
-    auto combine_row = [&](int64_t i) {
-      float* ki = k + i * n;
-      const float *ai = sa + i * n, *ei = se + i * n;
-      for (int64_t j = 0; j <= i; ++j) ki[j] = (add ? ki[j] : 0.f) + (ai[j] + b) * ei[j];
-    };
-    at::parallel_for(0, (n + 1) / 2, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t q = lo; q < hi; ++q) {  // rows q and n - 1 - q: the same work per q
-        combine_row(q);
-        if (n - 1 - q != q) combine_row(n - 1 - q);
-      }
-    });
+    tiles::hadamard_lower(sa, se, b, n, k, g > 0, g + 1 == groups);
   }
-  mirror<float>(K, true);
   return K;
 }
 
@@ -282,9 +268,10 @@ at::Tensor per_sample(const at::Tensor& A, const at::Tensor& E, const at::Tensor
     return diagonal ? at::zeros({B1}, A.options()) : at::zeros({B1, B2}, A.options());
   const int64_t step = std::max<int64_t>(1, kGradBlock / std::max<int64_t>(1, (B1 + B2) * ka));
   const bool tiled = f32_tiles(A) && std::is_same_v<S, float>;
-  // The symmetric K: float32 lower tiles (tiles::syrk_lower) from kSyrkMinRows samples on, else
-  // upper block rows of GEMMs from kTriangleMinRows on, else one GEMM.
-  const bool syrk = tiled && !cross && !diagonal && B1 >= kSyrkMinRows;
+  // The symmetric K: float32 lower tiles (tiles::syrk_lower; at B = 4, P = 12288: 11 us against
+  // MKL's 16 us for the full G Gᵀ), else upper block rows of GEMMs from kTriangleMinRows on,
+  // else one GEMM.
+  const bool syrk = tiled && !cross && !diagonal;
   const bool triangle = !syrk && !cross && !diagonal && B1 >= kTriangleMinRows;
   std::optional<at::Tensor> K;
   auto add_gram = [&](const at::Tensor& G1, const at::Tensor& G2) {  // (B, P) rows

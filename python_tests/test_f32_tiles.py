@@ -5,7 +5,7 @@ test_cpu_kernels (γ_n times the same computation on |inputs|):
   mirror): B across the 3 × 4 dot tiles (partial ones included), d across their 8-column steps
   and masked tails and the 1024-column blocks, strided rows, groups, two threads;
 - the per-sample route's G_i = E_iᵀ A_i in place (tiles::xt_y) and its G Gᵀ by syrk_lower
-  (B ≥ 32), with several gradient blocks accumulated, T across the 256-row blocks;
+  (every B), with several gradient blocks accumulated, T across the 256-row blocks;
 - the cross-Gram and the diagonal at the same shapes (their paths unchanged) for comparison."""
 import pytest
 import torch
@@ -65,14 +65,14 @@ def test_symmetric_gram_t1(shape):
 
 @pytest.mark.parametrize("groups", [2, 3])
 def test_symmetric_gram_t1_groups(groups):
-    A = rand(40, groups * 37, dtype=torch.float32, seed=6)
-    E = rand(40, groups * 21, dtype=torch.float32, seed=7)
+    A = rand(43, groups * 37, dtype=torch.float32, seed=6)
+    E = rand(43, groups * 21, dtype=torch.float32, seed=7)
     for bias in (False, True):
         _check_gram(A, E, bias, (None, None), False, "token_pair", groups, f"G={groups}")
 
 
 def test_symmetric_gram_two_threads():
-    """The threaded paths: column groups shared in long/short order, the pass by rows, the
+    """The threaded paths: column groups shared in long/short order, the pass by 8-row blocks, the
     per-sample gradients by sample; the same values as with one thread."""
     A, E = rand(150, 300, dtype=torch.float32, seed=8), rand(150, 70, dtype=torch.float32, seed=9)
     At, Et = rand(40, 5, 24, dtype=torch.float32, seed=10), rand(40, 5, 12, dtype=torch.float32, seed=11)
@@ -89,10 +89,11 @@ def test_symmetric_gram_two_threads():
         assert torch.equal(a, b)
 
 
-# (B, T, d_in, d_out): B below and above the syrk bound (32), T across the 256-row blocks of
-# xt_y, d_out·d_in past 2²² / B (several gradient blocks accumulated), tails of 6 and 16.
+# (B, T, d_in, d_out): B of one or two 4-row groups of syrk_lower and more, T across the 256-row
+# blocks of xt_y, d_out·d_in past 2²² / B (several gradient blocks accumulated), tails of 6 and
+# 16, d_out·d_in past syrk_lower's 1024-column blocks.
 PER_SAMPLE = [(4, 64, 64, 19), (5, 3, 17, 7), (33, 7, 13, 11), (40, 300, 20, 9),
-              (36, 2, 520, 230)]
+              (36, 2, 520, 230), (1, 5, 9, 4), (2, 3, 40, 30)]
 
 
 @pytest.mark.parametrize("shape", PER_SAMPLE, ids=lambda s: "x".join(map(str, s)))

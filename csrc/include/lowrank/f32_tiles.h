@@ -3,6 +3,8 @@
 //
 //   xt_y:        C (m × n) (+)= Xᵀ Y = Σ_k x_kᵀ y_k   over the K rows of X (K × m), Y (K × n)
 //   syrk_lower:  W (n × n) = X Xᵀ on and below the diagonal (tiles crossing it also above)
+//   hadamard_lower: K (+)= (P + b) ⊙ Q on and below the diagonal, mirrored (the T = 1 Gram's
+//                   (A Aᵀ + b) ⊙ (E Eᵀ) from the two syrk_lower results)
 //
 // xt_y sums rank-1 updates into a 6 × 16 tile of C held in 12 ymm registers: per k, six
 // broadcasts of the row side and two 8-float loads of the column side; it reads X and Y in
@@ -64,12 +66,11 @@ LK_TILES_TARGET inline __m256 load8(const float* p, __m256i mask) {
   else return _mm256_loadu_ps(p);
 }
 
-// C[r, j] (+)= Σ_{k < K} x[r·rs + k·ks] · v[k·vs + j] for r < M, j < 16 (j < nr if Masked:
+// C[r, j] (+)= Σ_{k < K} x[k·ldx + r] · v[k·vs + j] for r < M, j < 16 (j < nr if Masked:
 // only those columns of v are read and of C written). accumulate: C's tile is added to.
 template <int M, bool Masked>
-LK_TILES_TARGET inline void tile(const float* x, int64_t rs, int64_t ks, const float* v,
-                                 int64_t vs, int64_t K, float* c, int64_t ldc, int64_t nr,
-                                 bool accumulate) {
+LK_TILES_TARGET inline void tile(const float* x, int64_t ldx, const float* v, int64_t vs,
+                                 int64_t K, float* c, int64_t ldc, int64_t nr, bool accumulate) {
   const ColMask mask = Masked ? col_mask(nr) : ColMask{};
   // (every loop over r and h unrolled: the accumulators stay in registers)
   __m256 acc[M][2];
@@ -83,7 +84,7 @@ LK_TILES_TARGET inline void tile(const float* x, int64_t rs, int64_t ks, const f
     const __m256 v1 = load8<Masked>(v + k * vs + 8, mask.hi);
 #pragma GCC unroll 6
     for (int r = 0; r < M; ++r) {
-      const __m256 b = _mm256_broadcast_ss(x + r * rs + k * ks);
+      const __m256 b = _mm256_broadcast_ss(x + k * ldx + r);
       acc[r][0] = _mm256_fmadd_ps(b, v0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(b, v1, acc[r][1]);
     }
@@ -102,24 +103,24 @@ LK_TILES_TARGET inline void tile(const float* x, int64_t rs, int64_t ks, const f
 
 // tile<m, nr < 16> for 1 <= m <= 6.
 template <bool Masked>
-LK_TILES_TARGET inline void tile_rows(int64_t m, const float* x, int64_t rs, int64_t ks,
-                                      const float* v, int64_t vs, int64_t K, float* c,
-                                      int64_t ldc, int64_t nr, bool accumulate) {
+LK_TILES_TARGET inline void tile_rows(int64_t m, const float* x, int64_t ldx, const float* v,
+                                      int64_t vs, int64_t K, float* c, int64_t ldc, int64_t nr,
+                                      bool accumulate) {
   switch (m) {
-    case 6: return tile<6, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
-    case 5: return tile<5, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
-    case 4: return tile<4, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
-    case 3: return tile<3, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
-    case 2: return tile<2, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
-    default: return tile<1, Masked>(x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+    case 6: return tile<6, Masked>(x, ldx, v, vs, K, c, ldc, nr, accumulate);
+    case 5: return tile<5, Masked>(x, ldx, v, vs, K, c, ldc, nr, accumulate);
+    case 4: return tile<4, Masked>(x, ldx, v, vs, K, c, ldc, nr, accumulate);
+    case 3: return tile<3, Masked>(x, ldx, v, vs, K, c, ldc, nr, accumulate);
+    case 2: return tile<2, Masked>(x, ldx, v, vs, K, c, ldc, nr, accumulate);
+    default: return tile<1, Masked>(x, ldx, v, vs, K, c, ldc, nr, accumulate);
   }
 }
 
-LK_TILES_TARGET inline void any_tile(int64_t m, int64_t nr, const float* x, int64_t rs,
-                                     int64_t ks, const float* v, int64_t vs, int64_t K,
-                                     float* c, int64_t ldc, bool accumulate) {
-  if (nr == kCols) tile_rows<false>(m, x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
-  else tile_rows<true>(m, x, rs, ks, v, vs, K, c, ldc, nr, accumulate);
+LK_TILES_TARGET inline void any_tile(int64_t m, int64_t nr, const float* x, int64_t ldx,
+                                     const float* v, int64_t vs, int64_t K, float* c,
+                                     int64_t ldc, bool accumulate) {
+  if (nr == kCols) tile_rows<false>(m, x, ldx, v, vs, K, c, ldc, nr, accumulate);
+  else tile_rows<true>(m, x, ldx, v, vs, K, c, ldc, nr, accumulate);
 }
 
 // C (m × n, row stride ldc) (+)= Xᵀ Y: X (K × m) and Y (K × n) of row strides ldx, ldy, unit
@@ -134,7 +135,7 @@ LK_TILES_TARGET inline void xt_y(const float* X, int64_t ldx, const float* Y, in
     const bool add = accumulate || k0 > 0;
     auto at_tile = [&](int64_t i0, int64_t j0) {
       any_tile(std::min<int64_t>(kRows, m - i0), std::min<int64_t>(kCols, n - j0),
-               X + k0 * ldx + i0, 1, ldx, Y + k0 * ldy + j0, ldy, kb, C + i0 * ldc + j0, ldc,
+               X + k0 * ldx + i0, ldx, Y + k0 * ldy + j0, ldy, kb, C + i0 * ldc + j0, ldc,
                add);
     };
     if (kb * n <= kL1Floats) {  // Y's block in L1: C written row after row
@@ -277,6 +278,68 @@ LK_TILES_TARGET inline void syrk_lower(const float* X, int64_t ldx, int64_t n, i
       }
     });
   }
+}
+
+// dst[k·ldd + r] = src[r·lds + k] for r, k < 8.
+LK_TILES_TARGET inline void transpose8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// K[i, j] (+)= (P[i, j] + b) Q[i, j] for j <= i, then (mirror) K[j, i] = K[i, j], for the
+// rows i0 <= i < i1 (i1 - i0 = 8 or the last rows): n × n of row stride n, only the lower
+// triangles of P and Q read (K may be P). The 8 × 8 blocks below the diagonal in 8-float steps,
+// mirrored by register transposes (transpose8); the diagonal block and the last rows (n mod 8)
+// one entry at a time.
+LK_TILES_TARGET inline void hadamard_rows(const float* P, const float* Q, float b, int64_t n,
+                                          int64_t i0, int64_t i1, float* K, bool accumulate,
+                                          bool mirror) {
+  auto entry = [&](int64_t i, int64_t j) {
+    const float v = (accumulate ? K[i * n + j] : 0.f) + (P[i * n + j] + b) * Q[i * n + j];
+    K[i * n + j] = v;
+    if (mirror) K[j * n + i] = v;
+  };
+  if (i1 - i0 < 8) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = 0; j <= i; ++j) entry(i, j);
+    return;
+  }
+  const __m256 vb = _mm256_set1_ps(b);
+  for (int64_t j0 = 0; j0 < i0; j0 += 8) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t e = i * n + j0;
+      __m256 v = _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(P + e), vb), _mm256_loadu_ps(Q + e));
+      if (accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(K + e));
+      _mm256_storeu_ps(K + e, v);
+    }
+    if (mirror) transpose8(K + i0 * n + j0, n, K + j0 * n + i0, n);
+  }
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t j = i0; j <= i; ++j) entry(i, j);
+}
+
+// hadamard_rows over all rows (K (+)= (P + b) ⊙ Q on and below the diagonal, mirrored), by
+// blocks of 8 rows that threads share.
+inline void hadamard_lower(const float* P, const float* Q, float b, int64_t n, float* K,
+                           bool accumulate, bool mirror) {
+  at::parallel_for(0, (n + 7) / 8, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q)
+      hadamard_rows(P, Q, b, n, 8 * q, std::min(n, 8 * q + 8), K, accumulate, mirror);
+  });
 }
 #endif
 
