@@ -37,7 +37,8 @@ def _unpack(saved):
     if w is None:
         return t
     B = w.shape[0]
-    w = w.to(t.dtype)
+    if w.dtype != t.dtype:
+        w = w.to(t.dtype)
     if t.shape[0] == B:
         return t * w.view(B, *([1] * (t.dim() - 1)))
     return (t.view(B, -1) * w[:, None]).view(t.shape)  # (B·T, d) rows, sample-major
@@ -60,20 +61,21 @@ def swapped_call(plan, weighting, args, kwargs):
     scaled = None
     if plan.weight is not None:
         w = weighting.rows(plan.weight, B)
-        ptr, offset, numel = x.untyped_storage().data_ptr(), x.storage_offset(), x.numel()
+        ptr, numel, dtype = x.data_ptr(), x.numel(), x.dtype
 
-        def pack(t):
+        def pack(t):  # x itself or a view of all of it (the same first element and size)
             nonlocal scaled
-            if (scaled is None and t.numel() == numel and t.dtype == x.dtype
-                    and t.storage_offset() == offset
-                    and t.untyped_storage().data_ptr() == ptr
-                    and (t.shape[0] == B or t.is_contiguous())):
+            if (scaled is None and t.data_ptr() == ptr and t.numel() == numel
+                    and t.dtype == dtype and (t.shape[0] == B or t.is_contiguous())):
                 scaled = _Scaled(t, w, name)
                 return scaled
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        torch._C._autograd._push_saved_tensors_default_hooks(pack, _unpack)
+        try:
             y = plan.original(*args, **kwargs)
+        finally:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
         if scaled is None:
             return y, False
     else:
@@ -102,7 +104,9 @@ def _hook_bias(y, plan, weighting, B):
                 def post(grad_inputs, grad_outputs, k=k):
                     g = grad_outputs[0]
                     out = list(grad_inputs)
-                    out[k] = weighted_bias(g, w, B, plan.conv).to(bias.dtype)
+                    out[k] = weighted_bias(g, w, B, plan.conv)
+                    if out[k].dtype != bias.dtype:
+                        out[k] = out[k].to(bias.dtype)
                     return tuple(out)
 
                 node.register_hook(post)
@@ -116,7 +120,8 @@ def _hook_bias(y, plan, weighting, B):
 def weighted_bias(g, w, B, channels):
     """Σ_i w_i Σ_t e_it of a layer's output gradient e: channels on dim 1 and (B, C, …)
     (a convolution's), else features last, in B or B·T sample-major rows (a GEMM's)."""
-    w = w.to(g.dtype)
+    if w.dtype != g.dtype:
+        w = w.to(g.dtype)
     if channels:
         return g.sum(tuple(range(2, g.dim()))).T @ w
     if g.dim() == 2 and g.shape[0] == B:
