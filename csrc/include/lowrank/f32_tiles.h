@@ -247,12 +247,16 @@ LK_TILES_TARGET inline void dot_tile(const float* x, int64_t ldx, int64_t mr, co
 // past). Measured 1 thread, against MKL's sgemm for the full X Xᵀ (n × K = 64 × 512 ..
 // 256 × 1024): 1.7-1.9x with 1024, 1.5-1.6x with 256.
 constexpr int64_t kSyrkKc = 1024;
+// Rows below a group of 4 from which syrk_lower copies the group contiguous (with fewer, the
+// copy costs more than it saves: at 4 × 16384, 22 us against 14 us uncopied; at 256 × 4096
+// and 512 × 1024 copied groups are 3-6% faster).
+constexpr int64_t kSyrkCopyRows = 64;
 
 // W[i, j] (+)= x_i·x_j for j <= i (and for the j > i of the 3 × 4 tiles crossing the diagonal):
 // X (n × K) of row stride ldx, unit column stride; W (n × n) of row stride ldw. Dot-product
 // tiles (dot_tile) over blocks of kSyrkKc columns: rows read in place, the tiles crossing the
-// diagonal only 3 × 4. Per group of 4 rows j (copied contiguous: rows 4 KiB apart would share
-// L1 sets), the row groups i >= j stream past. Threads share the groups, in an order that pairs
+// diagonal only 3 × 4. Per group of 4 rows j (copied contiguous when more than kSyrkCopyRows
+// rows follow: rows 4 KiB apart would share L1 sets), the row groups i >= j stream past. Threads share the groups, in an order that pairs
 // long and short ones. accumulate: W is added to (the same tiles as a first call wrote).
 LK_TILES_TARGET inline void syrk_lower(const float* X, int64_t ldx, int64_t n, int64_t K,
                                        float* W, int64_t ldw, bool accumulate) {
@@ -270,10 +274,16 @@ LK_TILES_TARGET inline void syrk_lower(const float* X, int64_t ldx, int64_t n, i
       for (int64_t q = lo; q < hi; ++q) {
         const int64_t p = q % 2 == 0 ? q / 2 : groups - 1 - q / 2;  // long, short, long, ...
         const int64_t j0 = 4 * p, nc = std::min<int64_t>(4, n - j0);
-        for (int64_t j = 0; j < nc; ++j)
-          std::copy(X + (j0 + j) * ldx + k0, X + (j0 + j) * ldx + k0 + kc, cols + j * kc);
+        const float* y = X + j0 * ldx + k0;
+        int64_t ldy = ldx;
+        if (n - j0 > kSyrkCopyRows) {
+          for (int64_t j = 0; j < nc; ++j)
+            std::copy(X + (j0 + j) * ldx + k0, X + (j0 + j) * ldx + k0 + kc, cols + j * kc);
+          y = cols;
+          ldy = kc;
+        }
         for (int64_t i0 = j0; i0 < n; i0 += 3)
-          dot_tile(X + i0 * ldx + k0, ldx, std::min<int64_t>(3, n - i0), cols, kc, nc, kc,
+          dot_tile(X + i0 * ldx + k0, ldx, std::min<int64_t>(3, n - i0), y, ldy, nc, kc,
                    W + i0 * ldw + j0, ldw, add);
       }
     });
