@@ -99,6 +99,8 @@ class Weighting:
                 x = x.expand(B, *x.shape[1:])  # a call broadcast over the batch: B rows
             elif plan.swap and _hooks.swappable(x):
                 return self._hooked(module, *_hooks.swapped_call(plan, self, args, kwargs))
+            elif plan.embedding and x.dim() > 0:
+                return self._hooked(module, *_hooks.scaled_embedding(plan, self, args, kwargs))
             elif plan.norm and id(module) in capture._native_norms:
                 y, hooked = _hooks.hooked_norm(plan, self, _NativeNorm.of, args, kwargs)
                 if not hooked:
@@ -156,8 +158,8 @@ def _other_grads(args, kwargs):
 class _Plan:
     """A captured module's static part of its weighted calls (made once per block): its
     parameters in order, how its input gradient is formed and which backward it takes."""
-    __slots__ = ("bias", "conv", "direct", "handler", "linear", "names", "norm", "original",
-                 "params", "swap", "transposed", "weight")
+    __slots__ = ("bias", "conv", "direct", "embedding", "handler", "linear", "names", "norm",
+                 "original", "params", "swap", "transposed", "weight")
 
     def __init__(self, handler, original):
         self.handler, self.original = handler, original
@@ -169,6 +171,8 @@ class _Plan:
         self.conv = isinstance(handler, Conv2dHandler)
         self.norm = isinstance(handler, _AffineNormHandler)
         self.swap = self.linear or (self.conv and self.direct)  # see _weighted_hooks
+        self.embedding = (isinstance(handler, EmbeddingHandler)
+                          and not handler.module.scale_grad_by_freq)
 
 
 class _Call:

@@ -7,6 +7,8 @@ but two hooks, and the backward is the plain backward's but for
         x ⊙ w, rows scaled (saved-tensor hooks around the call), so that the node's own
         GEMM / convolution gives Σ_i w_i ∂W_i; a trainable bias's gradient is replaced by
         Σ_i w_i Σ_t e_it (a post-hook on the node that sums the bias);
+    Embedding: the output gradient's rows scaled by w before the node's own scatter (a
+        pre-hook; the node's one gradient is the table's), which then gives Σ_i w_i ∂W_i;
     BatchNorm / GroupNorm / LayerNorm whose forward is the one native node: the node's
         affine-parameter gradients are replaced by their weighted sums (a post-hook).
 
@@ -127,6 +129,25 @@ def weighted_bias(g, w, B, channels):
     if g.dim() == 2 and g.shape[0] == B:
         return w @ g
     return w @ g.reshape(B, -1, g.shape[-1]).sum(1)
+
+
+def scaled_embedding(plan, weighting, args, kwargs):
+    """(y, True) for an Embedding call whose node gets the row-scaling pre-hook, or
+    (y, False) when y's node is not the embedding's own scatter into the table (then it is
+    plain)."""
+    y = plan.original(*args, **kwargs)
+    node = y.grad_fn if isinstance(y, torch.Tensor) else None
+    if (node is None or type(node).__name__ != "EmbeddingBackward0"
+            or getattr(node.next_functions[0][0], "variable", None) is not plan.weight):
+        return y, False
+    w = weighting.rows(plan.weight, args[0].shape[0])
+
+    def pre(grad_outputs):
+        g = grad_outputs[0]
+        return (g * weighting.shaped(w, g),)
+
+    node.register_prehook(pre)
+    return y, True
 
 
 def hooked_norm(plan, weighting, norm_of, args, kwargs):
