@@ -4,8 +4,8 @@
 
 in every captured parameter, in the cost of a plain backward. In a forward inside the
 context, a captured layer call whose backward node is known runs on that node, with two hooks
-(`_weighted_hooks`: a Linear / Conv1D / Conv2d on a sample-major input, a norm whose graph is
-the one native node); any other runs its own forward inside one autograd Function (the same
+(`_weighted_hooks`: a Linear / Conv1D / Conv2d on a sample-major input, an Embedding, a norm
+whose graph is the one native node); any other runs its own forward inside one autograd Function (the same
 values; the layer's own graph for its input, built inside). Either way the backward gives
 
     the input:      the normal input gradient, through the layer's own graph (unscaled — the
