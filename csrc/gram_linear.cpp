@@ -15,8 +15,8 @@
 //   one pass over A and E (float32: FMA chains, one load per element of the Gram's own);
 // - per sample: G_i = E_iᵀ A_i (float32: register tiles reading E_i and A_i in place, else one
 //   bmm; in blocks of d_out bounded by kGradBlock entries), then K = G G2ᵀ (+ S S2ᵀ,
-//   S_i = Σ_t e_it, with a bias; the symmetric float32 K by syrk_lower) — the
-//   diagonal as row dots of G.
+//   S_i = Σ_t e_it, with a bias; the symmetric float32 K by syrk_lower) — the diagonal as row
+//   dots of G.
 // route "auto" picks by choose_route, a flop model whose element costs were fitted on a 2-core
 // AVX2 EPYC (torch 2.13, MKL, 1 thread), see there.
 #include <ATen/ATen.h>
@@ -68,8 +68,8 @@ at::ScalarType acc_type(const at::Tensor& A) {
 }
 
 // K's strict lower triangle := its upper one transposed (from_lower: the other way round):
-// exactly symmetric. By 16 × 16 blocks (the 64 rows of a 64-block column, 1 KiB apart at
-// n = 256, thrashed L1's sets: 80 us of the 2 ms T = 1 Gram there).
+// exactly symmetric. By 16 × 16 blocks (by 64 × 64 ones, the 64 rows of a block's column,
+// 1 KiB apart at n = 256, thrashed L1's sets).
 template <typename S>
 void mirror(at::Tensor& K, bool from_lower) {
   const int64_t n = K.size(0);
