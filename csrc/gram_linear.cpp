@@ -30,6 +30,7 @@
 #include "lowrank/f32_tiles.h"
 #include "lowrank/gram_tokens.h"
 #include "lowrank/layer_checks.h"
+#include "lowrank/target_clones.h"
 
 namespace lowrank::gram {
 namespace {
@@ -49,13 +50,7 @@ int64_t triangle_block(int64_t B) { return B < kTriangleMinRows ? B : B < 256 ? 
 constexpr int64_t kPairElementCost = 12;
 constexpr int64_t kGradElementCost = 6;
 
-// Row dots (embedding::dot with 32 partial sums), compiled for AVX2 too where GCC clones by CPU
-// feature (the clone is picked at load time), else for the baseline ISA only.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define LOWRANK_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LOWRANK_CLONES
-#endif
+// Row dots (embedding::dot with 32 partial sums), compiled for AVX2 too (LOWRANK_CLONES).
 LOWRANK_CLONES float fast_dot(const float* a, const float* b, int64_t n) {
   return embedding::dot<32>(a, b, n);
 }
