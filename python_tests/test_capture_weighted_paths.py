@@ -222,3 +222,43 @@ def test_layer_norm_affine_sums_rejects_bad_shapes():
         op(x, x, torch.zeros(8), torch.ones(8), torch.ones(3), torch.ones(3))
     with pytest.raises(RuntimeError, match="one dtype"):
         op(x, x.double(), torch.zeros(8), torch.ones(8), torch.ones(2), torch.ones(2))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("bias, shape", [(True, (3, 4, 5)), (False, (3, 4, 5)),
+                                         (True, (4, 5)), (True, (2, 3, 2, 5))],
+                         ids=["tokens", "no-bias", "rows", "two-token-dims"])
+def test_weighted_linear_node_against_float64(transposed, bias, shape):
+    """The C++ node of a Linear / Conv1D call in a weighted backward: the forward is the
+    layer's (x Wᵀ + b, or x W + b), the backward gives the plain input gradient g W (g Wᵀ),
+    Σ_i w_i Σ_t g_it x_itᵀ and Σ_i wb_i Σ_t g_it, formed here explicitly per sample."""
+    g_ = torch.Generator().manual_seed(4)
+    B, d_in, d_out = shape[0], shape[-1], 6
+    x = torch.randn(shape, generator=g_, dtype=F64, requires_grad=True)
+    W = torch.randn((d_in, d_out) if transposed else (d_out, d_in), generator=g_, dtype=F64,
+                    requires_grad=True)
+    b = torch.randn(d_out, generator=g_, dtype=F64, requires_grad=True) if bias else None
+    w, wb = torch.randn(B, generator=g_, dtype=F64), torch.randn(B, generator=g_, dtype=F64)
+    y = torch.ops.lowrank_kernels_capture.weighted_linear(x, W, b, w, wb, transposed)
+    Wm = W if transposed else W.T  # y = x Wm + b
+    expect_y = x @ Wm + (b if bias else 0)
+    assert float((y - expect_y).abs().max()) < 1e-13
+    g = torch.randn(y.shape, generator=g_, dtype=F64)
+    y.backward(g)
+    xs, gs = x.detach().reshape(B, -1, d_in), g.reshape(B, -1, d_out)
+    per_sample = torch.einsum("bti,bto->bio", xs, gs)  # ∂(x Wm)/∂Wm per sample
+    expect_W = torch.einsum("b,bio->io", w, per_sample)
+    close = lambda got, expect: float((got - expect).norm() / expect.norm()) < TOL
+    assert close(W.grad, expect_W if transposed else expect_W.T)
+    assert close(x.grad, g @ Wm.T.detach())
+    if bias:
+        assert close(b.grad, torch.einsum("b,bto->o", wb, gs))
+
+
+def test_weighted_linear_node_rejects_bad_shapes():
+    op = torch.ops.lowrank_kernels_capture.weighted_linear
+    x, W, w = torch.randn(3, 4, 5), torch.randn(6, 5), torch.ones(3)
+    with pytest.raises(RuntimeError, match="x must be"):
+        op(x, W.T, None, w, w, False)
+    with pytest.raises(RuntimeError, match="w and wb must be"):
+        op(x, W, None, torch.ones(2), torch.ones(2), False)

@@ -97,6 +97,9 @@ class Weighting:
             B = capture._forward_batch
             if B is not None and B > 1 and x.dim() > 0 and x.shape[0] == 1:
                 x = x.expand(B, *x.shape[1:])  # a call broadcast over the batch: B rows
+            elif plan.linear and plan.weight is not None and x.dim() >= 2 and \
+                    not kwargs and len(args) == 1 and _hooks.swappable(x):
+                return self._hooked(module, _hooks.weighted_linear(plan, self, x), True)
             elif plan.swap and _hooks.swappable(x):
                 return self._hooked(module, *_hooks.swapped_call(plan, self, args, kwargs))
             elif plan.embedding and x.dim() > 0:

@@ -2,9 +2,11 @@
 is `_weighted`'s), for the calls whose node is known: nothing of ours runs in the forward
 but two hooks, and the backward is the plain backward's but for
 
-    Linear / Conv1D / Conv2d: the input x that the node saves for its weight gradient
-        (and for nothing else: the input gradient reads W) is handed back to the node as
-        x ⊙ w, rows scaled (saved-tensor hooks around the call), so that the node's own
+    Linear / Conv1D with a trainable weight: one C++ node (weighted_linear: the layer's
+        forward; backward gx = g W, gW = gᵀ (x ⊙ w), gb = Σ_i w_i Σ_t g_it, no Python);
+    Conv2d (and a Linear / Conv1D with a frozen weight): the input x that the node saves
+        for its weight gradient (and for nothing else: the input gradient reads W) is
+        handed back to the node as x ⊙ w, rows scaled (saved-tensor hooks around the call), so that the node's own
         GEMM / convolution gives Σ_i w_i ∂W_i; a trainable bias's gradient is replaced by
         Σ_i w_i Σ_t e_it (a post-hook on the node that sums the bias);
     Embedding: the output gradient's rows scaled by w before the node's own scatter (a
@@ -52,6 +54,17 @@ def swappable(x):
     return ((x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             and not torch.is_autocast_enabled(x.device.type)
             and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
+
+
+def weighted_linear(plan, weighting, x):
+    """y of a Linear / Conv1D call on x (B, ..., d_in) as one node whose backward gives
+    Σ_i w_i ∂W_i, Σ_i w_i ∂b_i and the plain input gradient (a frozen bias: in the forward
+    only); lowrank_kernels_capture::weighted_linear."""
+    m = plan.handler.module
+    w = weighting.rows(plan.weight, x.shape[0])
+    wb = w if plan.bias is None else weighting.rows(plan.bias, x.shape[0])
+    return torch.ops.lowrank_kernels_capture.weighted_linear(x, m.weight, m.bias, w, wb,
+                                                             plan.transposed)
 
 
 def swapped_call(plan, weighting, args, kwargs):
