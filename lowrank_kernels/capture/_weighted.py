@@ -3,10 +3,11 @@
     p.grad = U_p w·s = Σ_i c_i g_i      (w_i = c_i / s, loss = s·Σ_i ℓ_i, g_i as Capture's)
 
 in every captured parameter, in the cost of a plain backward. In a forward inside the
-context, a captured layer call whose backward node is known runs on that node, with two hooks
-(`_weighted_hooks`: a Linear / Conv1D / Conv2d on a sample-major input, an Embedding, a norm
-whose graph is the one native node); any other runs its own forward inside one autograd Function (the same
-values; the layer's own graph for its input, built inside). Either way the backward gives
+context, a captured layer call whose backward node is known runs on that node, with hooks
+or as one C++ node (`_weighted_hooks`: a Linear / Conv1D / Conv2d on a sample-major input,
+an Embedding, a norm whose graph is the one native node); any other runs its own forward
+inside one autograd Function (the same values; the layer's own graph for its input, built
+inside). Either way the backward gives
 
     the input:      the normal input gradient, through the layer's own graph (unscaled — the
                     chain to the layers before, train-mode batch statistics included, is

@@ -1,14 +1,15 @@
 """Weighted layer calls on the layer's own forward and its own backward node (the contract
 is `_weighted`'s), for the calls whose node is known: nothing of ours runs in the forward
-but two hooks, and the backward is the plain backward's but for
+but hooks (or the one C++ node), and the backward is the plain backward's but for
 
     Linear / Conv1D with a trainable weight: one C++ node (weighted_linear: the layer's
         forward; backward gx = g W, gW = gᵀ (x ⊙ w), gb = Σ_i w_i Σ_t g_it, no Python);
     Conv2d (and a Linear / Conv1D with a frozen weight): the input x that the node saves
         for its weight gradient (and for nothing else: the input gradient reads W) is
-        handed back to the node as x ⊙ w, rows scaled (saved-tensor hooks around the call), so that the node's own
-        GEMM / convolution gives Σ_i w_i ∂W_i; a trainable bias's gradient is replaced by
-        Σ_i w_i Σ_t e_it (a post-hook on the node that sums the bias);
+        handed back to the node as x ⊙ w, rows scaled (saved-tensor hooks around the
+        call), so that the node's own GEMM / convolution gives Σ_i w_i ∂W_i; a trainable
+        bias's gradient is replaced by Σ_i w_i Σ_t e_it (a post-hook on the node that sums
+        the bias);
     Embedding: the output gradient's rows scaled by w before the node's own scatter (a
         pre-hook; the node's one gradient is the table's), which then gives Σ_i w_i ∂W_i;
     BatchNorm / GroupNorm / LayerNorm whose forward is the one native node: the node's
