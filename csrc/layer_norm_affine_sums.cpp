@@ -7,14 +7,15 @@
 //
 // One read of g and x; each thread owns a range of columns d and sums all rows into it in
 // row order (deterministic for any thread count).
-// lowrank_kernels_capture::layer_norm_affine_sums, a private op of the capture (CPU).
+// lowrank_kernels._C.capture_layer_norm_affine_sums (csrc/capture_py.cpp), private to the
+// capture (CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
+#include "lowrank/capture_nodes.h"
 #include "lowrank/target_clones.h"
 
 namespace {
@@ -60,7 +61,11 @@ LOWRANK_CLONES void affine_sums(const double* g, const double* x, const double* 
   affine_sums_body(g, x, mean, rstd, a, b, gamma, beta, R, T_rows, D, lo, hi);
 }
 
-std::tuple<at::Tensor, at::Tensor> layer_norm_affine_sums_cpu(
+}  // namespace
+
+namespace lowrank::capture {
+
+std::tuple<at::Tensor, at::Tensor> layer_norm_affine_sums(
     const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(g.dim() == 2 && g.sizes() == x.sizes(),
@@ -94,13 +99,4 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_affine_sums_cpu(
   return {gamma, beta};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(lowrank_kernels_capture, m) {
-  m.def("layer_norm_affine_sums(Tensor g, Tensor x, Tensor mean, Tensor rstd, Tensor a, "
-        "Tensor b) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(lowrank_kernels_capture, CPU, m) {
-  m.impl("layer_norm_affine_sums", &layer_norm_affine_sums_cpu);
-}
+}  // namespace lowrank::capture

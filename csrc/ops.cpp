@@ -21,12 +21,14 @@ PyMethodDef methods[] = {{"build_info", build_info, METH_NOARGS, "How _C was bui
 }  // namespace
 
 extern PyMethodDef lowrank_layer_check_methods[];  // layer_py_checks.cpp
+extern PyMethodDef lowrank_capture_methods[];      // capture_py.cpp
 
 // `import lowrank_kernels._C` loads this library, which runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr && PyModule_AddFunctions(module, lowrank_layer_check_methods) < 0)
+  if (module != nullptr && (PyModule_AddFunctions(module, lowrank_layer_check_methods) < 0 ||
+                            PyModule_AddFunctions(module, lowrank_capture_methods) < 0))
     Py_CLEAR(module);
   return module;
 }

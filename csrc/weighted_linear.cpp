@@ -8,13 +8,14 @@
 //   gb = Σ_i wb_i Σ_t g_it,                                Σ_i wb_i ∂b_i.
 //
 // The forward is the layer's own: at::linear (Linear), at::addmm on the rows (Conv1D, as
-// transformers computes it). lowrank_kernels_capture::weighted_linear, a private op of the
-// capture (any device: ATen calls).
+// transformers computes it). lowrank_kernels._C.capture_weighted_linear (csrc/capture_py.cpp),
+// private to the capture (any device: ATen calls).
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
-#include <torch/library.h>
 
 #include <vector>
+
+#include "lowrank/capture_nodes.h"
 
 namespace {
 
@@ -62,11 +63,16 @@ class WeightedLinear : public torch::autograd::Function<WeightedLinear> {
   }
 };
 
+}  // namespace
+
+namespace lowrank::capture {
+
 at::Tensor weighted_linear(const at::Tensor& x, const at::Tensor& W,
                            const std::optional<at::Tensor>& b, const at::Tensor& w,
                            const at::Tensor& wb, bool transposed) {
+  TORCH_CHECK(W.dim() == 2, "weighted_linear: W must be 2-D, got ", W.sizes());
   const int64_t d_in = transposed ? W.size(0) : W.size(1);
-  TORCH_CHECK(x.dim() >= 2 && x.size(-1) == d_in && W.dim() == 2,
+  TORCH_CHECK(x.dim() >= 2 && x.size(-1) == d_in,
               "weighted_linear: x must be (B, ..., ", d_in, ") for W of shape ", W.sizes(),
               ", got ", x.sizes());
   TORCH_CHECK(w.dim() == 1 && wb.sizes() == w.sizes() && w.size(0) > 0 &&
@@ -76,13 +82,4 @@ at::Tensor weighted_linear(const at::Tensor& x, const at::Tensor& W,
   return WeightedLinear::apply(x, W, b, w, wb, transposed);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(lowrank_kernels_capture, m) {
-  m.def("weighted_linear(Tensor x, Tensor W, Tensor? b, Tensor w, Tensor wb, bool transposed)"
-        " -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(lowrank_kernels_capture, Autograd, m) {
-  m.impl("weighted_linear", &weighted_linear);
-}
+}  // namespace lowrank::capture

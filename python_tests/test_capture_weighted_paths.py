@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_kernels import _C
 from lowrank_kernels.capture import Capture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,38 +151,40 @@ def test_weighted_backward_matches_per_sample_reference(train_bn, ln_bias, conti
 @pytest.mark.parametrize("shape, stats", [((6, 8, 5, 3), (1, 8)), ((6, 8, 5, 3), (6, 2)),
                                           ((6, 8), (1, 8)), ((3, 4, 17), (3, 4))],
                          ids=["batch-norm", "group-norm", "batch-norm-1d", "rows-of-17"])
-def test_norm_channel_sums_against_float64(dtype, shape, stats):
-    """The C++ per-sample channel sums of the weighted BatchNorm / GroupNorm backward:
-    Σ_k g (x − μ_s) σ_s⁻¹ and Σ_k g per (sample, channel), s its statistics' (sample, group),
-    against float64 sums of x̂ formed explicitly; a strided g is read as its values."""
+def test_norm_affine_sums_against_float64(dtype, shape, stats):
+    """The C++ weighted affine gradients of the weighted BatchNorm / GroupNorm backward:
+    Σ_n w_n Σ_k g (x − μ_s) σ_s⁻¹ and Σ_n wb_n Σ_k g per channel, s the statistics' (sample,
+    group), against float64 sums of x̂ formed explicitly; a strided g is read as its values."""
     g_ = torch.Generator().manual_seed(2)
     x = torch.randn(shape, generator=g_, dtype=F64) * 3 + 5
     g = torch.randn(shape, generator=g_, dtype=F64)
     mean = torch.randn(stats, generator=g_, dtype=F64) + 5
     invstd = torch.rand(stats, generator=g_, dtype=F64) + 0.5
     B, C = shape[:2]
+    w, wb = torch.randn(B, generator=g_, dtype=F64), torch.randn(B, generator=g_, dtype=F64)
     per = C // stats[1]
     m = mean.repeat_interleave(per, 1).expand(B, C).reshape(B, C, *([1] * (len(shape) - 2)))
     s = invstd.repeat_interleave(per, 1).expand(B, C).reshape(m.shape)
-    expect_w = (g * (x - m) * s).reshape(B, C, -1).sum(2)
-    expect_b = g.reshape(B, C, -1).sum(2)
+    expect_w = w @ (g * (x - m) * s).reshape(B, C, -1).sum(2)
+    expect_b = wb @ g.reshape(B, C, -1).sum(2)
     strided = g.to(dtype).transpose(0, 1).contiguous().transpose(0, 1)
-    got_w, got_b = torch.ops.lowrank_kernels_capture.norm_channel_sums(
-        strided, x.to(dtype), mean.to(dtype), invstd.to(dtype))
+    got_w, got_b = _C.capture_norm_affine_sums(
+        strided, x.to(dtype), mean.to(dtype), invstd.to(dtype), w.to(dtype), wb)
     tol = 1e-5 if dtype == torch.float32 else 1e-13
     for got, expect in ((got_w, expect_w), (got_b, expect_b)):
-        assert got.dtype == dtype and got.shape == (B, C)
+        assert got.dtype == dtype and got.shape == (C,)
         assert float((got.double() - expect).norm() / expect.norm()) < tol
 
 
-def test_norm_channel_sums_rejects_mismatched_statistics():
-    x = torch.randn(4, 6, 3)
+def test_norm_affine_sums_rejects_bad_shapes():
+    x, w = torch.randn(4, 6, 3), torch.ones(4)
+    op = _C.capture_norm_affine_sums
     with pytest.raises(RuntimeError, match="mean and invstd must be"):
-        torch.ops.lowrank_kernels_capture.norm_channel_sums(x, x, torch.zeros(1, 4),
-                                                            torch.ones(1, 4))
+        op(x, x, torch.zeros(1, 4), torch.ones(1, 4), w, w)
     with pytest.raises(RuntimeError, match="one shape"):
-        torch.ops.lowrank_kernels_capture.norm_channel_sums(x, x[:2], torch.zeros(1, 6),
-                                                            torch.ones(1, 6))
+        op(x, x[:2], torch.zeros(1, 6), torch.ones(1, 6), w, w)
+    with pytest.raises(RuntimeError, match="w and wb must be"):
+        op(x, x, torch.zeros(1, 6), torch.ones(1, 6), w[:3], w)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -203,7 +206,7 @@ def test_layer_norm_affine_sums_against_float64(dtype, B, T, D):
     expect_w = (a[rows, None] * rstd[:, None] * g * (x - mean[:, None])).sum(0)
     expect_b = (b[rows, None] * g).sum(0)
     strided = g.to(dtype).T.contiguous().T
-    got_w, got_b = torch.ops.lowrank_kernels_capture.layer_norm_affine_sums(
+    got_w, got_b = _C.capture_layer_norm_affine_sums(
         strided, *(t.to(dtype) for t in (x, mean, rstd, a, b)))
     tol = 1e-5 if dtype == torch.float32 else 1e-13
     for got, expect in ((got_w, expect_w), (got_b, expect_b)):
@@ -213,7 +216,7 @@ def test_layer_norm_affine_sums_against_float64(dtype, B, T, D):
 
 def test_layer_norm_affine_sums_rejects_bad_shapes():
     x = torch.randn(8, 5)
-    op = torch.ops.lowrank_kernels_capture.layer_norm_affine_sums
+    op = _C.capture_layer_norm_affine_sums
     with pytest.raises(RuntimeError, match="one shape"):
         op(x, x[:4], torch.zeros(8), torch.ones(8), torch.ones(2), torch.ones(2))
     with pytest.raises(RuntimeError, match="mean and rstd must have R = 8"):
@@ -239,7 +242,7 @@ def test_weighted_linear_node_against_float64(transposed, bias, shape):
                     requires_grad=True)
     b = torch.randn(d_out, generator=g_, dtype=F64, requires_grad=True) if bias else None
     w, wb = torch.randn(B, generator=g_, dtype=F64), torch.randn(B, generator=g_, dtype=F64)
-    y = torch.ops.lowrank_kernels_capture.weighted_linear(x, W, b, w, wb, transposed)
+    y = _C.capture_weighted_linear(x, W, b, w, wb, transposed)
     Wm = W if transposed else W.T  # y = x Wm + b
     expect_y = x @ Wm + (b if bias else 0)
     assert float((y - expect_y).abs().max()) < 1e-13
@@ -256,9 +259,60 @@ def test_weighted_linear_node_against_float64(transposed, bias, shape):
 
 
 def test_weighted_linear_node_rejects_bad_shapes():
-    op = torch.ops.lowrank_kernels_capture.weighted_linear
+    op = _C.capture_weighted_linear
     x, W, w = torch.randn(3, 4, 5), torch.randn(6, 5), torch.ones(3)
     with pytest.raises(RuntimeError, match="x must be"):
         op(x, W.T, None, w, w, False)
     with pytest.raises(RuntimeError, match="w and wb must be"):
         op(x, W, None, torch.ones(2), torch.ones(2), False)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("geometry", [((1, 1), (1, 1), (1, 1), 1), ((2, 1), (0, 2), (1, 2), 2),
+                                      ((2, 2), (1, 0), (1, 1), 4)],
+                         ids=["same", "strided-dilated-groups", "depthwise"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_weighted_conv2d_node_against_float64(bias, geometry, channels_last):
+    """The C++ node of a Conv2d call in a weighted backward: the forward is F.conv2d's, the
+    backward gives the plain input gradient, Σ_i w_i ∂W_i and Σ_i wb_i ∂b_i, with ∂W_i, ∂b_i
+    sample i's own gradients of ⟨g_i, conv2d(x_i, W, b)⟩ (autograd per sample)."""
+    stride, padding, dilation, groups = geometry
+    g_ = torch.Generator().manual_seed(5)
+    B, C_in, C_out = 3, 4, 8
+    x = torch.randn(B, C_in, 7, 6, generator=g_, dtype=F64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    W = torch.randn(C_out, C_in // groups, 3, 2, generator=g_, dtype=F64, requires_grad=True)
+    b = torch.randn(C_out, generator=g_, dtype=F64, requires_grad=True) if bias else None
+    w, wb = torch.randn(B, generator=g_, dtype=F64), torch.randn(B, generator=g_, dtype=F64)
+    y = _C.capture_weighted_conv2d(x, W, b, w, wb, stride, padding,
+                                                          dilation, groups)
+    conv = lambda xs, Ws, bs: F.conv2d(xs, Ws, bs, stride, padding, dilation, groups)  # noqa: E731
+    assert float((y - conv(x, W, b)).abs().max()) < 1e-13
+    g = torch.randn(y.shape, generator=g_, dtype=F64)
+    y.backward(g)
+    expect_W, expect_b = torch.zeros_like(W), torch.zeros(C_out, dtype=F64)
+    Wd = W.detach().requires_grad_()
+    bd = torch.zeros(C_out, dtype=F64, requires_grad=True)
+    for i in range(B):
+        dW, db = torch.autograd.grad((g[i:i + 1] * conv(x[i:i + 1].detach(), Wd, bd)).sum(),
+                                     (Wd, bd))
+        expect_W += w[i] * dW
+        expect_b += wb[i] * db
+    xr = x.detach().clone().requires_grad_()
+    conv(xr, W.detach(), None).backward(g)
+    close = lambda got, expect: float((got - expect).norm() / expect.norm()) < TOL  # noqa: E731
+    assert close(W.grad, expect_W)
+    assert close(x.grad, xr.grad)
+    if bias:
+        assert close(b.grad, expect_b)
+
+
+def test_weighted_conv2d_node_rejects_bad_shapes():
+    op = _C.capture_weighted_conv2d
+    x, W, w = torch.randn(3, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="x must be"):
+        op(x[0], W, None, w, w, [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="w and wb must be"):
+        op(x, W, None, torch.ones(2), torch.ones(2), [1, 1], [0, 0], [1, 1], 1)

@@ -199,6 +199,7 @@ class Capture:
         self._low_precision = False  # a captured output was fp16/bf16 (autocast)
         self._kinds = {}  # id(module) -> its hook's state ({"kind": native/verify/fallback})
         self._weighting = None  # the Weighting of a running `weighted` block
+        self._weighted_forwards = None  # the modules' weighted forwards (_weighted.Weighting)
         self._weighted_batch = False  # this batch's forward ran (partly) weighted
         self._skip_record = None  # the module whose call just went through the weighting
         self._native_norms = set()  # id(module): a norm whose weighted calls hook its node

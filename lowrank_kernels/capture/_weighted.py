@@ -42,7 +42,8 @@ class Weighting:
 
     def __init__(self, capture, weights):
         self.capture, self.weights = capture, weights
-        self._cache = {}  # B -> {id(param): w (B,)}
+        self._cache = {}  # B -> {id(param): w (B,)}, as weights(B) gave it (not modified)
+        self._ones = {}  # (B, id(param)) -> ones (B,), for a parameter weights(B) gives none
         self._shaped = {}  # (id(w), dims, dtype) -> w shaped over a tensor's rows
         self._patched = []  # (module, the instance forward it had or None)
         self._bypass = False
@@ -50,11 +51,14 @@ class Weighting:
     def rows(self, p, B):
         """w (B,) for parameter p in a batch of B (ones where weights gave none: the plain
         gradient)."""
-        if B not in self._cache:
-            self._cache[B] = self.weights(B)
-        w = self._cache[B].get(id(p))
+        weights = self._cache.get(B)
+        if weights is None:
+            weights = self._cache[B] = self.weights(B)
+        w = weights.get(id(p))
         if w is None:
-            w = self._cache[B][id(p)] = torch.ones(B, dtype=p.dtype, device=p.device)
+            w = self._ones.get((B, id(p)))
+            if w is None:
+                w = self._ones[B, id(p)] = torch.ones(B, dtype=p.dtype, device=p.device)
         return w
 
     def shaped(self, w, t):
@@ -67,11 +71,16 @@ class Weighting:
         return out
 
     def __enter__(self):
-        for module, handler, _ in self.capture._handlers:
-            if _supported(handler):
-                had = module.__dict__.get("forward")
-                module.__dict__["forward"] = self._forward(module, handler, module.forward)
-                self._patched.append((module, had))
+        capture = self.capture
+        if capture._weighted_forwards is None:  # [(module, handler, [instance forward, ours])]
+            capture._weighted_forwards = [(m, h, [None, None]) for m, h, _ in capture._handlers
+                                          if _supported(h)]
+        for module, handler, entry in capture._weighted_forwards:
+            had = module.__dict__.get("forward")
+            if entry[1] is None or entry[0] is not had:  # built once per module and forward
+                entry[:] = had, _weighted_forward(capture, module, handler, module.forward)
+            module.__dict__["forward"] = entry[1]
+            self._patched.append((module, had))
         return self
 
     def __exit__(self, *exc):
@@ -82,42 +91,6 @@ class Weighting:
                 module.__dict__["forward"] = had
         self._patched = []
         return False
-
-    def _forward(self, module, handler, original):
-        capture = self.capture
-        plan = _Plan(handler, original)
-        params = plan.params
-
-        def forward(*args, **kwargs):
-            x = args[0] if args else None
-            if (self._bypass or not isinstance(x, torch.Tensor) or not torch.is_grad_enabled()
-                    or capture._kind_of(module) != "native"
-                    or ((len(args) > 1 or kwargs) and _other_grads(args, kwargs))
-                    or torch._C._functorch.peek_interpreter_stack() is not None):
-                return original(*args, **kwargs)  # recorded by the capture's hook, if at all
-            B = capture._forward_batch
-            if B is not None and B > 1 and x.dim() > 0 and x.shape[0] == 1:
-                x = x.expand(B, *x.shape[1:])  # a call broadcast over the batch: B rows
-            elif plan.linear and plan.weight is not None and x.dim() >= 2 and \
-                    not kwargs and len(args) == 1 and _hooks.swappable(x):
-                return self._hooked(module, _hooks.weighted_linear(plan, self, x), True)
-            elif plan.swap and _hooks.swappable(x):
-                return self._hooked(module, *_hooks.swapped_call(plan, self, args, kwargs))
-            elif plan.embedding and x.dim() > 0:
-                return self._hooked(module, *_hooks.scaled_embedding(plan, self, args, kwargs))
-            elif plan.norm and id(module) in capture._native_norms:
-                y, hooked = _hooks.hooked_norm(plan, self, _NativeNorm.of, args, kwargs)
-                if not hooked:
-                    capture._native_norms.discard(id(module))
-                return self._hooked(module, y, hooked)
-            call = _Call(self, plan, args[1:], kwargs)
-            y = _Layer.apply(call, x, *params)
-            if call.norm is not None:  # its graph is the one native node: hooked from now
-                capture._native_norms.add(id(module))
-            capture._skip_record = module
-            return y
-
-        return forward
 
     def _hooked(self, module, y, hooked):
         """y of a call on the plain node; recorded by the capture where not hooked."""
@@ -147,6 +120,51 @@ class Weighting:
             q_b.register_hook(lambda G: G * self.shaped(w, G))
 
 
+def _weighted_forward(capture, module, handler, original):
+    """module's forward inside the capture's weighted blocks (patched in by each block's
+    Weighting, which it reads from the capture at each call): the layer call on its node,
+    hooked or as one C++ node where that is known (_weighted_hooks), else through _Layer."""
+    plan = _Plan(handler, original)
+    params = plan.params
+
+    def forward(*args, **kwargs):
+        weighting = capture._weighting
+        x = args[0] if args else None
+        if (weighting is None or weighting._bypass or not isinstance(x, torch.Tensor)
+                or not torch.is_grad_enabled() or capture._kind_of(module) != "native"
+                or ((len(args) > 1 or kwargs) and _other_grads(args, kwargs))
+                or torch._C._functorch.peek_interpreter_stack() is not None):
+            return original(*args, **kwargs)  # recorded by the capture's hook, if at all
+        B = capture._forward_batch
+        if B is not None and B > 1 and x.dim() > 0 and x.shape[0] == 1:
+            x = x.expand(B, *x.shape[1:])  # a call broadcast over the batch: B rows
+        elif plan.linear_node and x.dim() >= 2 and not kwargs and len(args) == 1 and \
+                _hooks.swappable(x):
+            return weighting._hooked(module, _hooks.weighted_linear(plan, weighting, x), True)
+        elif plan.conv_node and x.dim() == 4 and not kwargs and len(args) == 1 and \
+                _hooks.swappable(x):
+            return weighting._hooked(module, _hooks.weighted_conv2d(plan, weighting, x), True)
+        elif plan.swap and _hooks.swappable(x):
+            return weighting._hooked(module,
+                                     *_hooks.swapped_call(plan, weighting, args, kwargs))
+        elif plan.embedding and x.dim() > 0:
+            return weighting._hooked(module,
+                                     *_hooks.scaled_embedding(plan, weighting, args, kwargs))
+        elif plan.norm and id(module) in capture._native_norms:
+            y, hooked = _hooks.hooked_norm(plan, weighting, _NativeNorm.of, args, kwargs)
+            if not hooked:
+                capture._native_norms.discard(id(module))
+            return weighting._hooked(module, y, hooked)
+        call = _Call(weighting, plan, args[1:], kwargs)
+        y = _Layer.apply(call, x, *params)
+        if call.norm is not None:  # its graph is the one native node: hooked from now
+            capture._native_norms.add(id(module))
+        capture._skip_record = module
+        return y
+
+    return forward
+
+
 def _supported(handler):
     return (isinstance(handler, (LinearHandler, Conv1DHandler, Conv2dHandler, EmbeddingHandler,
                                  _AffineNormHandler, AffineHandler))
@@ -162,8 +180,9 @@ def _other_grads(args, kwargs):
 class _Plan:
     """A captured module's static part of its weighted calls (made once per block): its
     parameters in order, how its input gradient is formed and which backward it takes."""
-    __slots__ = ("bias", "conv", "direct", "embedding", "handler", "linear", "names", "norm",
-                 "original", "params", "swap", "transposed", "weight")
+    __slots__ = ("bias", "conv", "conv_node", "direct", "embedding", "handler", "linear",
+                 "linear_node", "names", "norm", "original", "params", "swap", "transposed",
+                 "weight")
 
     def __init__(self, handler, original):
         self.handler, self.original = handler, original
@@ -175,6 +194,9 @@ class _Plan:
         self.conv = isinstance(handler, Conv2dHandler)
         self.norm = isinstance(handler, _AffineNormHandler)
         self.swap = self.linear or (self.conv and self.direct)  # see _weighted_hooks
+        native = _hooks.NATIVE is not None and self.weight is not None  # the C++ nodes
+        self.linear_node = native and self.linear
+        self.conv_node = native and self.conv and self.direct
         self.embedding = (isinstance(handler, EmbeddingHandler)
                           and not handler.module.scale_grad_by_freq)
 
@@ -283,9 +305,8 @@ class _NativeNorm:
         w = {n: weighting.rows(p, B) for n, p in params.items()}
         stats = self._channel_statistics()
         if stats is not None:
-            sums = _channel_sums(g, self.input, *stats, "weight" in params, "bias" in params)
-            return {id(p): _as(w[n].to(sums[n].dtype) @ sums[n], p.dtype)
-                    for n, p in params.items()}
+            sums = _affine_sums(g, self.input, *stats, w.get("weight"), w.get("bias"))
+            return {id(p): _as(sums[n], p.dtype) for n, p in params.items()}
         if self.kind == "NativeLayerNormBackward0" and _layer_norm_kernel(g, self.input,
                                                                             self.args[1]):
             sums = _layer_norm_sums(g, self.input, self.args[1], self.args[2], w)
@@ -315,39 +336,44 @@ class _NativeNorm:
         return None
 
 
-def _channel_sums(g, x, mean, invstd, weight, bias):
-    """{"weight": Σ_hw g x̂, "bias": Σ_hw g} per sample and channel, (B, C) each, in one read
-    of g and x (x̂ = (x − mean) / σ, with the statistics given as (1 or B, G), G | C): the
-    capture's C++ kernel on CPU, else the batch-norm backward of the batch viewed as one
-    sample of B·C channels with each (sample, channel)'s statistics."""
+def _affine_sums(g, x, mean, invstd, w, wb):
+    """{"weight": Σ_i w_i Σ_hw g_i x̂_i, "bias": Σ_i wb_i Σ_hw g_i} per channel (C,), in one read
+    of g and x (x̂ = (x − mean) / σ, with the statistics given as (1 or B, G), G | C; w or wb
+    None: that sum not needed): the capture's C++ kernel on CPU, else the batch-norm
+    backward of the batch viewed as one sample of B·C channels with each (sample, channel)'s
+    statistics, weighted over the samples."""
     B, C = x.shape[:2]
-    mean, invstd, g = mean.to(x.dtype), invstd.to(x.dtype), g.to(x.dtype)
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        gw, gb = torch.ops.lowrank_kernels_capture.norm_channel_sums(g, x, mean, invstd)
-    else:
-        mean, invstd = (s.repeat_interleave(C // s.shape[1], 1).expand(B, C).reshape(-1)
-                        for s in (mean, invstd))
-        _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            g.reshape(1, B * C, -1), x.reshape(1, B * C, -1), None, None, None, mean, invstd,
-            True, 0.0, [False, weight, bias])
-    return {n: t.view(B, C) for n, t, need in (("weight", gw, weight), ("bias", gb, bias))
-            if need}
+    mean, invstd, g = _as(mean, x.dtype), _as(invstd, x.dtype), _as(g, x.dtype)
+    if _hooks.NATIVE is not None and x.device.type == "cpu" and \
+            x.dtype in (torch.float32, torch.float64):
+        a = w if w is not None else wb
+        gw, gb = _hooks.NATIVE.capture_norm_affine_sums(g, x, mean, invstd, a,
+                                                         wb if wb is not None else a)
+        return {"weight": gw, "bias": gb}
+    mean, invstd = (s.repeat_interleave(C // s.shape[1], 1).expand(B, C).reshape(-1)
+                    for s in (mean, invstd))
+    _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        g.reshape(1, B * C, -1), x.reshape(1, B * C, -1), None, None, None, mean, invstd,
+        True, 0.0, [False, w is not None, wb is not None])
+    return {n: _as(c, x.dtype) @ t.view(B, C) for n, c, t in (("weight", w, gw), ("bias", wb, gb))
+            if c is not None}
 
 
 def _layer_norm_kernel(g, x, mean):
     """Whether the capture's C++ layer-norm sums take these tensors (CPU, one float dtype)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return (_hooks.NATIVE is not None and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
             and g.dtype == x.dtype and mean.dtype == x.dtype)
 
 
 def _layer_norm_sums(g, x, mean, rstd, w):
     """{"weight": Σ_i w_i Σ_t g_it ⊙ x̂_it, "bias": Σ_i w_i Σ_t g_it} of a layer norm over
     its last D = x.numel() / mean.numel() values (x̂ = (x − mean) · rstd, rows sample-major),
-    in one read of g and x (lowrank_kernels_capture::layer_norm_affine_sums)."""
+    in one read of g and x (lowrank_kernels._C.capture_layer_norm_affine_sums)."""
     R = mean.numel()
     a = w.get("weight", w.get("bias")).to(x.dtype)
     b = w.get("bias", a).to(x.dtype)
-    gw, gb = torch.ops.lowrank_kernels_capture.layer_norm_affine_sums(
+    gw, gb = _hooks.NATIVE.capture_layer_norm_affine_sums(
         g.reshape(R, -1), x.reshape(R, -1), mean.reshape(R), rstd.reshape(R), a, b)
     return {"weight": gw, "bias": gb}
 

@@ -4,12 +4,14 @@ but hooks (or the one C++ node), and the backward is the plain backward's but fo
 
     Linear / Conv1D with a trainable weight: one C++ node (weighted_linear: the layer's
         forward; backward gx = g W, gW = gᵀ (x ⊙ w), gb = Σ_i w_i Σ_t g_it, no Python);
-    Conv2d (and a Linear / Conv1D with a frozen weight): the input x that the node saves
-        for its weight gradient (and for nothing else: the input gradient reads W) is
-        handed back to the node as x ⊙ w, rows scaled (saved-tensor hooks around the
-        call), so that the node's own GEMM / convolution gives Σ_i w_i ∂W_i; a trainable
-        bias's gradient is replaced by Σ_i w_i Σ_t e_it (a post-hook on the node that sums
-        the bias);
+    Conv2d with a trainable weight and zero padding: one C++ node (weighted_conv2d: the
+        layer's forward; backward one convolution_backward of (g, x ⊙ w), gb as above);
+    another Linear / Conv1D / Conv2d call (a frozen weight, more arguments): the input x
+        that the node saves for its weight gradient (and for nothing else: the input
+        gradient reads W) is handed back to the node as x ⊙ w, rows scaled (saved-tensor
+        hooks around the call), so that the node's own GEMM / convolution gives
+        Σ_i w_i ∂W_i; a trainable bias's gradient is replaced by Σ_i w_i Σ_t e_it (a
+        post-hook on the node that sums the bias);
     Embedding: the output gradient's rows scaled by w before the node's own scatter (a
         pre-hook; the node's one gradient is the table's), which then gives Σ_i w_i ∂W_i;
     BatchNorm / GroupNorm / LayerNorm whose forward is the one native node: the node's
@@ -19,6 +21,9 @@ A call whose node is not as expected is undone to the plain backward (its output
 back with False; the caller lets the capture record it), so the result is exact either way."""
 import torch
 
+from .. import _capabilities as caps
+
+NATIVE = caps._native_import()[0]  # lowrank_kernels._C (its capture_* nodes), None unbuilt
 _VIEWS = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
 
 
@@ -60,12 +65,22 @@ def swappable(x):
 def weighted_linear(plan, weighting, x):
     """y of a Linear / Conv1D call on x (B, ..., d_in) as one node whose backward gives
     Σ_i w_i ∂W_i, Σ_i w_i ∂b_i and the plain input gradient (a frozen bias: in the forward
-    only); lowrank_kernels_capture::weighted_linear."""
+    only); lowrank_kernels._C.capture_weighted_linear."""
     m = plan.handler.module
     w = weighting.rows(plan.weight, x.shape[0])
     wb = w if plan.bias is None else weighting.rows(plan.bias, x.shape[0])
-    return torch.ops.lowrank_kernels_capture.weighted_linear(x, m.weight, m.bias, w, wb,
-                                                             plan.transposed)
+    return NATIVE.capture_weighted_linear(x, m.weight, m.bias, w, wb, plan.transposed)
+
+
+def weighted_conv2d(plan, weighting, x):
+    """y of a Conv2d call (zero padding given as numbers) on x (B, C_in, H, W) as one node
+    whose backward gives Σ_i w_i ∂W_i, Σ_i w_i ∂b_i and the plain input gradient (a frozen
+    bias: in the forward only); lowrank_kernels._C.capture_weighted_conv2d."""
+    m = plan.handler.module
+    w = weighting.rows(plan.weight, x.shape[0])
+    wb = w if plan.bias is None else weighting.rows(plan.bias, x.shape[0])
+    return NATIVE.capture_weighted_conv2d(x, m.weight, m.bias, w, wb, m.stride, m.padding,
+                                          m.dilation, m.groups)
 
 
 def swapped_call(plan, weighting, args, kwargs):

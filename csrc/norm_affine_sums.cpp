@@ -1,19 +1,23 @@
-// Per-sample, per-channel sums of a batch or group norm's output gradient g (B, C, *), for
-// the weighted backward of its affine parameters (lowrank_kernels/capture/_weighted.py):
+// The weighted affine-parameter gradients of a batch or group norm, for the weighted backward
+// (lowrank_kernels/capture/_weighted.py): for its output gradient g and input x (B, C, *) and
+// per-sample weights w, wb (B,),
 //
-//   gamma[n, c] = invstd[s] Σ_k g[n, c, k] (x[n, c, k] − mean[s]),   beta[n, c] = Σ_k g[n, c, k]
+//   gamma[c] = Σ_n w[n] invstd[s] Σ_k g[n, c, k] (x[n, c, k] − mean[s]),
+//   beta[c]  = Σ_n wb[n] Σ_k g[n, c, k],
 //
 // with s = (n or 0, c / (C / G)): the statistics the forward normalized with, given as
 // (Bm, G) with Bm ∈ {1, B} and G | C — (1, C) for a batch norm (the batch's or the running
-// ones), (B, groups) for a group norm. One read of g and x, in 8 partial sums per row.
-// lowrank_kernels_capture::norm_channel_sums, a private op of the capture (CPU).
+// ones), (B, groups) for a group norm. One read of g and x, in 8 partial sums per (sample,
+// channel) row; the rows' sums are then weighted over n in sample order (deterministic for
+// any thread count). lowrank_kernels._C.capture_norm_affine_sums (csrc/capture_py.cpp),
+// private to the capture (CPU).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
+#include "lowrank/capture_nodes.h"
 #include "lowrank/target_clones.h"
 
 namespace {
@@ -74,43 +78,51 @@ LOWRANK_CLONES void channel_sums_rows(const double* g, const double* x, const do
   channel_sums_body(g, x, mean, invstd, gamma, beta, lo, hi, C, K, Bm, G);
 }
 
-std::tuple<at::Tensor, at::Tensor> norm_channel_sums_cpu(const at::Tensor& g,
-                                                         const at::Tensor& x,
-                                                         const at::Tensor& mean,
-                                                         const at::Tensor& invstd) {
+}  // namespace
+
+namespace lowrank::capture {
+
+std::tuple<at::Tensor, at::Tensor> norm_affine_sums(const at::Tensor& g, const at::Tensor& x,
+                                                    const at::Tensor& mean,
+                                                    const at::Tensor& invstd,
+                                                    const at::Tensor& w, const at::Tensor& wb) {
   TORCH_CHECK(g.dim() >= 2 && g.sizes() == x.sizes(),
-              "norm_channel_sums: g and x must have one shape (B, C, ...), got ", g.sizes(),
+              "norm_affine_sums: g and x must have one shape (B, C, ...), got ", g.sizes(),
               " and ", x.sizes());
   TORCH_CHECK(g.scalar_type() == x.scalar_type() && mean.scalar_type() == x.scalar_type() &&
                   invstd.scalar_type() == x.scalar_type(),
-              "norm_channel_sums: g, x, mean and invstd must have one dtype");
+              "norm_affine_sums: g, x, mean and invstd must have one dtype");
   const int64_t B = x.size(0), C = x.size(1), K = B * C == 0 ? 0 : x.numel() / (B * C);
   TORCH_CHECK(mean.dim() == 2 && mean.sizes() == invstd.sizes() &&
                   (mean.size(0) == 1 || mean.size(0) == B) && mean.size(1) > 0 &&
                   C % mean.size(1) == 0,
-              "norm_channel_sums: mean and invstd must be (1 or B, G) with G dividing C, got ",
+              "norm_affine_sums: mean and invstd must be (1 or B, G) with G dividing C, got ",
               mean.sizes(), " and ", invstd.sizes(), " for C = ", C);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == B && wb.sizes() == w.sizes(),
+              "norm_affine_sums: w and wb must be (B,) with B = ", B, ", got ", w.sizes(),
+              " and ", wb.sizes());
   const auto gc = g.contiguous(), xc = x.contiguous();
   const auto mc = mean.contiguous(), ic = invstd.contiguous();
-  auto gamma = at::empty({B, C}, x.options()), beta = at::empty({B, C}, x.options());
+  const auto wc = w.to(x.scalar_type()).contiguous(), wbc = wb.to(x.scalar_type()).contiguous();
+  auto rows_gamma = at::empty({B, C}, x.options()), rows_beta = at::empty({B, C}, x.options());
+  auto gamma = at::zeros({C}, x.options()), beta = at::zeros({C}, x.options());
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_channel_sums", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "norm_affine_sums", [&] {
     const scalar_t *gp = gc.data_ptr<scalar_t>(), *xp = xc.data_ptr<scalar_t>();
     const scalar_t *mp = mc.data_ptr<scalar_t>(), *ip = ic.data_ptr<scalar_t>();
-    scalar_t *gam = gamma.data_ptr<scalar_t>(), *bet = beta.data_ptr<scalar_t>();
+    scalar_t *rg = rows_gamma.data_ptr<scalar_t>(), *rb = rows_beta.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, grain, [&](int64_t lo, int64_t hi) {
-      channel_sums_rows(gp, xp, mp, ip, gam, bet, lo, hi, C, K, mean.size(0), mean.size(1));
+      channel_sums_rows(gp, xp, mp, ip, rg, rb, lo, hi, C, K, mean.size(0), mean.size(1));
     });
+    const scalar_t *wp = wc.data_ptr<scalar_t>(), *wbp = wbc.data_ptr<scalar_t>();
+    scalar_t *gam = gamma.data_ptr<scalar_t>(), *bet = beta.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < B; ++n)
+      for (int64_t c = 0; c < C; ++c) {
+        gam[c] += wp[n] * rg[n * C + c];
+        bet[c] += wbp[n] * rb[n * C + c];
+      }
   });
   return {gamma, beta};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(lowrank_kernels_capture, m) {
-  m.def("norm_channel_sums(Tensor g, Tensor x, Tensor mean, Tensor invstd) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(lowrank_kernels_capture, CPU, m) {
-  m.impl("norm_channel_sums", &norm_channel_sums_cpu);
-}
+}  // namespace lowrank::capture
