@@ -316,3 +316,31 @@ def test_weighted_conv2d_node_rejects_bad_shapes():
         op(x[0], W, None, w, w, [1, 1], [0, 0], [1, 1], 1)
     with pytest.raises(RuntimeError, match="w and wb must be"):
         op(x, W, None, torch.ones(2), torch.ones(2), [1, 1], [0, 0], [1, 1], 1)
+
+
+def test_weighted_norm_calls_leave_nothing_behind():
+    """After a weighted step's backward nothing of its norm calls survives: their node hooks
+    keep the node's statistics detached (each is an output of the node; kept with the node as
+    its grad_fn by the node's own hook, it would be a cycle through C++ that no garbage
+    collection frees: the whole graph and its activations, every step)."""
+    import gc
+
+    from lowrank_kernels.capture._weighted import _NativeNorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.GroupNorm(2, 4),
+                          nn.Flatten(2), nn.LayerNorm(4), nn.Flatten(), nn.Linear(16, 3)).to(F64)
+    x = torch.randn(5, 3, 4, 4, dtype=F64)
+    weights = lambda B: {id(p): torch.rand(B, dtype=F64) for p in model.parameters()}  # noqa: E731
+    with Capture(model) as cap:
+        for _ in range(3):  # the first call learns the norms' nodes, the later ones hook them
+            with cap.weighted(weights):
+                out = model(x)
+            out.square().sum().backward()
+            cap.release()
+            model.zero_grad(set_to_none=True)
+        assert {id(m) for m in model if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm,
+                                                       nn.LayerNorm))} <= cap._native_norms
+        del out
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, _NativeNorm)]

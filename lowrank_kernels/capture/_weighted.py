@@ -277,7 +277,9 @@ class _NativeNorm:
     def __init__(self, kind, node):
         self.kind = kind
         self.input, self.weight = node._saved_input, node._saved_weight
-        self.args = [getattr(node, "_saved_" + a) for a in self.NODES[kind]]
+        # the statistics are the node's own outputs: unpacked, each has the node as its grad_fn,
+        # and kept by the node's hook that would be a cycle through C++ that no GC frees
+        self.args = [_detached(getattr(node, "_saved_" + a)) for a in self.NODES[kind]]
         self.bias = node._saved_bias if kind == "NativeLayerNormBackward0" else None
 
     @classmethod
@@ -334,6 +336,10 @@ class _NativeNorm:
         if self.kind == "NativeGroupNormBackward0":
             return a[0], a[1]
         return None
+
+
+def _detached(value):
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def _affine_sums(g, x, mean, invstd, w, wb):
