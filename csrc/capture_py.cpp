@@ -128,6 +128,21 @@ PyObject* layer_norm_affine_sums(PyObject*, PyObject* const* args, Py_ssize_t n)
   END_HANDLE_TH_ERRORS
 }
 
+// capture_hook_norm_affine(y, x, mean, invstd, w, wb, layer_norm, weight_slot, bias_slot)
+PyObject* hook_norm_affine(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "capture_hook_norm_affine";
+  arity(n, 9, fn);
+  const auto y = tensor(args, 0, fn), x = tensor(args, 1, fn), mean = tensor(args, 2, fn),
+             invstd = tensor(args, 3, fn), w = tensor(args, 4, fn), wb = tensor(args, 5, fn);
+  TORCH_CHECK_TYPE(PyLong_Check(args[7]) && PyLong_Check(args[8]), fn,
+                   ": the slots must be ints");
+  lowrank::capture::hook_norm_affine(y, x, mean, invstd, w, wb, PyObject_IsTrue(args[6]),
+                                     PyLong_AsLongLong(args[7]), PyLong_AsLongLong(args[8]));
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 
 // Added to the module by ops.cpp's PyInit__C.
@@ -140,4 +155,8 @@ PyMethodDef lowrank_capture_methods[] = {
      METH_FASTCALL, "Weighted batch / group norm affine sums (g, x, mean, invstd, w, wb)."},
     {"capture_layer_norm_affine_sums", reinterpret_cast<PyCFunction>(layer_norm_affine_sums),
      METH_FASTCALL, "Weighted layer norm affine sums (g, x, mean, rstd, a, b)."},
+    {"capture_hook_norm_affine", reinterpret_cast<PyCFunction>(hook_norm_affine),
+     METH_FASTCALL,
+     "The weighted affine sums of a norm call as a C++ post-hook on its node (y, x, mean, "
+     "invstd, w, wb, layer_norm, weight_slot, bias_slot)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -15,7 +15,8 @@ but hooks (or the one C++ node), and the backward is the plain backward's but fo
     Embedding: the output gradient's rows scaled by w before the node's own scatter (a
         pre-hook; the node's one gradient is the table's), which then gives Σ_i w_i ∂W_i;
     BatchNorm / GroupNorm / LayerNorm whose forward is the one native node: the node's
-        affine-parameter gradients are replaced by their weighted sums (a post-hook).
+        affine-parameter gradients are replaced by their weighted sums (a post-hook, in
+        C++ on CPU: lowrank_kernels._C.capture_hook_norm_affine).
 
 A call whose node is not as expected is undone to the plain backward (its output comes
 back with False; the caller lets the capture record it), so the result is exact either way."""
@@ -180,14 +181,17 @@ def scaled_embedding(plan, weighting, args, kwargs):
 
 
 def hooked_norm(plan, weighting, norm_of, args, kwargs):
-    """(y, True) for a norm call whose one native node gets the weighted-affine post-hook,
-    or (y, False) when its graph is not that node on x (then it is plain)."""
+    """(y, True) for a norm call whose one native node gets the weighted-affine post-hook
+    (in C++ where the capture's kernels take the call: CPU, float32/64), or (y, False) when
+    its graph is not that node on x (then it is plain)."""
     x = args[0]
     y = plan.original(*args, **kwargs)
     norm = norm_of(y) if isinstance(y, torch.Tensor) else None
     if norm is None or norm.input is not x:
         return y, False
     params = plan.handler.params
+    if NATIVE is not None and norm.hook_native(y, params, weighting):
+        return y, True
     slots = [(k, params[n]) for k, n in enumerate(("weight", "bias"), 1) if n in params]
 
     def post(grad_inputs, grad_outputs):
