@@ -128,18 +128,19 @@ PyObject* layer_norm_affine_sums(PyObject*, PyObject* const* args, Py_ssize_t n)
   END_HANDLE_TH_ERRORS
 }
 
-// capture_hook_norm_affine(y, x, mean, invstd, w, wb, layer_norm, weight_slot, bias_slot)
+// capture_hook_norm_affine(y, x, w, wb, weight_slot, bias_slot) -> bool
 PyObject* hook_norm_affine(PyObject*, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   constexpr const char* fn = "capture_hook_norm_affine";
-  arity(n, 9, fn);
-  const auto y = tensor(args, 0, fn), x = tensor(args, 1, fn), mean = tensor(args, 2, fn),
-             invstd = tensor(args, 3, fn), w = tensor(args, 4, fn), wb = tensor(args, 5, fn);
-  TORCH_CHECK_TYPE(PyLong_Check(args[7]) && PyLong_Check(args[8]), fn,
+  arity(n, 6, fn);
+  const auto y = tensor(args, 0, fn), x = tensor(args, 1, fn), w = tensor(args, 2, fn),
+             wb = tensor(args, 3, fn);
+  TORCH_CHECK_TYPE(PyLong_Check(args[4]) && PyLong_Check(args[5]), fn,
                    ": the slots must be ints");
-  lowrank::capture::hook_norm_affine(y, x, mean, invstd, w, wb, PyObject_IsTrue(args[6]),
-                                     PyLong_AsLongLong(args[7]), PyLong_AsLongLong(args[8]));
-  Py_RETURN_NONE;
+  if (lowrank::capture::hook_norm_affine(y, x, w, wb, PyLong_AsLongLong(args[4]),
+                                         PyLong_AsLongLong(args[5])))
+    Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
   END_HANDLE_TH_ERRORS
 }
 
@@ -157,6 +158,6 @@ PyMethodDef lowrank_capture_methods[] = {
      METH_FASTCALL, "Weighted layer norm affine sums (g, x, mean, rstd, a, b)."},
     {"capture_hook_norm_affine", reinterpret_cast<PyCFunction>(hook_norm_affine),
      METH_FASTCALL,
-     "The weighted affine sums of a norm call as a C++ post-hook on its node (y, x, mean, "
-     "invstd, w, wb, layer_norm, weight_slot, bias_slot)."},
+     "The weighted affine sums of a norm call as a C++ post-hook on its node, if it can "
+     "(y, x, w, wb, weight_slot, bias_slot)."},
     {nullptr, nullptr, 0, nullptr}};

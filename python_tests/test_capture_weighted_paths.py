@@ -101,11 +101,20 @@ def _shares(model, x, y):
     return dict(zip(phi, torch.autograd.grad(loss, list(phi.values()))))
 
 
+@pytest.mark.parametrize("pieces", ["native", "python"])
 @pytest.mark.parametrize("call", ["first-call", "later-call"])
 @pytest.mark.parametrize("contiguous", [False, True], ids=["strided-tokens", "contiguous-tokens"])
 @pytest.mark.parametrize("ln_bias", [True, False], ids=["ln-bias", "ln-no-bias"])
 @pytest.mark.parametrize("train_bn", [True, False], ids=["bn-train", "bn-eval"])
-def test_weighted_backward_matches_per_sample_reference(train_bn, ln_bias, contiguous, call):
+def test_weighted_backward_matches_per_sample_reference(train_bn, ln_bias, contiguous, call,
+                                                        pieces, monkeypatch):
+    """pieces="python": without the extension's C++ nodes and norm hooks (as on a device or
+    dtype they do not take): the saved-tensor swap, the Python norm post-hooks and the
+    batch-norm-backward form of the channel sums."""
+    if pieces == "python":
+        from lowrank_kernels.capture import _weighted_hooks
+
+        monkeypatch.setattr(_weighted_hooks, "NATIVE", None)
     B = 5
     model = _net(ln_bias, train_bn, contiguous)
     g = torch.Generator().manual_seed(1)

@@ -324,24 +324,6 @@ class _NativeNorm:
                     out[id(params[n])] = _as(t, params[n].dtype)
         return out
 
-    def hook_native(self, y, params, weighting):
-        """Puts the C++ post-hook of the weighted affine sums on y's node (this call's) where
-        the capture's kernels take the call (CPU, float32/64); whether it did."""
-        x = self.input
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-            return False
-        stats = self._channel_statistics()
-        layer_norm = stats is None
-        mean, invstd = (self.args[1], self.args[2]) if layer_norm else stats
-        B = x.shape[0]
-        w = weighting.rows(params["weight"], B) if "weight" in params else None
-        wb = weighting.rows(params["bias"], B) if "bias" in params else None
-        a = w if w is not None else wb
-        _hooks.NATIVE.capture_hook_norm_affine(
-            y, x, _as(mean, x.dtype), _as(invstd, x.dtype), a, wb if wb is not None else a,
-            layer_norm, 1 if w is not None else -1, 2 if wb is not None else -1)
-        return True
-
     def _channel_statistics(self):
         """(mean, 1/σ) that a batch or group norm's forward normalized with, (1, C) (the
         batch's, or the running ones in eval mode) or (B, groups); None for a layer norm."""

@@ -186,12 +186,21 @@ def hooked_norm(plan, weighting, norm_of, args, kwargs):
     its graph is not that node on x (then it is plain)."""
     x = args[0]
     y = plan.original(*args, **kwargs)
-    norm = norm_of(y) if isinstance(y, torch.Tensor) else None
-    if norm is None or norm.input is not x:
+    if not isinstance(y, torch.Tensor):
         return y, False
     params = plan.handler.params
-    if NATIVE is not None and norm.hook_native(y, params, weighting):
-        return y, True
+    if NATIVE is not None and x.is_cpu:
+        B = x.shape[0]
+        w = weighting.rows(params["weight"], B) if "weight" in params else None
+        wb = weighting.rows(params["bias"], B) if "bias" in params else None
+        if NATIVE.capture_hook_norm_affine(y, x, w if w is not None else wb,
+                                           wb if wb is not None else w,
+                                           1 if w is not None else -1,
+                                           2 if wb is not None else -1):
+            return y, True
+    norm = norm_of(y)
+    if norm is None or norm.input is not x:
+        return y, False
     slots = [(k, params[n]) for k, n in enumerate(("weight", "bias"), 1) if n in params]
 
     def post(grad_inputs, grad_outputs):

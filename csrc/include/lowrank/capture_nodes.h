@@ -38,11 +38,11 @@ std::tuple<at::Tensor, at::Tensor> layer_norm_affine_sums(const at::Tensor& g,
                                                           const at::Tensor& a,
                                                           const at::Tensor& b);
 
-// Puts the weighted affine gradients of a norm call on y's node, a C++ post-hook that
-// replaces its output slots weight_slot / bias_slot (-1: none) by the sums above
-// (layer_norm: over rows, else over channels; CPU; csrc/norm_affine_hook.cpp).
-void hook_norm_affine(const at::Tensor& y, const at::Tensor& x, const at::Tensor& mean,
-                      const at::Tensor& invstd, const at::Tensor& w, const at::Tensor& wb,
-                      bool layer_norm, int64_t weight_slot, int64_t bias_slot);
+// Puts the weighted affine gradients of a norm call on y's node as a C++ post-hook that
+// replaces its output slots weight_slot / bias_slot (-1: none) by the sums above, when the
+// node is a native batch / group / layer norm's on x (CPU, float32/64); whether it did
+// (csrc/norm_affine_hook.cpp).
+bool hook_norm_affine(const at::Tensor& y, const at::Tensor& x, const at::Tensor& w,
+                      const at::Tensor& wb, int64_t weight_slot, int64_t bias_slot);
 
 }  // namespace lowrank::capture
