@@ -85,7 +85,10 @@ LK_TILES_TARGET inline void scaled_rows_gemm(const float* A, int64_t lda, const 
       const int64_t w0 = blk * MR, h = std::min(MR, rows - w0);
       for (int64_t q = 0; q < h; ++q) {  // s[q R + r] = c[r / T, j] e[r, o], row w0 + q = (j, o)
         const int64_t j = (w0 + q) / d, o = (w0 + q) % d;
-        for (int64_t r = 0; r < R; ++r) s[q * R + r] = C[(r / T) * m + j] * E[r * lde + o];
+        for (int64_t i = 0, r = 0; r < R; ++i) {  // sample i's T rows: no division per row
+          const float c = C[i * m + j];
+          for (const int64_t end = r + T; r < end; ++r) s[q * R + r] = c * E[r * lde + o];
+        }
       }
       float* w = W + w0 * k;
       switch (h) {
