@@ -353,3 +353,21 @@ def test_weighted_norm_calls_leave_nothing_behind():
         del out
         gc.collect()
         assert not [o for o in gc.get_objects() if isinstance(o, _NativeNorm)]
+
+
+def test_capture_entry_points_reject_bad_arguments():
+    """The vectorcall entry points of the capture's C++ pieces name what is wrong: the count,
+    an argument that is not a tensor, a geometry that is not a tuple or list of ints."""
+    x, W, w = torch.randn(3, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.ones(3)
+    with pytest.raises(TypeError, match="takes 9 arguments, got 8"):
+        _C.capture_weighted_conv2d(x, W, None, w, w, (1, 1), (0, 0), (1, 1))
+    with pytest.raises(TypeError, match="argument 1 must be a tensor"):
+        _C.capture_weighted_conv2d(x, "W", None, w, w, (1, 1), (0, 0), (1, 1), 1)
+    with pytest.raises(TypeError, match="argument 5 must be a tuple or list of ints"):
+        _C.capture_weighted_conv2d(x, W, None, w, w, 1, (0, 0), (1, 1), 1)
+    with pytest.raises(TypeError, match="argument 6 must be a tuple or list of ints"):
+        _C.capture_weighted_conv2d(x, W, None, w, w, (1, 1), (0.5, 0), (1, 1), 1)
+    with pytest.raises(TypeError, match="takes 6 arguments"):
+        _C.capture_norm_affine_sums(x, x, w)
+    y = torch.randn(3, 4, requires_grad=True) * 2  # a node that is no norm's: not hooked
+    assert _C.capture_hook_norm_affine(y, y, w, w, 1, 2) is False
