@@ -96,36 +96,34 @@ PyObject* weighted_conv2d(PyObject*, PyObject* const* args, Py_ssize_t n) {
   END_HANDLE_TH_ERRORS
 }
 
-// capture_norm_affine_sums(g, x, mean, invstd, w, wb)
-PyObject* norm_affine_sums(PyObject*, PyObject* const* args, Py_ssize_t n) {
+// fn(g, x, mean, invstd, w, wb): one of the weighted affine sums of capture_nodes.h
+using AffineSums = std::tuple<at::Tensor, at::Tensor> (*)(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&);
+
+PyObject* affine_sums(PyObject* const* args, Py_ssize_t n, const char* fn, AffineSums sums) {
   HANDLE_TH_ERRORS
-  constexpr const char* fn = "capture_norm_affine_sums";
   arity(n, 6, fn);
   std::tuple<at::Tensor, at::Tensor> out;
   const auto g = tensor(args, 0, fn), x = tensor(args, 1, fn), mean = tensor(args, 2, fn),
              invstd = tensor(args, 3, fn), w = tensor(args, 4, fn), wb = tensor(args, 5, fn);
   {
     WithoutGil released;
-    out = lowrank::capture::norm_affine_sums(g, x, mean, invstd, w, wb);
+    out = sums(g, x, mean, invstd, w, wb);
   }
   return pair(std::move(out));
   END_HANDLE_TH_ERRORS
 }
 
+// capture_norm_affine_sums(g, x, mean, invstd, w, wb)
+PyObject* norm_affine_sums(PyObject*, PyObject* const* args, Py_ssize_t n) {
+  return affine_sums(args, n, "capture_norm_affine_sums", &lowrank::capture::norm_affine_sums);
+}
+
 // capture_layer_norm_affine_sums(g, x, mean, rstd, a, b)
 PyObject* layer_norm_affine_sums(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  constexpr const char* fn = "capture_layer_norm_affine_sums";
-  arity(n, 6, fn);
-  std::tuple<at::Tensor, at::Tensor> out;
-  const auto g = tensor(args, 0, fn), x = tensor(args, 1, fn), mean = tensor(args, 2, fn),
-             rstd = tensor(args, 3, fn), a = tensor(args, 4, fn), b = tensor(args, 5, fn);
-  {
-    WithoutGil released;
-    out = lowrank::capture::layer_norm_affine_sums(g, x, mean, rstd, a, b);
-  }
-  return pair(std::move(out));
-  END_HANDLE_TH_ERRORS
+  return affine_sums(args, n, "capture_layer_norm_affine_sums",
+                     &lowrank::capture::layer_norm_affine_sums);
 }
 
 // capture_hook_norm_affine(y, x, w, wb, weight_slot, bias_slot) -> bool

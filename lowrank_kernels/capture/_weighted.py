@@ -277,8 +277,9 @@ class _NativeNorm:
     def __init__(self, kind, node):
         self.kind = kind
         self.input, self.weight = node._saved_input, node._saved_weight
-        # the statistics are the node's own outputs: unpacked, each has the node as its grad_fn,
-        # and kept by the node's hook that would be a cycle through C++ that no GC frees
+        # detached: the statistics are the node's own outputs, each unpacked with the node as
+        # its grad_fn; kept so by the node's hook, they would close a cycle through C++ that
+        # no garbage collection frees
         self.args = [_detached(getattr(node, "_saved_" + a)) for a in self.NODES[kind]]
         self.bias = node._saved_bias if kind == "NativeLayerNormBackward0" else None
 

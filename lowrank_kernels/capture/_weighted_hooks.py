@@ -68,9 +68,8 @@ def weighted_linear(plan, weighting, x):
     Σ_i w_i ∂W_i, Σ_i w_i ∂b_i and the plain input gradient (a frozen bias: in the forward
     only); lowrank_kernels._C.capture_weighted_linear."""
     m = plan.handler.module
-    w = weighting.rows(plan.weight, x.shape[0])
-    wb = w if plan.bias is None else weighting.rows(plan.bias, x.shape[0])
-    return NATIVE.capture_weighted_linear(x, m.weight, m.bias, w, wb, plan.transposed)
+    return NATIVE.capture_weighted_linear(x, m.weight, m.bias, *_node_weights(plan, weighting, x),
+                                          plan.transposed)
 
 
 def weighted_conv2d(plan, weighting, x):
@@ -78,10 +77,15 @@ def weighted_conv2d(plan, weighting, x):
     whose backward gives Σ_i w_i ∂W_i, Σ_i w_i ∂b_i and the plain input gradient (a frozen
     bias: in the forward only); lowrank_kernels._C.capture_weighted_conv2d."""
     m = plan.handler.module
+    return NATIVE.capture_weighted_conv2d(x, m.weight, m.bias, *_node_weights(plan, weighting, x),
+                                          m.stride, m.padding, m.dilation, m.groups)
+
+
+def _node_weights(plan, weighting, x):
+    """(w, wb) of a C++ node's call on x: the weight's rows, the bias's (the weight's for a
+    frozen bias, which the node then leaves without a gradient)."""
     w = weighting.rows(plan.weight, x.shape[0])
-    wb = w if plan.bias is None else weighting.rows(plan.bias, x.shape[0])
-    return NATIVE.capture_weighted_conv2d(x, m.weight, m.bias, w, wb, m.stride, m.padding,
-                                          m.dilation, m.groups)
+    return w, (w if plan.bias is None else weighting.rows(plan.bias, x.shape[0]))
 
 
 def swapped_call(plan, weighting, args, kwargs):
